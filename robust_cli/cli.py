@@ -1,0 +1,243 @@
+"""`robust <command> [hydra overrides...]`: a thin dispatcher in front of one Hydra app per command.
+
+The command word is removed from argv and the command's `@hydra.main(config_name=<command>)` runs, so every
+Hydra feature works after it (overrides, --multirun, hydra/launcher=..., --cfg job). `collect` takes plain
+paths and uses argparse.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import robust_cli
+from robust_cli.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+COMMANDS = {
+    "train": "train a model under a defense and save a checkpoint",
+    "attack": "attack the trained model: accuracy-vs-eps curve or minimal distances",
+    "persistence": "gamma-persistence of natural vs adversarial points (Bell)",
+    "kernel": "exact discrete-path-kernel representation of a gradient-trained net",
+    "boundary": "decision-boundary points, projections and local dimension",
+    "collect": "merge the CSVs of many runs into one table per kind",
+    "info": "print the composed config and the checkpoint it would use",
+}
+GROUPS = ("model", "dataset", "defense", "attack", "experiment")
+# Hydra flags that take a value; moved in front of the overrides (hydra#3053: `a=1 -m b=2` fails otherwise).
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--package", "-p", "--info", "-i"}
+HYDRA_FLAGS = {"--multirun", "-m", "--resolve", "--hydra-help", "--help", "-h", "--run", "-r"}
+
+
+def usage() -> str:
+    lines = ["usage: robust <command> [key=value ...] [--multirun] [--cfg job]", "", "commands:"]
+    lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "config groups (pick with group=option):"]
+    for group in GROUPS:
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group:<11} {', '.join(options) if options else '(none)'}")
+    lines += ["", "examples: robust train model=c_32 dataset=mnist    robust attack attack=pgd 'eps=[0,0.1,0.2]'", "help for one command: robust <command> --help"]
+    return "\n".join(lines)
+
+
+def _reorder(args: list[str]) -> list[str]:
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a in HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += [a, args[i + 1]]
+            i += 2
+            continue
+        (flags if a in HYDRA_FLAGS or a.startswith("--cfg=") or a.startswith("-") else overrides).append(a)
+        i += 1
+    return flags + overrides
+
+
+def _precheck(command: str, overrides: list[str]) -> None:
+    """Compose once before Hydra runs, to turn a bad override into one line and exit code 2."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=command):
+            compose(config_name=command, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        message = " ".join(str(exc).split("Config search path")[0].split())
+        raise UserError(message) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command, rest = argv[1], argv[2:]
+    if command not in COMMANDS:
+        print(f"robust: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    if command == "collect":
+        from robust_cli.commands import collect
+
+        sys.exit(collect.main(rest))
+    if "COMP_LINE" in os.environ:  # shell completion: drop the command word and hand over to Hydra
+        os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {command}", "", 1)
+    rest = _reorder(rest)
+    if rest and rest[0] in ("-h", "--help"):
+        print(f"robust {command}: {COMMANDS[command]}\n")
+    plain = [a for a in rest if "=" in a and not a.startswith("-")]
+    sweeping = any(a in ("-m", "--multirun") for a in rest)
+    if not sweeping and not any(a in ("-h", "--help", "--hydra-help") for a in rest):
+        try:
+            _precheck(command, plain)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    sys.argv = [argv[0], *rest]
+    _hydra_app(command)()
+
+
+def _hydra_app(command: str):
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name=command)
+    def app(cfg):
+        return run_command(command, cfg)
+
+    return app
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_device(spec: str) -> torch.device:
+    spec = str(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={spec} but no CUDA device is available here; use device=cpu or device=auto")
+        index = int(spec.split(":")[1]) if ":" in spec and spec.split(":")[1].isdigit() else 0
+        if ":" in spec and not spec.split(":")[1].isdigit():
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device(spec)
+    raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def validate_common(cfg) -> None:
+    from robust_cli.data import build_dataset
+
+    if not isinstance(cfg.seed, int):
+        raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    for key in ("n_train", "n_test"):
+        value = cfg.data[key]
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"data.{key} must be a positive integer or null, got {value!r}")
+    if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
+    if "dataset" in cfg:
+        dataset = build_dataset(cfg)
+        if "model" in cfg:  # the model must fit the dataset: build it once on the metadata (cheap)
+            from robust_cli.models import build_model
+
+            build_model(cfg, dataset.meta)
+        dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
+
+
+def run_command(command: str, cfg):
+    """Run one job: validate, execute, record run.json; user errors become one line and exit code 2."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from robust_cli import store
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    with open_dict(cfg):  # the chosen option names: for checkpoint keys, tags and `collect`
+        cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS if hydra_cfg.runtime.choices.get(g)}
+    record = {
+        "command": command,
+        "status": "running",
+        "overrides": list(hydra_cfg.overrides.task),
+        "choices": dict(cfg.choices),
+        "config": None,
+        "git_commit": _git_commit(),
+        "versions": {"robust": robust_cli.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
+        "host": platform.node(),
+        "device": None,
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "end_time": None,
+        "multirun_job": hydra_cfg.job.num if multirun else None,
+    }
+    module = importlib.import_module(f"robust_cli.commands.{command}")
+    run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) else None
+    ctx = None
+    try:
+        record["config"] = OmegaConf.to_container(cfg, resolve=True)
+        device = resolve_device(cfg.get("device", "auto"))
+        record["device"] = str(device)
+        if getattr(module, "NEEDS_COMMON_VALIDATION", True):
+            validate_common(cfg)
+        if hasattr(module, "validate"):
+            module.validate(cfg)
+        ctx = store.RunContext(cfg, run_dir, device, record)
+        if run_json is not None:
+            store.write_json(run_json, record)
+        module.run(cfg, ctx)
+        record["status"] = "completed"
+    except UserError as exc:
+        record.update(status="user_error", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if not multirun:
+            _finish(record, run_json, ctx)
+            sys.exit(2)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        record.update(status="interrupted", error=repr(exc))
+        _finish(record, run_json, ctx)
+        raise
+    except Exception as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        if not multirun:
+            _finish(record, run_json, ctx)
+            raise
+        # one failing job must not kill the sweep (hydra#1927): record it and return normally
+        store.console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/] {type(exc).__name__}: {exc} (see {run_json})")
+    _finish(record, run_json, ctx)
+    return record["status"]
+
+
+def _finish(record, run_json, ctx) -> None:
+    from rich.table import Table
+
+    from robust_cli import store
+
+    record["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if run_json is not None:
+        store.write_json(run_json, record)
+    if ctx is not None and record["status"] == "completed" and run_json is not None:
+        table = Table(title=f"robust {record['command']}", show_header=True)
+        table.add_column("result", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for key, value in ctx.headline_values.items():
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row("run directory", str(ctx.dir))
+        store.console.print(table)

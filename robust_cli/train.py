@@ -1,0 +1,212 @@
+"""The one training loop. A defense supplies only the loss: `loss, stats = defense(model, x, y)`.
+
+Per epoch the loop writes `train_log.csv` and a checkpoint (atomically) holding weights, optimizer, scheduler,
+RNG states and the log so far, so `resume=true` continues exactly where an interrupted run stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import robust_cli
+from robust_cli import store
+from robust_cli.data import DataBundle, iterate_batches
+from robust_cli.errors import UserError
+from robust_cli.models import build_model
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULERS = ("none", "step", "cosine")
+
+
+def validate_training(cfg) -> None:
+    t = cfg.train
+    checks = [
+        (isinstance(t.epochs, int) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}"),
+        (isinstance(t.batch_size, int) and t.batch_size >= 1, f"train.batch_size must be an integer >= 1, got {t.batch_size!r}"),
+        (isinstance(t.lr, (int, float)) and t.lr > 0, f"train.lr must be a number > 0, got {t.lr!r}"),
+        (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}"),
+        (t.scheduler in SCHEDULERS, f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}"),
+        (isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay!r}"),
+        (isinstance(t.momentum, (int, float)) and 0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum!r}"),
+        (isinstance(t.lr_step, int) and t.lr_step >= 1, f"train.lr_step must be an integer >= 1, got {t.lr_step!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def make_optimizer(cfg, model):
+    t = cfg.train
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=bool(t.nesterov) and t.momentum > 0, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.scheduler == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.lr_step, gamma=t.lr_gamma)
+    elif t.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    else:
+        sched = None
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model, x, y, device, batch_size=1000):
+    """(mean cross-entropy, accuracy) of the model in eval mode; restores the caller's mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for xb, yb in iterate_batches(x, y, batch_size, device):
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return loss_sum / max(len(y), 1), correct / max(len(y), 1)
+
+
+def check_checkpoint_matches(state: dict, model, path) -> None:
+    """A checkpoint must fit the model the config builds: same parameter names and shapes."""
+    have = {k: tuple(v.shape) for k, v in state.get("state_dict", {}).items()}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))[:2]
+        raise UserError(f"checkpoint '{path}' does not match the configured model (first differences: {diff}); pick the model= it was trained with")
+
+
+def _rng_state(shuffle_gen):
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state, shuffle_gen):
+    torch.set_rng_state(state["torch"])
+    shuffle_gen.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None) -> dict:
+    """Train the config's model under its defense; publish the checkpoint in the registry; return a summary."""
+    registry = store.checkpoint_dir(cfg)
+    last_path = registry / "last.pt"
+    torch.manual_seed(int(cfg.seed))
+    shuffle_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    model = build_model(cfg, data.meta).to(device)
+    defense = instantiate(cfg.defense)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    log, start_epoch = [], 1
+
+    if cfg.get("resume") and last_path.is_file():
+        state = store.load_checkpoint(last_path)
+        check_checkpoint_matches(state, model, last_path)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], shuffle_gen)
+        log, start_epoch = list(state["log"]), int(state["epoch"]) + 1
+        store.console.print(f"[cyan]resuming {registry.name} after epoch {state['epoch']}[/]")
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    epochs, bs = int(cfg.train.epochs), int(cfg.train.batch_size)
+    steps_per_epoch = math.ceil(len(data.train_y) / bs)
+    write_targets = [last_path] + ([Path(run_dir) / "model.pt"] if run_dir else [])
+
+    def checkpoint(epoch, complete):
+        state = {
+            "state_dict": model.state_dict(),
+            "config": config,
+            "identity": store.training_identity(cfg),
+            "epoch": epoch,
+            "epochs": epochs,
+            "complete": complete,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "rng": _rng_state(shuffle_gen),
+            "log": log,
+            "versions": {"robust": robust_cli.__version__, "torch": str(torch.__version__)},
+        }
+        for target in write_targets:
+            store.save_torch(target, state)
+        for target_dir in {registry, *([Path(run_dir)] if run_dir else [])}:
+            store.write_csv(target_dir / "train_log.csv", log)
+
+    remaining = max(epochs - start_epoch + 1, 0)
+    progress = ctx.progress(remaining * steps_per_epoch, "training") if ctx else _null_progress()
+    with progress as advance:
+        for epoch in range(start_epoch, epochs + 1):
+            model.train()
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=device)
+            stat_sums: dict[str, float] = {}
+            seen = 0
+            for step, (xb, yb) in enumerate(iterate_batches(data.train_x, data.train_y, bs, device, shuffle_gen), 1):
+                optimizer.zero_grad(set_to_none=True)
+                loss, stats = defense(model, xb, yb)
+                total = loss + model.regularization()
+                if not torch.isfinite(total):
+                    raise UserError(
+                        f"training diverged: loss is {total.item()} at epoch {epoch}, step {step}; the last good checkpoint "
+                        f"(epoch {epoch - 1}) is kept at '{last_path}'; lower train.lr or check the defense parameters"
+                    )
+                total.backward()
+                optimizer.step()
+                n = len(yb)
+                seen += n
+                loss_sum += loss.detach() * n
+                for name, value in stats.items():
+                    stat_sums[name] = stat_sums.get(name, 0.0) + float(value) * n
+                advance()
+            if scheduler is not None:
+                scheduler.step()
+            train_loss, train_acc = evaluate(model, data.train_x, data.train_y, device) if cfg.train.eval_train else (loss_sum.item() / seen, float("nan"))
+            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, device)
+            row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
+            if data.val_x is not None:
+                row["val_loss"], row["val_accuracy"] = evaluate(model, data.val_x, data.val_y, device)
+            row["lr"] = lr
+            row.update({name: total / seen for name, total in stat_sums.items()})
+            row["seconds"] = time.perf_counter() - started
+            log.append(row)
+            checkpoint(epoch, complete=epoch == epochs)
+            if os.environ.get("ROBUST_STOP_AFTER_EPOCH") == str(epoch):  # test hook: simulate a kill between epochs
+                raise SystemExit(3)
+
+    if start_epoch > epochs:  # resume of an already complete run: nothing to train, republish
+        store.console.print(f"[cyan]{registry.name} already trained for {epochs} epochs[/]")
+    store.write_text(registry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    _publish(last_path, registry / "model.pt")
+    final = log[-1] if log else {}
+    return {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(registry / "model.pt")}
+
+
+def _publish(source: Path, target: Path) -> None:
+    """Make the finished checkpoint visible under its registry name in one atomic rename."""
+    tmp = target.with_name(f".{target.name}.publish")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+class _null_progress:
+    def __enter__(self):
+        return lambda n=1: None
+
+    def __exit__(self, *exc):
+        return False
