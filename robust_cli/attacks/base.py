@@ -1,0 +1,154 @@
+"""One calling convention for every attack.
+
+budgeted: `attack(model, x, y, eps) -> x_adv` with ||x_adv - x|| <= eps in `attack.norm`, x_adv in the box.
+minimal:  `attack(model, x, y) -> x_adv`, the smallest perturbation the attack can find (x itself when x is
+          already adversarial; an unsuccessful x_adv when it fails: callers judge success by re-running the model).
+Both take `target=` (a (B,) tensor) to attack towards given classes; otherwise a targeted attack picks its
+targets with `choose_target` (callers that report success need them: call it first and pass them in).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from robust_cli.attacks import norms
+from robust_cli.errors import UserError
+
+TARGET_MODES = ("least_likely", "random", "next")
+
+
+def parse_targeted(targeted):
+    """false|none -> None (untargeted); least_likely|random|next -> that mode."""
+    if targeted is None or targeted is False or (isinstance(targeted, str) and targeted.lower() in ("false", "none", "")):
+        return None
+    if targeted in TARGET_MODES:
+        return targeted
+    raise UserError(f"targeted must be false, least_likely, random or next, got {targeted!r}")
+
+
+@contextlib.contextmanager
+def model_mode(model: torch.nn.Module, mode: str):
+    """'eval': evaluate in eval mode and restore every submodule's own flag after; 'keep': touch nothing."""
+    if mode == "keep":
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]  # per module: a caller may have frozen some BN layers
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class Attack:
+    """Base class: argument checks, model mode, targets, and a cheap check of budget and box on the result."""
+
+    kind = "budgeted"  # "budgeted" | "minimal"
+    norm = "linf"  # "linf" | "l2" | "l0"
+    iterative = False  # iterative attacks must not be weaker than their single-step version (masking check)
+
+    def __init__(self, targeted=False, model_mode: str = "eval", bounds=(0.0, 1.0)):
+        self.targeted = parse_targeted(targeted)
+        if model_mode not in ("eval", "keep"):
+            raise UserError(f"model_mode must be eval or keep, got {model_mode!r}")
+        self.model_mode = model_mode
+        if bounds is not None:
+            bounds = (float(bounds[0]), float(bounds[1]))
+            if not bounds[0] < bounds[1]:
+                raise UserError(f"bounds must be (low, high) with low < high, got {bounds}")
+        self.bounds = bounds
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+    # ------------------------------------------------------------------------------------------- entry point
+    def __call__(self, model, x, y, eps=None, target=None):
+        if self.kind == "budgeted":
+            if eps is None:
+                raise UserError(f"{self.name} is a budgeted attack: give eps")
+            eps = self._check_eps(eps, x)
+        x = x.detach()
+        y = y.detach().to(x.device)
+        with model_mode(model, self.model_mode):
+            if self.targeted is not None and target is None:
+                target = self.choose_target(model, x, y)
+            if target is not None:
+                target = target.detach().to(x.device)
+            with torch.enable_grad():  # callers may sit in no_grad (evaluation loops)
+                x_adv = self.perturb(model, x, y, eps, target)
+        x_adv = x_adv.detach()
+        self._check_result(x, x_adv, eps)
+        return x_adv
+
+    def perturb(self, model, x, y, eps, target):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- targets
+    def choose_target(self, model, x, y) -> torch.Tensor | None:
+        """Targets for this attack's `targeted` mode (None when untargeted); random draws use torch's global RNG."""
+        if self.targeted is None:
+            return None
+        with model_mode(model, self.model_mode), torch.no_grad():
+            logits = model(x)
+        num_classes = logits.shape[1]
+        y = y.to(logits.device)
+        if self.targeted == "least_likely":  # Kurakin et al.: the class the model finds least likely
+            return logits.argmin(dim=1)
+        if self.targeted == "next":
+            return (y + 1) % num_classes
+        # random: uniform over the other classes; drawn on the CPU so CPU and CUDA runs agree
+        shift = torch.randint(1, num_classes, (len(y),)).to(y.device)
+        return (y + shift) % num_classes
+
+    # ------------------------------------------------------------------------------------------- shared math
+    def loss_gradient(self, model, x_adv, y, target):
+        """Gradient w.r.t. the input only of the loss the attack ascends.
+
+        Untargeted: CE(f(x), y) (move away from the label); targeted: -CE(f(x), target) (move towards it).
+        Summed, not averaged, so an example's gradient does not depend on the batch size.
+        """
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y if target is None else target, reduction="sum")
+        (grad,) = torch.autograd.grad(-loss if target is not None else loss, x_adv)
+        return grad
+
+    def is_adversarial(self, logits, y, target) -> torch.Tensor:
+        """Untargeted: prediction differs from the label. Targeted: prediction is the target."""
+        pred = logits.argmax(dim=1)
+        return pred != y if target is None else pred == target
+
+    # ------------------------------------------------------------------------------------------- checks
+    def _check_eps(self, eps, x):
+        if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+            eps = eps.detach().to(device=x.device, dtype=x.dtype)
+            if eps.shape != (x.shape[0],):
+                raise UserError(f"eps must be a number or one value per example ({x.shape[0]}), got shape {tuple(eps.shape)}")
+            bad = (eps < 0) | ~torch.isfinite(eps)
+            if bad.any():
+                raise UserError(f"eps must be finite and >= 0, got {eps[bad][0].item()}")
+            return eps
+        eps = float(eps)
+        if not eps >= 0 or eps == float("inf"):
+            raise UserError(f"eps must be finite and >= 0, got {eps}")
+        return eps
+
+    def _check_result(self, x, x_adv, eps):
+        """Assert box and budget on every result (cheap): the peers' worst bugs were silent violations of these."""
+        if x_adv.shape != x.shape or not torch.isfinite(x_adv).all():
+            raise RuntimeError(f"{self.name} returned a non-finite or mis-shaped batch")
+        if self.bounds is not None and (x_adv.min() < self.bounds[0] or x_adv.max() > self.bounds[1]):
+            raise RuntimeError(f"{self.name} left the box {self.bounds}")
+        if self.kind == "budgeted":
+            size = norms.lp_norm(x_adv - x, self.norm)
+            limit = eps if isinstance(eps, torch.Tensor) else torch.full_like(size, eps)
+            if (size > limit * (1 + 1e-5) + 1e-6).any():
+                raise RuntimeError(f"{self.name} exceeded its {self.norm} budget: {size.max().item():.6g} > {limit.max().item():.6g}")
