@@ -1,0 +1,3 @@
+from robust_cli.cli import main
+
+main()

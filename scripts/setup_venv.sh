@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install robust into it. Usage: scripts/setup_venv.sh [extra]   (extra: test, cluster)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch first, pinned to the builds the project is tested with (pip takes them from a local wheel cache when present)
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+extra=${1:-}
+if [ -n "$extra" ]; then
+  .venv/bin/pip install -q -e ".[$extra]"
+else
+  .venv/bin/pip install -q -e .
+fi
