@@ -1,0 +1,242 @@
+"""`robust attack`: attack this config's trained model; curve, per-example sizes, distances, figures, warnings."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import ListConfig, OmegaConf
+
+from robust_cli import evaluate as ev
+from robust_cli import store
+from robust_cli.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------------- config
+def eps_list(cfg) -> list[float]:
+    raw = cfg.eps
+    values = list(raw) if isinstance(raw, (list, tuple, ListConfig)) else [raw]
+    if not values:
+        raise UserError("eps is an empty list; give a number or a list like eps=[0,0.1,0.2]")
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"eps must be numbers, got {v!r}; e.g. eps=0.1 or 'eps=[0,0.1,0.2]'") from None
+        if not math.isfinite(f) or f < 0:
+            raise UserError(f"eps must be finite and >= 0, got {v!r}")
+        out.append(f)
+    return sorted(set(out))
+
+
+def build_attack(cfg, bounds=(0.0, 1.0)):
+    """The configured attack; constructor errors (bad parameter names or values) become one-line user errors."""
+    spec = OmegaConf.to_container(cfg.attack, resolve=True)
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise UserError("no attack chosen: pick one with attack=<name> (see `robust --help` for the list)")
+    try:
+        return instantiate(spec, bounds=bounds)
+    except UserError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"attack: {cause}") from None
+
+
+def validate(cfg):
+    eps_list(cfg)
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+    attack = build_attack(cfg)
+    mode = cfg.search.get("mode", "none") if cfg.get("search") else "none"
+    if mode not in ("none", "binary"):
+        raise UserError(f"search must be none or binary, got {mode!r}")
+    if mode == "binary":
+        if attack.kind != "budgeted":
+            raise UserError(f"search=binary needs a budgeted attack; {attack.name} is minimal and gives distances already")
+        if not float(cfg.search.tol) > 0 or not float(cfg.search.max_eps) > 0:
+            raise UserError(f"search.tol and search.max_eps must be > 0, got {cfg.search.tol}, {cfg.search.max_eps}")
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(cfg, ctx):
+    model, data, checkpoint = store.load_trained_model(cfg, ctx)
+    x, y = data.test_x, data.test_y
+    bounded = bool(x.min() >= 0 and x.max() <= 1)
+    attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)
+    if not bounded:
+        ctx.warn(f"{data.meta.name} inputs are not in [0, 1]: attacking without a box constraint")
+    torch.manual_seed(int(cfg.seed))  # after any training, so the attack's randomness depends on the seed only
+    device, bs, epsilons = ctx.device, int(cfg.batch_size), eps_list(cfg)
+    n_batches = math.ceil(len(y) / bs)
+
+    clean_pred = ev.predict(model, x, device=device)
+    target = ev.choose_targets(attack, model, x, y, device=device)
+    rows, examples, distances_rows, tensors = [], [], None, {}
+    summary = {}
+    if attack.kind == "budgeted":
+        with ctx.progress(n_batches * len(epsilons), f"{attack.name} over {len(epsilons)} eps") as advance:
+            outcomes = ev.accuracy_curve(model, attack, x, y, epsilons, clean_pred, target, bs, device, advance)
+        for o in outcomes:
+            sizes = ev.perturbation_sizes(x, o.x_adv)
+            rows.append(ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, sizes, o.seconds))
+            examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes)
+        shown = outcomes[-1]
+        if cfg.search.mode == "binary":
+            with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
+                found, x_found = ev.binary_search_eps(model, attack, x, y, target, float(cfg.search.tol), float(cfg.search.max_eps), bs, device, advance)
+            sizes = ev.perturbation_sizes(x, x_found)
+            distances_rows = _distance_rows(y, found, sizes, clean_pred)
+            summary = ev.distance_summary(found, y, clean_pred)
+            tensors["search_eps"] = found
+        _masking_checks(cfg, ctx, model, attack, x, y, clean_pred, target, epsilons, rows, device, bs, bounded)
+    else:
+        with ctx.progress(n_batches, f"{attack.name} (minimal)") as advance:
+            (o,) = ev.accuracy_curve(model, attack, x, y, [math.inf], clean_pred, target, bs, device, advance)
+        sizes = ev.perturbation_sizes(x, o.x_adv)
+        dist = ev.minimal_distances(y, clean_pred, o.success, sizes)
+        key = attack.norm  # robust accuracy at radius eps in the attack's own norm
+        rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds)
+        rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds))
+        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes)
+        distances_rows = _distance_rows(y, dist[key], sizes, clean_pred, dist)
+        summary = ev.distance_summary(dist[key], y, clean_pred)
+        outcomes = [o]
+        shown = o
+
+    ctx.write_csv("curve.csv", rows)
+    ctx.write_csv("examples.csv", examples)
+    if distances_rows is not None:
+        ctx.write_csv("distances.csv", distances_rows)
+    if cfg.save_adversarial:
+        ctx.save_torch("adversarial.pt", {
+            "x": x, "y": y, "clean_pred": clean_pred,
+            "target": target if target is not None else torch.full_like(y, -1),
+            "eps": torch.tensor([o.eps for o in outcomes], dtype=torch.float64),
+            "x_adv": torch.stack([o.x_adv for o in outcomes]),
+            "pred": torch.stack([o.pred for o in outcomes]),
+            **tensors,
+        })
+    _curve_figure(ctx, attack, rows, distances_rows, summary)
+    if len(data.meta.shape) == 3:
+        _examples_figure(ctx, data.meta, x, y, clean_pred, shown, target, int(cfg.n_figure), cfg.amplify)
+
+    last = rows[-1]
+    headline = {"attack": attack.name, "norm": attack.norm, "targeted": attack.targeted or "false", "n": len(y),
+                "clean_accuracy": rows[0]["clean_accuracy"]}
+    if attack.kind == "budgeted":
+        headline.update({f"robust_accuracy@{r['eps']:g}": r["robust_accuracy"] for r in rows})
+    else:
+        headline.update(success_rate=last["success_rate"], mean_l2=last["mean_l2"], mean_distortion=last["mean_distortion"])
+    if summary:
+        headline.update({f"{k}_{attack.norm if attack.kind == 'minimal' else 'eps'}": v for k, v in summary.items()})
+    headline["seconds"] = sum(o.seconds for o in outcomes)
+    ctx.headline(**headline)
+
+
+def _distance_rows(y, primary, sizes, clean_pred, dist=None):
+    """distances.csv: the sizes of the perturbation found, 0 for misclassified inputs, +inf for failures."""
+    failed = ~torch.isfinite(primary)
+    wrong = clean_pred != y
+    cols = {}
+    for k in ev.SIZE_COLUMNS:
+        d = (dist[k] if dist is not None else sizes[k]).clone()
+        d[failed], d[wrong] = float("inf"), 0.0
+        cols[k] = d.tolist()
+    rows = [{"index": i, "label": int(y[i]), **{k: cols[k][i] for k in ev.SIZE_COLUMNS}} for i in range(len(y))]
+    if dist is None:  # binary search: also the eps found
+        for r, e in zip(rows, primary.tolist()):
+            r["eps"] = e
+    return rows
+
+
+def _masking_checks(cfg, ctx, model, attack, x, y, clean_pred, target, epsilons, rows, device, bs, bounded):
+    """Reference curves (single-step version, same-norm noise) at the same eps, and the warnings they support."""
+    if not cfg.masking_checks or attack.name == "noise":
+        return
+    single, noise = ev.reference_attacks(attack)
+    references = {}
+    for ref in [a for a in (single, noise) if a is not None]:
+        outs = ev.accuracy_curve(model, ref, x, y, epsilons, clean_pred, target, bs, device)
+        references[ref.name] = [ev.curve_row(ref, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds) for o in outs]
+    single_rows = references.get(single.name) if single is not None else None
+    for message in ev.masking_warnings(rows, single_rows, references.get("noise"), math.prod(x.shape[1:]), bounded):
+        ctx.warn(message)
+    ctx.record["reference_curves"] = references
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _curve_figure(ctx, attack, rows, distances_rows, summary):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    finite = [r for r in rows if math.isfinite(r["eps"])]
+    clean = rows[0]["clean_accuracy"]
+    if attack.kind == "minimal" and distances_rows:
+        # the whole curve from the distances: accuracy at radius eps = correct and distance > eps
+        d = torch.tensor([r[attack.norm] for r in distances_rows], dtype=torch.float64)
+        top = float(d[torch.isfinite(d)].max()) if torch.isfinite(d).any() else 1.0
+        grid = torch.linspace(0, top * 1.05 if top > 0 else 1.0, 200, dtype=torch.float64)
+        acc = [(d > g).double().mean().item() for g in grid]
+        ax.plot(grid.numpy(), acc, label=f"{attack.name} (from distances)")
+        ax.axvline(summary.get("median", float("nan")), color="gray", lw=0.8, ls=":", label="median distance")
+    else:
+        ax.plot([r["eps"] for r in finite], [r["robust_accuracy"] for r in finite], "o-", label=attack.name)
+        for name, ref in (ctx.record.get("reference_curves") or {}).items():
+            ax.plot([r["eps"] for r in ref], [r["robust_accuracy"] for r in ref], ".:", alpha=0.7, label=name)
+    ax.axhline(clean, color="k", ls="--", lw=1, label="clean accuracy")
+    ax.set_xlabel(f"eps ({attack.norm})")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{attack.name}, targeted={attack.targeted or 'false'}")
+    ctx.save_figure("curve.png", fig)
+
+
+def _examples_figure(ctx, meta, x, y, clean_pred, outcome, target, n, amplify):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fooled = ((clean_pred == y) & outcome.success).nonzero().squeeze(1)
+    idx = (fooled if len(fooled) else torch.arange(len(y)))[:n].tolist()
+    if not idx:
+        return
+    names = meta.class_names or [str(i) for i in range(meta.num_classes)]
+    if amplify is None:  # the largest change shown at half contrast around grey
+        biggest = float((outcome.x_adv[idx] - x[idx]).abs().max())
+        amplify = 0.5 / biggest if biggest > 0 else 1.0
+    amplify = float(amplify)
+    fig, axes = plt.subplots(3, len(idx), figsize=(1.6 * len(idx), 5.2), squeeze=False)
+
+    def show(ax, img):
+        img = img.clamp(0, 1)
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for col, i in enumerate(idx):
+        delta = outcome.x_adv[i] - x[i]
+        show(axes[0][col], x[i])
+        axes[0][col].set_title(f"y={names[int(y[i])]}\npred={names[int(clean_pred[i])]}", fontsize=8)
+        show(axes[1][col], outcome.x_adv[i])
+        tgt = f" (t={names[int(target[i])]})" if target is not None else ""
+        axes[1][col].set_title(f"adv pred={names[int(outcome.pred[i])]}{tgt}", fontsize=8)
+        show(axes[2][col], 0.5 + amplify * delta)
+        axes[2][col].set_title(f"{amplify:.3g}x perturbation", fontsize=7)
+    axes[0][0].set_ylabel("natural")
+    axes[1][0].set_ylabel("adversarial")
+    axes[2][0].set_ylabel("perturbation")
+    eps = "" if not math.isfinite(outcome.eps) else f" at eps={outcome.eps:g}"
+    fig.suptitle(f"natural, adversarial{eps}, amplified perturbation", fontsize=9)
+    ctx.save_figure("adversarial_examples.png", fig)
