@@ -124,11 +124,11 @@ def project_to_boundary(classifier: Classifier, samples: torch.Tensor, x1: torch
         grad, = torch.autograd.grad(gap.sum(), x)
         x = x.detach()
         grad_sq = grad.flatten(1).pow(2).sum(1)
-        distance = gap.detach().abs() / grad_sq.sqrt()  # to the linearised level set, data units
-        done = distance <= tol
+        gap = gap.detach()
+        done = (gap == 0) | (gap.abs() <= tol * grad_sq.sqrt())  # |g| / |grad g|: distance to the linearised level set
         if bool(done.all()):
             break
-        step = torch.where(done | (grad_sq == 0), torch.zeros_like(gap), gap.detach() / grad_sq)
+        step = torch.where(done | (grad_sq == 0), torch.zeros_like(gap), gap / grad_sq)
         x = x - _per_sample(step, x) * grad
     with torch.no_grad():
         top2 = classifier(x).topk(2, dim=1).indices
@@ -163,7 +163,7 @@ def sample_around(center: torch.Tensor, n_samples: int, sigma: float, distributi
         noise = flat_svd(noise)
     elif distribution != "gaussian":
         raise UserError(f"distribution must be gaussian or flat_svd, got {distribution!r}")
-    return center.reshape(1, -1) + noise.to(center.dtype).to(center.device).reshape(n_samples, n)
+    return center.unsqueeze(0) + noise.to(center.dtype).to(center.device).reshape(n_samples, *center.shape)
 
 
 @dataclass
@@ -191,13 +191,15 @@ def point_differences(points: torch.Tensor, n_pairs: int | None = None,
 
 
 def count_degenerate(singular_values: torch.Tensor, min_gap: float = 1.3, max_degenerate: int | None = None) -> int:
-    """Number of trailing singular values dropped below the rest: the largest ratio s_i / s_(i+1) between
-    neighbours in the lower part of the spectrum marks the drop, if it is at least `min_gap`.
+    """Number of trailing singular values dropped below the rest: going down the lower part of the spectrum, the
+    first ratio s_i / s_(i+1) >= `min_gap` between neighbours marks where the dropped set starts.
 
     The seed reads the count off plots ("a very clear dropped set of singular values smaller than the rest");
-    this is that reading made mechanical. Flat SVD samples make every undisturbed value equal, so a drop of a
-    few percent is a clear gap; with Gaussian samples the Marchenko-Pastur spread of the values hides it.
-    `max_degenerate` (default: half of the values) bounds the count so the spectrum's top is never the drop.
+    this is that reading made mechanical. The first gap (not the largest) counts every value below the plateau:
+    an acute wedge squashes its axis much more than its other k - 1 directions, yet all k are dropped. Flat SVD
+    samples make every undisturbed value equal, so a drop of a few tens of percent is a clear gap; with Gaussian
+    samples the Marchenko-Pastur spread of the values hides it. `max_degenerate` (default: half of the values)
+    bounds the count so the top of the spectrum is never read as the drop.
     """
     s = singular_values.double()
     r = len(s)
@@ -206,9 +208,9 @@ def count_degenerate(singular_values: torch.Tensor, min_gap: float = 1.3, max_de
     max_degenerate = r // 2 if max_degenerate is None else min(int(max_degenerate), r - 1)
     floor = s[0].clamp(min=1e-300) * 1e-12  # exact zeros: keep the ratios finite, 0/0 -> 1
     ratios = s[:-1].clamp(min=floor) / s[1:].clamp(min=floor)
-    first = r - 1 - max_degenerate  # ratio index i counts r - 1 - i dropped values
-    best = int(ratios[first:].argmax()) + first
-    return r - 1 - best if float(ratios[best]) >= min_gap else 0
+    first = r - 1 - max_degenerate  # ratio index i means r - 1 - i dropped values
+    gaps = (ratios[first:] >= min_gap).nonzero()
+    return r - 1 - (first + int(gaps[0, 0])) if len(gaps) else 0
 
 
 def boundary_dimension(samples: torch.Tensor, projected: torch.Tensor, references: dict | None = None,

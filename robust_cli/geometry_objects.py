@@ -29,7 +29,8 @@ def _n_inputs(input_shape) -> int:
 
 
 class ThetaWedge(nn.Module):
-    """Bell's k-Theta wedge: {x : x_1 > 0 and x_i > x_1 tan(theta_{i-1}) for 1 < i <= k}, theta in degrees.
+    """Bell's k-Theta wedge: {x : x_1 > 0 and x_i > x_1 tan(theta_{i-1}) for 1 < i <= k}, theta in degrees
+    (a list of k - 1 angles, or one number used for every face).
 
     With all thetas 0 it is the k-orthant; larger thetas tip the faces towards e_1 and make the cone more acute.
     The seed leaves the range open: we take 0 <= theta < 90 degrees (the cone stays convex with a nonempty
@@ -46,7 +47,9 @@ class ThetaWedge(nn.Module):
         if int(num_classes) < 2:
             raise UserError(f"a wedge/orthant classifier needs at least 2 classes, got num_classes={num_classes}")
         self.num_classes = int(num_classes)
-        thetas = [0.0] * (self.k - 1) if thetas is None else [float(t) for t in thetas]
+        if thetas is None or isinstance(thetas, (int, float)):  # one angle for every tipped face
+            thetas = [float(thetas or 0.0)] * (self.k - 1)
+        thetas = [float(t) for t in thetas]
         if len(thetas) != self.k - 1:
             raise UserError(f"model.thetas needs k - 1 = {self.k - 1} angles (degrees), got {len(thetas)}")
         if any(not 0.0 <= t < 90.0 for t in thetas):
