@@ -1,4 +1,22 @@
-"""Training objectives: each is a callable `(model, x, y) -> (loss, stats)`."""
+"""Training objectives: each is a callable `(model, x, y) -> (loss, stats)`. See defenses/README.md."""
+from robust_cli.defenses.adversarial import AdversarialTraining
+from robust_cli.defenses.gradient import GradientNormPenalty
+from robust_cli.defenses.invariance import FastTangentProp, LossIBP, PredictionIBP, TangentProp
+from robust_cli.defenses.lipschitz import LipschitzPenalty, Tulip
+from robust_cli.defenses.noise import GaussianAugmentation
+from robust_cli.defenses.simprop import SimultaneousPropagation
 from robust_cli.defenses.standard import CrossEntropy
 
-__all__ = ["CrossEntropy"]
+__all__ = [
+    "CrossEntropy",
+    "AdversarialTraining",
+    "GradientNormPenalty",
+    "LipschitzPenalty",
+    "Tulip",
+    "LossIBP",
+    "PredictionIBP",
+    "TangentProp",
+    "FastTangentProp",
+    "SimultaneousPropagation",
+    "GaussianAugmentation",
+]

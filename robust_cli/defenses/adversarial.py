@@ -1,0 +1,52 @@
+"""Adversarial training (Goodfellow et al. 2015; Madry et al. 2018; Demyanov's fast AT), with the attacks' own code.
+
+    loss = mix * ell(x) + (1 - mix) * ell(x_adv),     x_adv = attack(model, x, y, eps)
+`mix` is Goodfellow's alpha (0.5 in the paper; 0 for Madry's PGD training and Demyanov's fast AT, which skips
+the clean-loss weight gradients). x_adv is held fixed: the parameter gradient is that of the loss at the
+attack's point (Danskin's theorem for an inner maximum), not a derivative through the attack.
+
+Attack generation mode is the attack's `model_mode`: the YAMLs use "keep", i.e. the attack runs the model in
+the mode the training loop left it in (train mode: batch statistics and dropout, as in Madry's and most
+PyTorch AT code); `defense.attack.model_mode=eval` generates with running statistics instead. Either way the
+attack's forward passes are not training batches: BatchNorm buffers are restored after the attack, so the
+running statistics see the clean and/or adversarial training batches only.
+"""
+import torch
+import torch.nn.functional as F
+
+from robust_cli.defenses.utils import check_nonnegative, detached, frozen_buffers, per_example_norm
+from robust_cli.errors import UserError
+
+
+class AdversarialTraining:
+    """mix * CE(x) + (1 - mix) * CE(attack(model, x, y, eps)) for any budgeted attack (FGSM, FGM, PGD, ...)."""
+
+    def __init__(self, attack, eps, mix=0.0):
+        if getattr(attack, "kind", "budgeted") != "budgeted":
+            raise UserError(f"adversarial training needs a budgeted attack (fgsm, fgm, pgd), got {type(attack).__name__}")
+        self.attack = attack
+        self.eps = check_nonnegative("eps", eps)
+        self.mix = check_nonnegative("mix", mix)
+        if self.mix > 1:
+            raise UserError(f"defense.mix is the weight of the clean loss and must be in [0, 1], got {mix}")
+
+    def __call__(self, model, x, y):
+        with frozen_buffers(model):
+            x_adv = self.attack(model, x, y, self.eps).detach()
+        adv_losses = F.cross_entropy(model(x_adv), y, reduction="none")
+        if self.mix > 0:
+            clean_losses = F.cross_entropy(model(x), y, reduction="none")
+            loss = self.mix * clean_losses.mean() + (1 - self.mix) * adv_losses.mean()
+        else:
+            with torch.no_grad(), frozen_buffers(model):  # for the log only
+                clean_losses = F.cross_entropy(model(x), y, reduction="none")
+            loss = adv_losses.mean()
+        # ell(x_adv) - ell(x) = eps ||grad_x ell||_* + O(eps^2) (Oberman): the implicit penalty and its gradient norm
+        increase = (adv_losses - clean_losses).mean()
+        return loss, detached(
+            ce=clean_losses.mean(),
+            adv_loss=adv_losses.mean(),
+            penalty=increase,
+            grad_norm_fd=increase / self.eps if self.eps > 0 else torch.zeros_like(increase),
+            perturbation_l2=per_example_norm(x_adv - x).mean(),
+        )
