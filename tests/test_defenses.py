@@ -351,7 +351,7 @@ HYGIENE = [  # (factory, number of training forwards that may update BatchNorm s
     (lambda: CrossEntropy(), 1),
     (lambda: LossIBP(), 1),
     (lambda: PredictionIBP(), 1),
-    (lambda: PredictionIBP(direction="random"), 1),
+    (lambda: PredictionIBP(direction="random"), 1),  # the JVP pass is the training forward
     (lambda: TangentProp(), 1),
     (lambda: FastTangentProp(), 1),
     (lambda: GradientNormPenalty(method="exact"), 1),
@@ -390,11 +390,23 @@ def test_derivative_passes_leave_batchnorm_statistics_as_one_clean_forward():
     x, y = batch("conv", n=16)
     reference = make_model("conv")
     reference(x)
-    for defense in (LossIBP(), PredictionIBP(), TangentProp(), GradientNormPenalty(method="fd"), LipschitzPenalty()):
+    defenses = (LossIBP(), PredictionIBP(), PredictionIBP(direction="random"), TangentProp(),
+                GradientNormPenalty(method="fd"), LipschitzPenalty())
+    for defense in defenses:
         model = make_model("conv")
         defense(model, x, y)
         for a, b in zip(model.buffers(), reference.buffers()):
             assert torch.allclose(a, b)
+    # PGD training in train mode: the statistics are those of one forward of the adversarial batch
+    model, twin = make_model("conv"), make_model("conv")
+    torch.manual_seed(3)
+    AdversarialTraining(PGD(steps=3, model_mode="keep"), eps=0.1)(model, x, y)
+    torch.manual_seed(3)
+    x_adv = PGD(steps=3, model_mode="keep")(twin, x, y, 0.1)  # moves twin's statistics 3 times: reset them
+    twin.load_state_dict(make_model("conv").state_dict())
+    twin(x_adv)
+    for a, b in zip(model.buffers(), twin.buffers()):
+        assert torch.allclose(a, b)
 
 
 @pytest.mark.parametrize("bad", [dict(beta=-1.0), dict(beta="x")])

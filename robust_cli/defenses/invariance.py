@@ -54,13 +54,14 @@ class PredictionIBP:
 
     def __call__(self, model, x, y):
         if self.direction == "gradient":
-            logits, losses, grad = input_gradient(model, x, y, create_graph=False)
+            _, _, grad = input_gradient(model, x, y, create_graph=False, keep_graph=False)
             direction, extra = grad, {"grad_norm": per_example_norm(grad).mean()}
         else:
-            logits = model(x)
-            losses = F.cross_entropy(logits, y, reduction="none")
             direction, extra = torch.randn_like(x), {}
-        _, jvp = jacobian_vector_product(model, x, direction)  # a derivative pass: BatchNorm statistics untouched
+        # the JVP pass also gives the logits of the loss; it counts as the training forward only when no
+        # plain forward ran before it (the gradient direction needed one)
+        logits, jvp = jacobian_vector_product(model, x, direction, update_stats=self.direction == "random")
+        losses = F.cross_entropy(logits, y, reduction="none")
         penalty = jvp.flatten(1).pow(2).sum(1)
         loss = losses.mean() + self.beta * penalty.mean()
         return loss, detached(ce=losses.mean(), penalty=penalty.mean(), jvp_norm=penalty.sqrt().mean(), **extra)
@@ -69,8 +70,8 @@ class PredictionIBP:
 class TangentProp:
     """Tangent BP (Simard et al.; Demyanov §2.1): ell(x) + beta * sum_t ||J_f(x) t||_2^2 over the 5 tangents.
 
-    One forward-mode pass per tangent vector (two shifts, two scalings, a rotation; see tangents.py) on top
-    of the plain forward: about 5 JVP passes (the paper: 6x plain BP).
+    One forward-mode pass per tangent vector (two shifts, two scalings, a rotation; see tangents.py), the
+    first doubling as the training forward: about 5 JVP passes (the paper: 6x plain BP).
     """
 
     def __init__(self, beta=0.01, sigma=0.9):
@@ -79,8 +80,9 @@ class TangentProp:
 
     def __call__(self, model, x, y):
         tangents = image_tangents(x, self.sigma).unbind(1)
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        jvps = [jacobian_vector_product(model, x, t)[1] for t in tangents]
+        logits, first = jacobian_vector_product(model, x, tangents[0], update_stats=True)  # the training forward
+        jvps = [first] + [jacobian_vector_product(model, x, t)[1] for t in tangents[1:]]
+        losses = F.cross_entropy(logits, y, reduction="none")
         penalty = sum(jvp.flatten(1).pow(2).sum(1) for jvp in jvps)
         loss = losses.mean() + self.beta * penalty.mean()
         return loss, detached(ce=losses.mean(), penalty=penalty.mean(), jvp_norm=penalty.sqrt().mean())

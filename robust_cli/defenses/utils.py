@@ -1,5 +1,5 @@
 """Small pieces shared by the defenses: input gradients, per-example norms, frozen BatchNorm statistics."""
-import types
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -15,18 +15,21 @@ def per_example_norm(t, p=2):
     return t.flatten(1).norm(p=p, dim=1)
 
 
-def input_gradient(model, x, y, create_graph):
+def input_gradient(model, x, y, create_graph, keep_graph=True):
     """Forward the clean batch and return (logits, per-example losses, per-example input gradients).
 
     The gradient is that of the *sum* of the per-example losses, so row i is grad_x ell(x_i, y_i), not
     the 1/B-scaled gradient of the batch mean. With create_graph=True it can be differentiated again
-    (double backprop); otherwise it is detached.
+    (double backprop); otherwise it is detached. keep_graph=False frees the forward graph (only the
+    direction is wanted; the returned logits and losses are then not differentiable).
     """
     x = x.detach().requires_grad_(True)
     logits = model(x)
     losses = F.cross_entropy(logits, y, reduction="none")
-    # retain_graph: the caller still backpropagates the losses themselves to the parameters
-    (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=create_graph, retain_graph=True)
+    # retain_graph: the caller usually still backpropagates the losses themselves to the parameters
+    (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=create_graph, retain_graph=keep_graph or create_graph)
+    if not keep_graph:
+        logits, losses = logits.detach(), losses.detach()
     return logits, losses, grad
 
 
@@ -50,8 +53,8 @@ def frozen_buffers(model):
             module._buffers[name] = buffer
 
 
-def jacobian_vector_product(model, x, direction):
-    """(model(x), J_model(x) @ direction) in one forward pass of forward-mode AD; running statistics untouched.
+def jacobian_vector_product(model, x, direction, update_stats=False):
+    """(model(x), J_model(x) @ direction) in one forward pass of forward-mode AD.
 
     Uses torch.autograd.forward_ad (dual numbers) rather than torch.func.jvp: torch.func refuses a model
     whose BatchNorm updates its running statistics in train mode (an in-place write to a captured buffer).
@@ -59,10 +62,11 @@ def jacobian_vector_product(model, x, direction):
     plain tensor arithmetic during this pass (`_composite_batch_norm`): the tangent that PyTorch's fused
     batch_norm kernel produces in train mode has a wrong derivative w.r.t. the layer input (checked against
     finite differences in tests/test_defenses.py), which would corrupt every parameter gradient below it.
+    update_stats=True lets the pass count as the step's training forward (running statistics updated once).
     """
     batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in batch_norms:
-        bn.forward = types.MethodType(_composite_batch_norm, bn)  # instance attribute shadows the class method
+    for bn in batch_norms:  # an instance attribute shadows the class's forward for this pass only
+        bn.forward = functools.partial(_composite_batch_norm, bn, update_stats=update_stats)
     try:
         with fwAD.dual_level():
             out = model(fwAD.make_dual(x.detach(), direction.detach()))
@@ -73,12 +77,19 @@ def jacobian_vector_product(model, x, direction):
     return primal, tangent
 
 
-def _composite_batch_norm(bn, x):
-    """BatchNorm forward from elementary ops (batch statistics in train mode, running ones in eval); no buffer updates."""
+def _composite_batch_norm(bn, x, update_stats=False):
+    """BatchNorm forward from elementary ops: batch statistics in train mode, running ones in eval."""
     dims = [0, *range(2, x.dim())]
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if bn.training or not bn.track_running_stats:
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        if update_stats and bn.training and bn.track_running_stats:
+            with torch.no_grad():  # what the fused kernel does: unbiased variance, momentum or cumulative average
+                count = x.numel() // x.shape[1]
+                bn.num_batches_tracked.add_(1)
+                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.lerp_(fwAD.unpack_dual(mean).primal, momentum)
+                bn.running_var.lerp_(fwAD.unpack_dual(var).primal * count / max(count - 1, 1), momentum)
     else:
         mean, var = bn.running_mean, bn.running_var
     out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
