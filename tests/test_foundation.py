@@ -237,3 +237,13 @@ def test_non_finite_loss_stops_with_epoch_and_step(robust, tmp_path):
     proc = robust("train", "model=fc100_20_10", "data.n_train=200", "train.epochs=2", "train.lr=1e30", "train.momentum=0")
     assert proc.returncode == 2
     assert "training diverged" in proc.stderr and "epoch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bell_weight_penalty_is_lambda_scale_norm_over_n():
+    cfg = compose_cfg("model=fc10_2")
+    net = build_model(cfg, build_dataset(cfg).meta).net
+    w = net.layers[0].weight
+    reg = net.regularization()
+    assert torch.isclose(reg, 0.01 * 3000 * w.detach().norm() / w.numel())
+    (grad,) = torch.autograd.grad(reg, w)
+    assert torch.allclose(grad, 0.01 * 3000 * w.detach() / (w.detach().norm() * w.numel()), rtol=1e-5)
