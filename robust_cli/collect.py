@@ -1,0 +1,467 @@
+"""`robust collect`: merge the CSVs of many run directories into one tidy table per kind.
+
+A run directory is any folder holding `run.json` (every command writes one). Each CSV row gets its run's swept
+config values as columns: the config-group choices (model, dataset, defense, attack, experiment), the seed, every
+`key=value` override of the run (a sweep's axes, e.g. `data.n_train`), and `run` (the directory). A CSV column of
+the same name wins over the config value (they describe the same run). Runs that did not complete go to
+failed_runs.csv, and so do Hydra job folders that never wrote run.json (a job killed before it started).
+
+Outputs in the collection folder: <kind>.<fmt> for train_log, curve, distances, persistence, summary; runs.<fmt>
+(one row per run with its headline numbers); failed_runs.<fmt>; table_<name>.<fmt> for the paper tables (Bell's
+Table 1, Oberman's table, Demyanov's comparison) with the sources' values beside ours; curves.png, persistence.png,
+train_log.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from robust_cli import store
+from robust_cli.errors import UserError
+
+KINDS = ("train_log", "curve", "distances", "persistence", "summary")
+FORMATS = ("csv", "parquet", "markdown")
+SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md"}
+CHOICE_COLUMNS = ("model", "dataset", "defense", "attack", "experiment")
+# columns that identify a run but are never a series of their own in figures
+NOT_SERIES = {"run", "status", "command", "seed", "checkpoint", "job", "scale"}
+
+# ---- the sources' numbers, printed beside ours
+BELL_TABLE1 = {  # Bell (2023) Table 1, MNIST, L-BFGS: test acc %, avg distortion, mean 0.7-persistence nat / adv
+    "FC10-4": (92.09, 0.123, 0.93, 1.68), "FC10-2": (90.77, 0.178, 1.37, 4.25), "FC10-0": (86.89, 0.278, 1.92, 12.22),
+    "FC100-100-10": (97.31, 0.086, 0.65, 0.56), "FC200-200-10": (97.61, 0.087, 0.73, 0.56),
+    "C-2": (95.94, 0.09, 3.33, 0.027), "C-4": (97.36, 0.12, 0.35, 0.027), "C-8": (98.50, 0.11, 0.43, 0.0517),
+    "C-16": (98.90, 0.11, 0.53, 0.0994), "C-32": (98.96, 0.11, 0.78, 0.0836), "C-64": (99.00, 0.10, 0.81, 0.0865),
+    "C-128": (99.17, 0.11, 0.77, 0.0883), "C-256": (99.09, 0.11, 0.83, 0.0900), "C-512": (99.22, 0.10, 0.793, 0.0929),
+}
+OBERMAN_CIFAR10 = {  # Oberman/Finlay/Calder table, CIFAR-10 ResNeXt: (name, median L2 distance, % error at L2 eps 0.1)
+    "none": ("J0 (baseline)", 0.09, 53.98), "fgsm_at": ("J1 (AT, FGSM)", 0.18, 24.63),
+    "l2_at": ("J2 (AT, L2)", 0.30, 13.54), "tulip": ("J2-Lip & tanh", 0.56, 12.12),
+}
+OBERMAN_EPS = 0.1
+DEMYANOV_ORDER = ("none", "loss_ibp", "prediction_ibp", "tangent_prop", "fast_tangent_prop", "fgsm_at", "fast_at")
+
+
+@dataclass
+class Collection:
+    out: Path
+    frames: dict[str, pd.DataFrame]
+    runs: pd.DataFrame
+    failed: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- finding runs
+def find_run_dirs(paths) -> tuple[list[Path], list[Path]]:
+    """(run directories with run.json, Hydra job folders without one) under the given paths, sorted."""
+    runs, orphans = set(), set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"'{p}' does not exist; give run or sweep directories, e.g. robust collect outputs/train/multirun/2024-01-01")
+        if not p.is_dir():
+            raise UserError(f"'{p}' is not a directory; give run or sweep directories (folders holding run.json)")
+        runs.update(f.parent for f in p.rglob("run.json") if "collected" not in f.relative_to(p).parts)
+        orphans.update(f.parent.parent for f in p.rglob(".hydra/config.yaml"))
+    return sorted(runs), sorted(orphans - runs)
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_columns(record: dict, run_dir: Path) -> dict:
+    """The config values that tell this run apart from its neighbours in a sweep."""
+    config = record.get("config") or {}
+    cols = {"run": str(run_dir), "command": record.get("command"), "status": record.get("status")}
+    cols.update({g: v for g, v in (record.get("choices") or {}).items() if g in CHOICE_COLUMNS and v})
+    if "seed" in config:
+        cols["seed"] = config["seed"]
+    for override in record.get("overrides") or []:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and not key.startswith("hydra"):
+            cols.setdefault(key, _parse_value(value))  # group choices are already there, under the same name
+    return cols
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):
+        return None
+
+
+def _with_columns(frame: pd.DataFrame, cols: dict) -> pd.DataFrame:
+    extra = {k: v for k, v in cols.items() if k not in frame.columns}
+    front = pd.DataFrame({k: [v] * len(frame) for k, v in extra.items()}, index=frame.index)
+    return pd.concat([front, frame], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- collect
+def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: bool = True, write: bool = True) -> Collection:
+    """Walk `paths` for run directories, write the collected tables (and figures) into `out`, return them."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("give at least one run or sweep directory: robust collect DIR [DIR ...]")
+    run_dirs, orphans = find_run_dirs(paths)
+    if not run_dirs and not orphans:
+        raise UserError(f"no run directories (folders with run.json) under {', '.join(map(str, paths))}")
+    out = Path(out) if out is not None else (paths[0] / "collected" if len(paths) == 1 else Path("collected"))
+
+    pieces = {k: [] for k in KINDS}
+    runs, failed, seen_logs = [], [], set()
+    for run_dir in run_dirs:
+        try:
+            record = json.loads((run_dir / "run.json").read_text())
+        except (OSError, ValueError) as exc:
+            failed.append({"run": str(run_dir), "status": "unreadable", "error": f"run.json: {exc}"})
+            continue
+        cols = run_columns(record, run_dir)
+        headline = {f"{k}": v for k, v in (record.get("headline") or {}).items() if k not in cols}
+        runs.append({**cols, **headline})
+        if record.get("status") != "completed":
+            failed.append({**cols, "error": record.get("error"), "overrides": " ".join(record.get("overrides") or [])})
+            continue
+        for kind in KINDS:
+            path = run_dir / f"{kind}.csv"
+            if kind == "train_log" and not path.is_file() and record.get("checkpoint"):
+                # attack/persistence runs that trained (or reused) a registry checkpoint: its log, once per checkpoint
+                path = Path(record["checkpoint"]).parent / "train_log.csv"
+                if path.resolve() in seen_logs:
+                    continue
+            frame = _read_csv(path) if path.is_file() else None
+            if frame is None or frame.empty:
+                continue
+            if kind == "train_log":
+                seen_logs.add(path.resolve())
+            pieces[kind].append(_with_columns(frame, cols))
+    for orphan in orphans:
+        failed.append({"run": str(orphan), "status": "missing", "error": "no run.json: the job died before it started (see its .hydra/ and log)"})
+
+    frames = {k: pd.concat(v, ignore_index=True) for k, v in pieces.items() if v}
+    collection = Collection(out=out, frames=frames, runs=pd.DataFrame(runs),
+                            failed=pd.DataFrame(failed, columns=None if failed else ["run", "status", "error"]))
+    collection.tables = paper_tables(collection, table)
+    if write:
+        _write(collection, fmt)
+        if figures:
+            collection.files += draw_figures(collection)
+    return collection
+
+
+def _write(c: Collection, fmt: str) -> None:
+    outputs = {**c.frames, "runs": c.runs, "failed_runs": c.failed, **{f"table_{n}": t for n, t in c.tables.items()}}
+    for name, frame in outputs.items():
+        path = c.out / f"{name}{SUFFIX[fmt]}"
+        if fmt == "csv":
+            c.files.append(store.write_csv(path, frame))
+        elif fmt == "markdown":
+            c.files.append(store.write_text(path, to_markdown(frame) + "\n"))
+        else:
+            import io
+
+            buf = io.BytesIO()
+            frame.to_parquet(buf, index=False)
+            c.files.append(store.atomic_write(path, lambda f, data=buf.getvalue(): f.write(data)))
+
+
+def format_value(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return ""
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (pandas' to_markdown needs `tabulate`, which we do not depend on)."""
+    cells = [[str(c) for c in frame.columns]] + [[format_value(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(frame.columns))]
+    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+# ----------------------------------------------------------------------------------------------- paper tables
+def _experiments(c: Collection) -> set[str]:
+    return set(c.runs["experiment"].dropna()) if "experiment" in c.runs else set()
+
+
+def paper_tables(c: Collection, which: str = "auto") -> dict[str, pd.DataFrame]:
+    builders = {"szegedy_table": szegedy_table, "oberman_table": oberman_table, "ibp_comparison": ibp_comparison}
+    if which == "none":
+        return {}
+    if which != "auto" and which not in builders:
+        raise UserError(f"--table must be auto, none or one of {', '.join(builders)}, got {which!r}")
+    names = [which] if which != "auto" else [n for n in builders if n in _experiments(c)]
+    tables = {}
+    for name in names:
+        built = builders[name](c)
+        if built is None:
+            if which != "auto":
+                raise UserError(f"the runs under the given directories have no data for the {name} table (see robust_cli/collect.py)")
+            continue
+        tables.update({name: built} if isinstance(built, pd.DataFrame) else built)
+    return tables
+
+
+def bell_name(model: str) -> str:
+    """fc10_4 -> FC10-4, fc100_100_10 -> FC100-100-10, c_32 -> C-32 (Bell's spelling)."""
+    return str(model).upper().replace("_", "-")
+
+
+def szegedy_table(c: Collection) -> pd.DataFrame | None:
+    """Bell's Table 1: per network, ours (mean over seeds) beside Bell's values."""
+    s = c.frames.get("summary")
+    if s is None or "persistence_nat" not in s:
+        return None
+    key = "network" if "network" in s else "model"
+    cols = ["test_acc", "avg_distortion", "persistence_nat", "persistence_adv"]
+    g = s.groupby(key, sort=False)
+    ours = g[cols].mean().join(g.size().rename("runs"))
+    if "n_nat" in s:
+        ours = ours.join(g["n_nat"].sum().rename("points"))
+    rows = []
+    for model, r in ours.iterrows():
+        name = bell_name(model)
+        ref = BELL_TABLE1.get(name, (math.nan,) * 4)
+        rows.append({"network": name, "test_acc": r.test_acc, "bell_test_acc": ref[0], "avg_dist": r.avg_distortion,
+                     "bell_avg_dist": ref[1], "persist_nat": r.persistence_nat, "bell_persist_nat": ref[2],
+                     "persist_adv": r.persistence_adv, "bell_persist_adv": ref[3],
+                     "nat>adv": bool(r.persistence_nat > r.persistence_adv), "bell_nat>adv": bool(ref[2] > ref[3]) if name in BELL_TABLE1 else None,
+                     "points": int(r.points) if "points" in r else None, "runs": int(r.runs)})
+    order = {n: i for i, n in enumerate(BELL_TABLE1)}
+    return pd.DataFrame(rows).sort_values("network", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
+
+
+def _series_mean(frame: pd.DataFrame, by: list[str], value: str) -> pd.Series:
+    """Mean over seeds of a per-run value (first per run, then over runs)."""
+    per_run = frame.groupby(by + ["run"], sort=False)[value].first()
+    return per_run.groupby(level=list(range(len(by))), sort=False).mean()
+
+
+def oberman_table(c: Collection) -> dict[str, pd.DataFrame] | None:
+    """Oberman's table: per defense, the median minimal L2 distance and % error at L2 eps 0.1 (mean over seeds),
+    beside the source's CIFAR-10 values; plus % error at every eps of the collected curves (the source's figure)."""
+    d, curve = c.frames.get("distances"), c.frames.get("curve")
+    if d is None or curve is None or "defense" not in d:
+        return None
+    by = ["defense"] + [k for k in ("model", "dataset") if k in d and d[k].nunique() > 1]
+    median = d.groupby(by + ["run"], sort=False)["l2"].median().groupby(level=list(range(len(by))), sort=False).mean()
+    l2 = curve[(curve["norm"] == "l2") & np.isfinite(curve["eps"])].copy()
+    l2["error"] = 100.0 * (1.0 - l2["robust_accuracy"])
+    l2["clean_error"] = 100.0 * (1.0 - l2["clean_accuracy"])
+    at = l2[np.isclose(l2["eps"], OBERMAN_EPS)]
+    err = _series_mean(at, by, "error") if len(at) else pd.Series(dtype=float)
+    clean = _series_mean(l2, by, "clean_error")
+    runs = d.groupby(by, sort=False)["run"].nunique()
+    rows = []
+    for idx in median.index:
+        key = idx if isinstance(idx, tuple) else (idx,)
+        name, ref_median, ref_err = OBERMAN_CIFAR10.get(key[0], (key[0], math.nan, math.nan))
+        rows.append({**dict(zip(by, key)), "objective": name, "median_l2": median[idx], "error_at_0.1": err.get(idx, math.nan),
+                     "clean_error": clean.get(idx, math.nan), "oberman_median_l2": ref_median, "oberman_error_at_0.1": ref_err,
+                     "runs": int(runs[idx])})
+    order = {n: i for i, n in enumerate(OBERMAN_CIFAR10)}
+    table = pd.DataFrame(rows).sort_values("defense", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
+    grid = l2.groupby(by + ["eps", "run"], sort=False)["error"].first().groupby(level=list(range(len(by) + 1))).mean().unstack("eps")
+    grid.columns = [f"err@{e:g}" for e in grid.columns]
+    grid = grid.reset_index()
+    grid = grid.sort_values("defense", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
+    return {"oberman_table": table, "oberman_error_vs_eps": grid}
+
+
+def ibp_comparison(c: Collection) -> pd.DataFrame | None:
+    """Demyanov's comparison: per defense (and training-set size), test error, seconds per epoch (and relative to
+    none), and error under each collected attack at each eps (adversarial: fgsm; random: noise)."""
+    curve, log = c.frames.get("curve"), c.frames.get("train_log")
+    if curve is None or "defense" not in curve:
+        return None
+    by = ["defense"] + [k for k in ("data.n_train", "model", "dataset") if k in curve and curve[k].nunique() > 1]
+    curve = curve[np.isfinite(curve["eps"])].copy()
+    curve["error"] = 100.0 * (1.0 - curve["robust_accuracy"])
+    table = (100.0 * (1.0 - _series_mean(curve, by, "clean_accuracy"))).rename("test_error").to_frame()
+    if log is not None and "seconds" in log and "defense" in log:
+        log_by = [k for k in by if k in log]
+        seconds = log.groupby(log_by, sort=False)["seconds"].mean()
+        table = table.join(seconds.rename("seconds_per_epoch"), on=log_by)
+        if "none" in set(log["defense"]):
+            base = log[log["defense"] == "none"]["seconds"].mean()
+            table["time_vs_none"] = table["seconds_per_epoch"] / base
+    for (attack, eps), part in curve.groupby(["attack", "eps"], sort=True):
+        if eps == 0:
+            continue
+        table[f"err_{attack}@{eps:g}"] = _series_mean(part, by, "error")
+    order = {n: i for i, n in enumerate(DEMYANOV_ORDER)}
+    return table.reset_index().sort_values(by, key=lambda col: col.map(lambda n: order.get(n, len(order))) if col.name == "defense" else col).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def series_columns(frame: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """The swept columns (other than seed) that vary across the collected runs: one line per combination."""
+    candidates = [c for c in runs.columns if c not in NOT_SERIES and c in frame and runs[c].astype(str).nunique() > 1]
+    return [c for c in candidates if c in CHOICE_COLUMNS or "." in c or c in ("eps", "gamma")] or []
+
+
+def draw_figures(c: Collection) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    files = []
+    if "curve" in c.frames:
+        files.append(_curves_figure(c))
+    if "persistence" in c.frames:
+        files.append(_persistence_figure(c))
+    if "train_log" in c.frames:
+        files.append(_train_figure(c))
+    return [f for f in files if f is not None]
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return store.atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _band_plot(ax, frame, x, y, series, runs):
+    """Mean over seeds (runs) per series as a line, the min-max over seeds as a band."""
+    keys = series_columns(frame, runs)
+    keys = [k for k in keys if k not in ("attack", "eps")]
+    groups = frame.groupby(keys, sort=False) if keys else [((), frame)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        per = part.groupby(x)[y]
+        mean, lo, hi = per.mean(), per.min(), per.max()
+        label = ", ".join(f"{k}={v}" if k not in ("defense", "model") else str(v) for k, v in zip(keys, key)) or series
+        n = part["run"].nunique()
+        line = ax.plot(mean.index, mean.values, marker="o", ms=3, label=f"{label} ({n} run{'s' if n > 1 else ''})")[0]
+        if n > 1:
+            ax.fill_between(mean.index, lo.values, hi.values, color=line.get_color(), alpha=0.2)
+
+
+def _curves_figure(c: Collection) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    curve = c.frames["curve"]
+    curve = curve[np.isfinite(curve["eps"])]
+    if curve.empty:
+        return None
+    panels = list(curve.groupby(["attack", "norm"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, ((attack, norm), part) in zip(axes[0], panels):
+        _band_plot(ax, part, "eps", "robust_accuracy", attack, c.runs)
+        ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy", ylim=(-0.02, 1.02), title=f"{attack}: mean over seeds, band = min-max")
+        ax.legend(fontsize=7)
+    return _save(fig, c.out / "curves.png")
+
+
+def _persistence_figure(c: Collection) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    p = c.frames["persistence"]
+    p = p[np.isfinite(p["persistence"]) & (p["persistence"] > 0)]
+    if p.empty or "model" not in p:
+        return None
+    order = {bell_name(n): i for i, n in enumerate(BELL_TABLE1)}
+    nets = sorted(p["model"].unique(), key=lambda m: (order.get(bell_name(m), len(order)), str(m)))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(nets)), 4.5))
+    for k, (kind, color) in enumerate((("natural", "tab:blue"), ("adversarial", "tab:red"))):
+        data = [p[(p["model"] == n) & (p["kind"] == kind)]["persistence"].values for n in nets]
+        pos = [i + (k - 0.5) * 0.35 for i in range(len(nets))]
+        keep = [(d, x) for d, x in zip(data, pos) if len(d)]
+        if keep:
+            box = ax.boxplot([d for d, _ in keep], positions=[x for _, x in keep], widths=0.3, patch_artist=True, showfliers=False)
+            for patch in box["boxes"]:
+                patch.set_facecolor(color)
+                patch.set_alpha(0.5)
+        ax.plot([], [], color=color, lw=6, alpha=0.5, label=kind)
+    ax.set_xticks(range(len(nets)), [bell_name(n) for n in nets], rotation=30)
+    ax.set_yscale("log")
+    gamma = p["gamma"].iloc[0] if "gamma" in p else ""
+    ax.set(ylabel=f"{gamma}-persistence (log)", title="persistence per network: natural vs adversarial")
+    ax.legend()
+    return _save(fig, c.out / "persistence.png")
+
+
+def _train_figure(c: Collection) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    log = c.frames["train_log"]
+    if "test_accuracy" not in log:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _band_plot(ax, log, "epoch", "test_accuracy", "test accuracy", c.runs)
+    ax.set(xlabel="epoch", ylabel="test accuracy", title="training: mean over seeds, band = min-max")
+    ax.legend(fontsize=7)
+    return _save(fig, c.out / "train_log.png")
+
+
+# ----------------------------------------------------------------------------------------------- printing
+REFERENCE_PREFIXES = ("bell_", "oberman_")
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A paper table for the terminal: each value beside the source's, 'ours / source', in one column."""
+    out = pd.DataFrame(index=table.index)
+    refs = {c for c in table.columns if c.startswith(REFERENCE_PREFIXES)}
+    for col in table.columns:
+        if col in refs:
+            continue
+        ref = next((p + col for p in REFERENCE_PREFIXES if p + col in table.columns), None)
+        if ref is None:
+            out[col] = table[col].map(format_value)
+        else:
+            out[f"{col} (ours / {ref.split('_')[0]})"] = [f"{format_value(a)} / {format_value(b)}" for a, b in zip(table[col], table[ref])]
+    return out
+
+
+def print_summary(c: Collection, console=None, max_rows: int = 40) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    overview = Table(title=f"robust collect: {c.runs['run'].nunique() if len(c.runs) else 0} runs -> {c.out}")
+    for col in ("file", "rows", "runs"):
+        overview.add_column(col)
+    suffix = next((p.suffix for p in c.files if p.suffix != ".png"), ".csv")
+    for name, frame in {**c.frames, "runs": c.runs, "failed_runs": c.failed, **{f"table_{n}": t for n, t in c.tables.items()}}.items():
+        n_runs = frame["run"].nunique() if "run" in frame and len(frame) else ""
+        overview.add_row(f"{name}{suffix}", str(len(frame)), str(n_runs))
+    for p in c.files:
+        if p.suffix == ".png":
+            overview.add_row(p.name, "", "")
+    console.print(overview)
+    shown = [(f"table_{n}", display_table(t)) for n, t in c.tables.items()]
+    if not shown and 0 < len(c.runs) <= max_rows:
+        shown = [("runs", _compact(c.runs))]
+    for name, frame in shown:
+        table = Table(title=name)
+        for col in frame.columns:
+            table.add_column(str(col), overflow="fold")
+        for row in frame.itertuples(index=False):
+            table.add_row(*(format_value(v) for v in row))
+        console.print(table)
+    if len(c.failed):
+        console.print(f"[bold red]{len(c.failed)} run(s) did not complete[/]: see {c.out / ('failed_runs' + suffix)}")
+
+
+def _compact(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs without the columns that are the same in every run (status stays) and without paths."""
+    keep = [c for c in runs.columns if c == "status" or (runs[c].astype(str).nunique() > 1 and c not in ("run", "checkpoint"))]
+    return runs[keep]
