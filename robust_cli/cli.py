@@ -23,6 +23,10 @@ import robust_cli
 from robust_cli.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+# conf/hydra/launcher/{joblib,submitit_*}.yaml give the plugins' launchers our defaults under the plugins' own names;
+# Hydra validates them against the plugins' schemas but warns that this matching is deprecated. Set at import, so
+# that joblib/submitit workers (which import this module to run a job, and compose its config again) are quiet too.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 COMMANDS = {
     "train": "train a model under a defense and save a checkpoint",
     "attack": "attack the trained model: accuracy-vs-eps curve or minimal distances",
@@ -77,9 +81,6 @@ def _precheck(command: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # conf/hydra/launcher/{joblib,submitit_*}.yaml give the plugins' launchers our defaults under the plugins' own
-    # names; Hydra still validates them against the plugins' schemas but warns that this matching is deprecated
-    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
