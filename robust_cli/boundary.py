@@ -221,9 +221,10 @@ def boundary_dimension(samples: torch.Tensor, projected: torch.Tensor, reference
     Singular values: of the differences of projected points (`point_differences`), first min(M - 1, n) of them.
     Normal: total least squares, the direction in which the centred projected points vary least. With M - 1 < n
     points that direction is not determined by the points alone (any M points lie in many hyperplanes), so it is
-    sought in the span of the centred points and the displacements sample -> projection: for an orthogonal
-    projection (method=descent) onto a locally flat boundary the displacements are normals and the answer is
-    exact; with method=interpolate the displacements run along the segments and the estimate is only partial.
+    sought in the span of the centred points and the main direction of the displacements sample -> projection:
+    the part of that direction the boundary points do not spread along. For an orthogonal projection
+    (method=descent) onto a locally flat boundary the displacements are normals and the answer is exact; with
+    method=interpolate they run along the segments x -> parent and the estimate is only partial.
     references: name -> direction (*shape); `cosines[name]` = |cos| with the normal (its sign is arbitrary).
     """
     flat_p = projected.reshape(len(projected), -1).double()
@@ -236,7 +237,8 @@ def boundary_dimension(samples: torch.Tensor, projected: torch.Tensor, reference
         normal = torch.linalg.svd(centred, full_matrices=False).Vh[-1]
     else:
         displacements = samples.reshape(len(samples), -1).double() - flat_p
-        basis = torch.linalg.svd(torch.cat([centred, displacements]), full_matrices=False)
+        main_displacement = torch.linalg.svd(displacements, full_matrices=False).Vh[:1]
+        basis = torch.linalg.svd(torch.cat([centred, main_displacement]), full_matrices=False)
         keep = basis.S > basis.S[0] * 1e-10
         span = basis.Vh[keep]  # orthonormal rows
         normal = torch.linalg.svd(centred @ span.T, full_matrices=True).Vh[-1] @ span
