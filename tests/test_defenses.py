@@ -442,3 +442,24 @@ def test_yaml_instantiates_and_trains_one_step_on_digit_shaped_images(name):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and model.training
+
+
+def test_defenses_that_clip_refuse_unbounded_data_with_a_hint():
+    x = torch.randn(16, 2).double() * 3 + 2  # gaussians2d-like: not in [0, 1]
+    y = torch.arange(16) % 2
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    for defense, fix in ((AdversarialTraining(FGSM(), eps=0.1), "defense.attack.bounds=null"),
+                         (Tulip(), "defense.bounds=null"), (GaussianAugmentation(), "defense.clip=false")):
+        with pytest.raises(UserError, match=fix):
+            defense(model, x, y)
+    for defense in (AdversarialTraining(FGSM(bounds=None), eps=0.1), Tulip(bounds=None), GaussianAugmentation(clip=False)):
+        loss, _ = defense(model, x, y)
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", YAMLS)
+def test_every_defense_trains_on_digits_from_the_cli(robust, tmp_path, name):
+    proc = robust("train", f"defense={name}", "train.epochs=1", "data.n_train=300", "data.n_test=100", check=True)
+    log = sorted((tmp_path / "outputs" / "train").glob("*/*/train_log.csv"))[-1].read_text().splitlines()
+    assert len(log) == 2 and "test_accuracy" in log[0], proc.stdout

@@ -14,7 +14,7 @@ running statistics see the clean and/or adversarial training batches only.
 """
 import torch.nn.functional as F
 
-from robust_cli.defenses.utils import check_nonnegative, detached, frozen_buffers, per_example_norm
+from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, frozen_buffers, per_example_norm
 from robust_cli.errors import UserError
 
 
@@ -31,6 +31,7 @@ class AdversarialTraining:
             raise UserError(f"defense.mix is the weight of the clean loss and must be in [0, 1], got {mix}")
 
     def __call__(self, model, x, y):
+        check_in_box(x, getattr(self.attack, "bounds", None), "defense.attack.bounds=null")
         with frozen_buffers(model):
             x_adv = self.attack(model, x, y, self.eps).detach()
         adv_losses = F.cross_entropy(model(x_adv), y, reduction="none")

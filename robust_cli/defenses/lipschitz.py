@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from robust_cli.attacks.norms import clip_box, normalize
-from robust_cli.defenses.utils import check_nonnegative, detached, input_gradient, per_example_norm
+from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, input_gradient, per_example_norm
 from robust_cli.errors import UserError
 
 _TINY = 1e-12  # inside square roots: keeps the derivative of a zero norm finite
@@ -97,6 +97,7 @@ class Tulip:
         return clip_box(x.detach() + self.eps * normalize(grad.detach(), "l2"), self.bounds)
 
     def __call__(self, model, x, y):
+        check_in_box(x, self.bounds, "defense.bounds=null")
         _, losses, grad = input_gradient(model, x, y, create_graph=True)
         grad_norms = per_example_norm(grad)
         lipschitz = grad_norms.max()

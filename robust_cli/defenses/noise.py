@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from robust_cli.defenses.utils import check_nonnegative, detached, frozen_buffers, per_example_norm
+from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, frozen_buffers, per_example_norm
 
 
 class GaussianAugmentation:
@@ -19,6 +19,8 @@ class GaussianAugmentation:
         self.clip = bool(clip)
 
     def __call__(self, model, x, y):
+        if self.clip:
+            check_in_box(x, (0.0, 1.0), "defense.clip=false")
         noise = self.sigma * torch.randn_like(x)
         noisy = x + noise
         if self.clip:

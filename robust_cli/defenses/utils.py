@@ -113,3 +113,12 @@ def check_nonnegative(name, value, positive=False):
         bound = "> 0" if positive else ">= 0"
         raise UserError(f"defense.{name} must be {bound}, got {value!r}: set defense.{name}=<value {bound}>")
     return number
+
+
+def check_in_box(x, bounds, fix):
+    """A one-line UserError when the data leave the box a defense clips to (e.g. gaussians2d with [0, 1])."""
+    if bounds is not None and (x.min() < bounds[0] or x.max() > bounds[1]):
+        raise UserError(
+            f"the training data are not in the box {list(bounds)} this defense clips to: set {fix} "
+            "for unbounded data (e.g. dataset=gaussians2d)"
+        )
