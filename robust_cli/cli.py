@@ -199,6 +199,11 @@ def run_command(command: str, cfg):
     try:
         record["config"] = OmegaConf.to_container(cfg, resolve=True)
         device = resolve_device(cfg.get("device", "auto"))
+        threads = cfg.get("threads")
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise UserError(f"threads must be a positive integer or null, got {threads!r}")
+            torch.set_num_threads(threads)
         record["device"] = str(device)
         if getattr(module, "NEEDS_COMMON_VALIDATION", True):
             validate_common(cfg)

@@ -188,10 +188,10 @@ class Classifier(nn.Module):
 
     def regularization(self):
         reg = getattr(self.net, "regularization", None)
-        return reg() if reg is not None else next(self.parameters()).new_zeros(())
-
-
-WRAPPER_KEYS = ("head", "normalize")
+        if reg is not None:
+            return reg()
+        first = next(self.parameters(), None)  # analytic test objects have no parameters
+        return torch.zeros((), device=first.device if first is not None else None)
 
 
 def build_model(cfg, meta) -> Classifier:
