@@ -27,3 +27,24 @@ class CollectOnMultirunEnd(Callback):
             print_summary(collect([sweep_dir], fmt=self.format, figures=self.figures))
         except Exception as exc:  # noqa: BLE001 - reported, never raised: the sweep itself succeeded
             store.console.print(f"[bold yellow]warning:[/] collecting {sweep_dir} failed ({type(exc).__name__}: {exc}); run `robust collect {sweep_dir}`")
+
+
+class CheckScale(Callback):
+    """Experiment presets pick their sizes with `scale=<name>` from their `scales` table; an unknown name would
+    surface as an interpolation traceback from deep inside the sweeper, so stop first with one line (exit 2)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config) -> None:
+        import sys
+
+        scales, scale = config.get("scales"), config.get("scale")
+        if scales is not None and scale not in scales:
+            experiment = config.hydra.runtime.choices.get("experiment", "this preset")
+            print(f"error: scale must be one of {', '.join(scales)} for experiment={experiment}, got {scale!r}", file=sys.stderr)
+            sys.exit(2)

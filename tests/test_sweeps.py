@@ -117,3 +117,19 @@ def test_reproduce_smoke_scale_builds_the_table(tmp_path, preset):
     table_line = [line for line in proc.stdout.splitlines() if line.startswith("table: ")][-1]
     table = pd.read_csv(table_line.removeprefix("table: "))
     assert len(table) == 2 and table.notna().any(axis=1).all()
+
+
+def test_unknown_scale_stops_with_one_line(capsys):
+    from omegaconf import OmegaConf
+
+    from robust_cli.callbacks import CheckScale
+
+    cfg = OmegaConf.create({"scale": "huge", "scales": {"cpu": {}, "full": {}}, "hydra": {"runtime": {"choices": {"experiment": "szegedy_table"}}}})
+    with pytest.raises(SystemExit) as stop:
+        CheckScale().on_multirun_start(cfg)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: scale must be one of cpu, full for experiment=szegedy_table, got 'huge'"
+    cfg.scale = "cpu"
+    CheckScale().on_run_start(cfg)  # a known scale passes
+    cfg, _ = sweep_config("persistence", ["experiment=szegedy_table"])
+    assert cfg.hydra.callbacks.check_scale._target_ == "robust_cli.callbacks.CheckScale"

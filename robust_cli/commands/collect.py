@@ -6,8 +6,6 @@ import sys
 
 from robust_cli.errors import UserError
 
-WRITES_RUN_DIR = False
-
 
 def parser() -> argparse.ArgumentParser:
     from robust_cli.collect import FORMATS, KINDS
