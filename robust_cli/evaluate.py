@@ -7,6 +7,7 @@ Data stay on the CPU and move to the device one batch at a time.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -190,15 +191,18 @@ def curve_from_distances(attack, distances, y, clean_pred, eps_list, sizes, seco
 
 # ----------------------------------------------------------------------------------------------- masking checks
 def reference_attacks(attack):
-    """The single-step attack an iterative one must beat, and the noise baseline of the same norm."""
+    """(single-step version an iterative attack must beat, same-norm noise baseline, margin-loss twin of a CE attack)."""
     common = {"targeted": attack.targeted or False, "bounds": attack.bounds}
-    single = None
+    single = margin = None
     if attack.iterative:
         single = FGSM(**common) if attack.norm == "linf" else FGM(norm=attack.norm, **common)
-    return single, Noise(norm=attack.norm, distribution="uniform", **common)
+    if getattr(attack, "loss", None) == "ce" and attack.iterative:
+        margin = copy.copy(attack)
+        margin.loss = "margin"
+    return single, Noise(norm=attack.norm, distribution="uniform", **common), margin
 
 
-def masking_warnings(rows, single_rows, noise_rows, input_dim: int, bounded: bool, tol: float = 0.01) -> list[str]:
+def masking_warnings(rows, single_rows, noise_rows, input_dim: int, bounded: bool, margin_rows=None, tol: float = 0.01) -> list[str]:
     """Signs of gradient masking (Athalye et al.; Carlini et al.'s checklist) in a robust-accuracy curve."""
     warnings = []
     rows = sorted(rows, key=lambda r: r["eps"])
@@ -211,6 +215,11 @@ def masking_warnings(rows, single_rows, noise_rows, input_dim: int, bounded: boo
             mine = by_eps.get(r["eps"])
             if mine is not None and r["eps"] > 0 and mine["robust_accuracy"] > r["robust_accuracy"] + tol:
                 warnings.append(f"{mine['attack']} is weaker than {what} at eps={r['eps']:g} ({mine['robust_accuracy']:.3f} vs {r['robust_accuracy']:.3f}): possible gradient masking or a too-small step/step count")
+    for r in margin_rows or []:
+        mine = by_eps.get(r["eps"])
+        if mine is not None and mine["robust_accuracy"] > r["robust_accuracy"] + tol:
+            warnings.append(f"{mine['attack']} with the CE loss is weaker than with loss=margin at eps={r['eps']:g} ({mine['robust_accuracy']:.3f} vs {r['robust_accuracy']:.3f}): "
+                            "CE saturates on this confident model; rerun with attack.loss=margin for a tighter bound")
     if bounded and rows:
         last = rows[-1]
         # a perturbation of half the box (linf 0.5, or l2 distortion 0.5) can turn any input grey
@@ -218,4 +227,3 @@ def masking_warnings(rows, single_rows, noise_rows, input_dim: int, bounded: boo
         if last["norm"] in ("linf", "l2") and scale >= 0.5 and last["robust_accuracy"] > 0.05:
             warnings.append(f"robust accuracy is still {last['robust_accuracy']:.3f} at the large eps={last['eps']:g}; an unbounded attack should reach ~0: possible gradient masking")
     return warnings
-

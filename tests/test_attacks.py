@@ -162,6 +162,23 @@ def test_single_step_directions_closed_form():
     assert torch.allclose(FGSM(bounds=None, targeted="next")(model, x, y, eps) - x, -eps * gt.sign(), atol=1e-6)
 
 
+def test_margin_loss_gradient_closed_form():
+    """loss=margin ascends max_{i != y} Z_i - Z_y: on a linear model its input gradient is w_k - w_y (k the runner-up)."""
+    model = Linear()
+    x, y = torch.randn(6, 20), torch.arange(6) % 4
+    with torch.no_grad():
+        runner_up = model(x).scatter(1, y[:, None], float("-inf")).argmax(dim=1)
+    expected = model.w[runner_up] - model.w[y]
+    got = PGD(loss="margin").loss_gradient(model, x, y, None)
+    assert torch.allclose(got, expected.detach(), atol=1e-6)
+    t = (y + 1) % 4  # targeted: Z_t - max_{i != t} Z_i
+    with torch.no_grad():
+        best_other = model(x).scatter(1, t[:, None], float("-inf")).argmax(dim=1)
+    assert torch.allclose(PGD(loss="margin").loss_gradient(model, x, y, t), (model.w[t] - model.w[best_other]).detach(), atol=1e-6)
+    with pytest.raises(UserError):
+        FGSM(loss="hinge")
+
+
 def test_rfgsm_splits_eps_into_random_and_gradient_steps():
     """alpha = eps/2 then a step of eps - alpha: without a box every coordinate moves by -eps, 0 or +eps."""
     model = Linear()
@@ -438,6 +455,10 @@ def test_masking_warnings():
     assert any("rises" in w for w in ev.masking_warnings(rising, None, None, 64, True))
     weak = ev.masking_warnings(good, rows([(0.1, 0.3)]), rows([(0.1, 0.2)]), 64, True)
     assert any("single-step" in w for w in weak) and any("noise" in w for w in weak)
+    saturated = ev.masking_warnings(good, None, None, 64, True, margin_rows=rows([(0.5, 0.0)]))
+    assert saturated == []
+    saturated = ev.masking_warnings(rows([(0, 0.98), (0.3, 0.03)]), None, None, 64, True, margin_rows=rows([(0.3, 0.0)]))
+    assert any("loss=margin" in w for w in saturated)
     stuck = rows([(0, 0.98), (0.5, 0.4)])
     assert any("should reach ~0" in w for w in ev.masking_warnings(stuck, None, None, 64, True))
     assert ev.masking_warnings(stuck, None, None, 64, bounded=False) == []

@@ -17,6 +17,7 @@ from robust_cli.attacks import norms
 from robust_cli.errors import UserError
 
 TARGET_MODES = ("least_likely", "random", "next")
+LOSSES = ("ce", "margin")
 
 
 def parse_targeted(targeted):
@@ -26,6 +27,12 @@ def parse_targeted(targeted):
     if targeted in TARGET_MODES:
         return targeted
     raise UserError(f"targeted must be false, least_likely, random or next, got {targeted!r}")
+
+
+def check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise UserError(f"loss must be ce or margin, got {loss!r}")
+    return loss
 
 
 @contextlib.contextmanager
@@ -109,16 +116,26 @@ class Attack:
         return (y + shift) % num_classes
 
     # ------------------------------------------------------------------------------------------- shared math
-    def loss_gradient(self, model, x_adv, y, target):
-        """Gradient w.r.t. the input only of the loss the attack ascends.
+    def attack_loss(self, logits, y, target) -> torch.Tensor:
+        """Per-example objective the attack ascends (`self.loss`, default "ce").
 
-        Untargeted: CE(f(x), y) (move away from the label); targeted: -CE(f(x), target) (move towards it).
-        Summed, not averaged, so an example's gradient does not depend on the batch size.
+        ce:     untargeted CE(f(x), y) (move away from the label); targeted -CE(f(x), target) (towards it).
+        margin: Carlini & Wagner's logit margin, max_{i != y} Z_i - Z_y (targeted: Z_t - max_{i != t} Z_i). It does
+                not saturate on over-confident models, where the CE gradient points at the runner-up class only.
         """
+        label = y if target is None else target
+        if getattr(self, "loss", "ce") == "margin":
+            own = logits.gather(1, label[:, None]).squeeze(1)
+            other = logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
+            return own - other if target is not None else other - own
+        ce = F.cross_entropy(logits, label, reduction="none")
+        return -ce if target is not None else ce
+
+    def loss_gradient(self, model, x_adv, y, target):
+        """Gradient w.r.t. the input only of the summed attack loss (summed, not averaged: an example's gradient
+        does not depend on the batch size)."""
         x_adv = x_adv.detach().requires_grad_(True)
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y if target is None else target, reduction="sum")
-        (grad,) = torch.autograd.grad(-loss if target is not None else loss, x_adv)
+        (grad,) = torch.autograd.grad(self.attack_loss(model(x_adv), y, target).sum(), x_adv)
         return grad
 
     def is_adversarial(self, logits, y, target) -> torch.Tensor:

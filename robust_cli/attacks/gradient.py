@@ -6,10 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from robust_cli.attacks import norms
-from robust_cli.attacks.base import Attack
+from robust_cli.attacks.base import Attack, check_loss
 from robust_cli.errors import UserError
 
 
@@ -35,9 +34,10 @@ class FGM(Attack):
 
     iterative = False
 
-    def __init__(self, norm: str = "l2", **kwargs):
+    def __init__(self, norm: str = "l2", loss: str = "ce", **kwargs):
         super().__init__(**kwargs)
         self.norm = norms.check_norm(norm)
+        self.loss = check_loss(loss)
 
     def direction(self, grad):
         return norms.normalize(grad, self.norm)
@@ -80,8 +80,9 @@ class RFGSM(Attack):
 
     norm = "linf"
 
-    def __init__(self, alpha: float | None = None, **kwargs):
+    def __init__(self, alpha: float | None = None, loss: str = "ce", **kwargs):
         super().__init__(**kwargs)
+        self.loss = check_loss(loss)
         if alpha is not None and not float(alpha) >= 0:
             raise UserError(f"rfgsm alpha must be >= 0 or null (= eps/2), got {alpha!r}")
         self.alpha = None if alpha is None else float(alpha)
@@ -109,9 +110,10 @@ class PGD(Attack):
     iterative = True
 
     def __init__(self, norm: str = "linf", steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 restarts: int = 1, **kwargs):
+                 restarts: int = 1, loss: str = "ce", **kwargs):
         super().__init__(**kwargs)
         self.norm = norms.check_norm(norm)
+        self.loss = check_loss(loss)
         self.steps = _positive_int("steps", steps, minimum=0) if steps is not None else None
         if step_size is not None and not float(step_size) > 0:
             raise UserError(f"step_size must be > 0 or null (automatic), got {step_size!r}")
@@ -153,8 +155,7 @@ class PGD(Attack):
     def _keep_worst_case(self, model, x_adv, y, target, best_adv, best_success, best_loss):
         """Per example, not per batch: adversarial beats non-adversarial, then the higher attack loss wins."""
         logits = model(x_adv)
-        loss = F.cross_entropy(logits, y if target is None else target, reduction="none")
-        loss = -loss if target is not None else loss
+        loss = self.attack_loss(logits, y, target)
         success = self.is_adversarial(logits, y, target)
         if best_adv is None:
             return x_adv, success, loss

@@ -154,16 +154,19 @@ def _distance_rows(y, primary, sizes, clean_pred, dist=None):
 
 
 def _masking_checks(cfg, ctx, model, attack, x, y, clean_pred, target, epsilons, rows, device, bs, bounded):
-    """Reference curves (single-step version, same-norm noise) at the same eps, and the warnings they support."""
+    """Reference curves (single-step version, same-norm noise at every eps; the margin-loss twin of a CE attack at
+    the largest eps) and the warnings they support."""
     if not cfg.masking_checks or attack.name == "noise":
         return
-    single, noise = ev.reference_attacks(attack)
+    single, noise, margin = ev.reference_attacks(attack)
     references = {}
-    for ref in [a for a in (single, noise) if a is not None]:
-        outs = ev.accuracy_curve(model, ref, x, y, epsilons, clean_pred, target, bs, device)
-        references[ref.name] = [ev.curve_row(ref, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds) for o in outs]
-    single_rows = references.get(single.name) if single is not None else None
-    for message in ev.masking_warnings(rows, single_rows, references.get("noise"), math.prod(x.shape[1:]), bounded):
+    for key, ref, eps in (("single_step", single, epsilons), ("noise", noise, epsilons), ("margin_loss", margin, epsilons[-1:])):
+        if ref is None or (key == "margin_loss" and epsilons[-1] == 0):
+            continue
+        outs = ev.accuracy_curve(model, ref, x, y, eps, clean_pred, target, bs, device)
+        references[key] = [ev.curve_row(ref, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds) for o in outs]
+    for message in ev.masking_warnings(rows, references.get("single_step"), references.get("noise"), math.prod(x.shape[1:]), bounded,
+                                       margin_rows=references.get("margin_loss")):
         ctx.warn(message)
     ctx.record["reference_curves"] = references
 
@@ -189,7 +192,8 @@ def _curve_figure(ctx, attack, rows, distances_rows, summary):
     else:
         ax.plot([r["eps"] for r in finite], [r["robust_accuracy"] for r in finite], "o-", label=attack.name)
         for name, ref in (ctx.record.get("reference_curves") or {}).items():
-            ax.plot([r["eps"] for r in ref], [r["robust_accuracy"] for r in ref], ".:", alpha=0.7, label=name)
+            label = {"single_step": ref[0]["attack"], "noise": "noise", "margin_loss": f"{attack.name}, loss=margin"}[name]
+            ax.plot([r["eps"] for r in ref], [r["robust_accuracy"] for r in ref], "x" if len(ref) == 1 else ".:", alpha=0.7, label=label)
     ax.axhline(clean, color="k", ls="--", lw=1, label="clean accuracy")
     ax.set_xlabel(f"eps ({attack.norm})")
     ax.set_ylabel("robust accuracy")
