@@ -1,0 +1,256 @@
+"""`robust persistence`: gamma-persistence of natural test points vs their adversarial examples (Bell, section 5).
+
+Points: `n_points` correctly classified test images (seeded choice; an adversarial example of a misclassified image
+means nothing), each attacked once with the configured attack (Bell's Table 1: L-BFGS, random targets). Natural
+point i and its adversarial example share their Gaussian draws (common random numbers across the pair).
+Mean persistence is over finite values; +inf values (past persistence.sigma_cap) are counted in n_inf_*.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from robust_cli import evaluate as ev
+from robust_cli import store
+from robust_cli.errors import UserError
+from robust_cli.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
+
+CHUNK = 32  # points searched together between progress-bar updates
+
+FAST_KEYS = ("n_samples", "n_init", "confidence", "interval", "rtol", "antithetic", "refine_samples")
+BRACKETING_KEYS = ("n_samples", "precision", "max_steps", "confidence", "interval")
+COMMON_KEYS = ("clip", "distribution", "sigma_floor", "sigma_cap", "batch_size")
+
+
+def persistence_options(cfg) -> dict:
+    """Keyword arguments of the configured method, from cfg.persistence."""
+    p = cfg.persistence
+    keys = (FAST_KEYS if p.method == "fast" else BRACKETING_KEYS) + COMMON_KEYS
+    return {k: p[k] for k in keys} | {"seed": int(cfg.seed)}
+
+
+def _positive_int(value, name, minimum=1):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def validate(cfg):
+    from robust_cli.commands.attack import build_attack
+
+    if not isinstance(cfg.gamma, (int, float)) or not 0 < cfg.gamma < 1:
+        raise UserError(f"gamma must be in (0, 1), got {cfg.gamma!r}; Bell uses gamma=0.7")
+    _positive_int(cfg.n_points, "n_points")
+    _positive_int(cfg.batch_size, "batch_size")
+    p = cfg.persistence
+    if p.method not in METHODS:
+        raise UserError(f"persistence.method must be one of {', '.join(METHODS)}, got {p.method!r}")
+    _positive_int(p.n_samples, "persistence.n_samples", 2)
+    _positive_int(p.n_init, "persistence.n_init")
+    _positive_int(p.max_steps, "persistence.max_steps")
+    _positive_int(p.refine_samples, "persistence.refine_samples", 0)
+    _positive_int(p.batch_size, "persistence.batch_size")
+    checks = [
+        (p.n_init <= p.n_samples, f"persistence.n_init ({p.n_init}) must not exceed persistence.n_samples ({p.n_samples})"),
+        (isinstance(p.precision, (int, float)) and 0 < p.precision < 1, f"persistence.precision must be in (0, 1), got {p.precision!r}"),
+        (isinstance(p.confidence, (int, float)) and 0 < p.confidence < 1, f"persistence.confidence must be in (0, 1), got {p.confidence!r}"),
+        (p.interval in INTERVALS, f"persistence.interval must be one of {', '.join(INTERVALS)}, got {p.interval!r}"),
+        (p.distribution in DISTRIBUTIONS, f"persistence.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {p.distribution!r}"),
+        (isinstance(p.rtol, (int, float)) and p.rtol > 0, f"persistence.rtol must be > 0, got {p.rtol!r}"),
+        (isinstance(p.sigma_floor, (int, float)) and isinstance(p.sigma_cap, (int, float)) and 0 < p.sigma_floor < p.sigma_cap,
+         f"need 0 < persistence.sigma_floor < persistence.sigma_cap, got {p.sigma_floor!r}, {p.sigma_cap!r}"),
+        (isinstance(cfg.sigma_grid.max, (int, float)) and cfg.sigma_grid.max > 0, f"sigma_grid.max must be > 0, got {cfg.sigma_grid.max!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    _positive_int(cfg.sigma_grid.num, "sigma_grid.num")
+    _positive_int(cfg.stability.points, "stability.points", 0)
+    _positive_int(cfg.stability.n_samples, "stability.n_samples")
+    _positive_int(cfg.line.points, "line.points", 0)
+    _positive_int(cfg.line.steps, "line.steps", 2)
+    attack = build_attack(cfg)
+    if attack.kind == "budgeted" and cfg.get("eps") is None:
+        raise UserError(f"{attack.name} is a budgeted attack: give its budget with eps=..., or use a minimal attack such as attack=lbfgs")
+
+
+# ----------------------------------------------------------------------------------------------- run
+def _persist(model, x, indices, cfg, ctx, description):
+    """Persistence of x (on the CPU) in chunks with a progress bar; draws seeded by `indices`."""
+    options, parts = persistence_options(cfg), []
+    with ctx.progress(len(x), description) as advance:
+        for start in range(0, len(x), CHUNK):
+            part = persistence(model, x[start : start + CHUNK].to(ctx.device), float(cfg.gamma), method=cfg.persistence.method,
+                               index_offset=indices[start : start + CHUNK], **options)
+            parts.append(part)
+            advance(len(part.sigma))
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if parts else torch.zeros(0)  # noqa: E731
+    return {name: cat(name) for name in ("sigma", "ci_low", "ci_high", "evaluations", "labels")}
+
+
+def run(cfg, ctx):
+    from robust_cli.commands.attack import build_attack
+
+    model, data, checkpoint = store.load_trained_model(cfg, ctx)
+    device, gamma, method = ctx.device, float(cfg.gamma), cfg.persistence.method
+    bounded = bool(data.test_x.min() >= 0 and data.test_x.max() <= 1)
+    attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)
+    test_pred = ev.predict(model, data.test_x, device=device)
+    test_acc = (test_pred == data.test_y).double().mean().item()
+
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    correct = (test_pred == data.test_y).nonzero().squeeze(1)
+    chosen = correct[torch.randperm(len(correct), generator=gen)[: int(cfg.n_points)]].sort().values
+    if len(chosen) < cfg.n_points:
+        ctx.warn(f"only {len(chosen)} correctly classified test points (n_points={cfg.n_points}): using them all")
+    x, y = data.test_x[chosen], data.test_y[chosen]
+
+    torch.manual_seed(int(cfg.seed))
+    started = time.perf_counter()
+    target = ev.choose_targets(attack, model, x, y, device=device)
+    eps = float(cfg.eps) if attack.kind == "budgeted" else None
+    with ctx.progress(math.ceil(len(x) / cfg.batch_size), f"{attack.name} on {len(x)} points") as advance:
+        x_adv = ev.run_attack(model, attack, x, y, eps, target, int(cfg.batch_size), device, advance)
+    attack_seconds = time.perf_counter() - started
+    adv_pred = ev.predict(model, x_adv, device=device)
+    success = ev.success_mask(adv_pred, y, target)
+    sizes = ev.perturbation_sizes(x, x_adv)
+    if not success.any():
+        raise UserError(f"{attack.name} found no adversarial example among {len(x)} points: strengthen the attack (see conf/attack/{store.choice(cfg, 'attack')}.yaml)")
+    if not success.all():
+        ctx.warn(f"{attack.name} failed on {int((~success).sum())} of {len(x)} points: their adversarial rows have persistence NaN")
+
+    started = time.perf_counter()
+    indices = list(range(len(x)))  # natural point i and its adversarial example share draws
+    nat = _persist(model, x, indices, cfg, ctx, f"persistence ({method}) natural")
+    ok = success.nonzero().squeeze(1)
+    adv_part = _persist(model, x_adv[ok], ok.tolist(), cfg, ctx, f"persistence ({method}) adversarial")
+    adv = {k: torch.full((len(x),), math.nan, dtype=torch.float64) for k in ("sigma", "ci_low", "ci_high")}
+    adv["evaluations"] = torch.zeros(len(x), dtype=torch.int64)
+    for k in adv:
+        adv[k][ok] = adv_part[k].to(adv[k].dtype)
+    persistence_seconds = time.perf_counter() - started
+
+    # ---- persistence.csv
+    attack_name = store.choice(cfg, "attack")
+    rows = []
+    for kind, res, pred in (("natural", nat, test_pred[chosen]), ("adversarial", adv, adv_pred)):
+        for i in range(len(x)):
+            perturbed = kind == "adversarial"
+            rows.append({
+                "index": int(chosen[i]), "kind": kind, "label": int(y[i]), "pred": int(pred[i]),
+                "target": int(target[i]) if target is not None else -1, "attack": attack_name,
+                "success": bool(success[i]) if perturbed else math.nan,
+                "distortion": (sizes["distortion"][i].item() if success[i] else math.inf) if perturbed else math.nan,
+                "l2": sizes["l2"][i].item() if perturbed else math.nan, "linf": sizes["linf"][i].item() if perturbed else math.nan,
+                "gamma": gamma, "persistence": res["sigma"][i].item(), "ci_low": res["ci_low"][i].item(),
+                "ci_high": res["ci_high"][i].item(), "evaluations": int(res["evaluations"][i]), "method": method,
+            })
+    ctx.write_csv("persistence.csv", rows)
+
+    # ---- summary.csv: one row with Bell's Table 1 columns first
+    def stats(values):
+        finite = values[torch.isfinite(values)]
+        return (finite.mean().item() if len(finite) else math.nan, values[~values.isnan()].median().item() if (~values.isnan()).any() else math.nan,
+                int((~values.isnan()).sum()), int(torch.isinf(values).sum()))
+
+    mean_nat, median_nat, n_nat, inf_nat = stats(nat["sigma"])
+    mean_adv, median_adv, n_adv, inf_adv = stats(adv["sigma"][ok])
+    evaluations = torch.cat([nat["evaluations"], adv["evaluations"][ok]]).double().mean().item()
+    summary = {
+        "network": store.choice(cfg, "model"), "test_acc": 100.0 * test_acc, "avg_distortion": sizes["distortion"][success].mean().item(),
+        "persistence_nat": mean_nat, "persistence_adv": mean_adv, "median_nat": median_nat, "median_adv": median_adv,
+        "n_nat": n_nat, "n_adv": n_adv, "n_inf_nat": inf_nat, "n_inf_adv": inf_adv, "attack_success": success.double().mean().item(),
+        "dataset": store.choice(cfg, "dataset"), "defense": store.choice(cfg, "defense"), "attack": attack_name, "gamma": gamma,
+        "method": method, "n_samples": int(cfg.persistence.n_samples), "evaluations_per_point": evaluations,
+        "attack_seconds": attack_seconds, "persistence_seconds": persistence_seconds, "seed": int(cfg.seed),
+    }
+    ctx.write_csv("summary.csv", [summary])
+
+    pairs = ok[: max(int(cfg.stability.points), int(cfg.line.points))]
+    _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, pairs[: int(cfg.stability.points)], data.meta.num_classes)
+    _line_outputs(cfg, ctx, model, x, x_adv, chosen, pairs[: int(cfg.line.points)])
+    _histogram(ctx, nat["sigma"], adv["sigma"][ok], cfg)
+    ctx.headline(network=summary["network"], test_acc=summary["test_acc"], avg_distortion=summary["avg_distortion"],
+                 persistence_nat=mean_nat, persistence_adv=mean_adv, median_nat=median_nat, median_adv=median_adv,
+                 n_points=len(x), method=method, evaluations_per_point=evaluations, seconds=attack_seconds + persistence_seconds)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, pairs, num_classes):
+    """Figure 9: fraction of samples in each class vs sigma around a natural point and its adversarial example."""
+    if len(pairs) == 0:
+        return
+    import matplotlib.pyplot as plt
+
+    sigmas = [float(cfg.sigma_grid.max) * j / int(cfg.sigma_grid.num) for j in range(1, int(cfg.sigma_grid.num) + 1)]
+    options = {k: cfg.persistence[k] for k in ("clip", "distribution", "batch_size")} | {"seed": int(cfg.seed), "num_classes": num_classes}
+    rows = []
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 3.2 * len(pairs)), squeeze=False)
+    for row, i in enumerate(pairs.tolist()):
+        for col, (kind, point) in enumerate((("natural", x[i]), ("adversarial", x_adv[i]))):
+            freq, _, labels = stability_curve(model, point[None].to(ctx.device), sigmas, int(cfg.stability.n_samples), index_offset=[i], **options)
+            for s, sigma in enumerate(sigmas):
+                for c in range(freq.shape[2]):
+                    rows.append({"pair": row, "index": int(chosen[i]), "kind": kind, "label": int(y[i]), "pred": int(labels[0]),
+                                 "target": int(target[i]) if target is not None else -1, "sigma": sigma, "class": c,
+                                 "frequency": freq[0, s, c].item()})
+            ax = axes[row, col]
+            for c in range(freq.shape[2]):
+                special = {int(y[i]): ("black", f"natural class {int(y[i])}"), int(adv_pred[i]): ("red", f"adversarial class {int(adv_pred[i])}")}
+                color, name = special.get(c, (None, None))
+                ax.plot(sigmas, freq[0, :, c].numpy(), color=color or "0.7", lw=2 if color else 0.8, label=name)
+            ax.set(title=f"{kind} #{int(chosen[i])} (predicted {int(labels[0])})", xlabel="sigma", ylabel="fraction of samples", ylim=(-0.02, 1.02))
+            ax.axhline(float(cfg.gamma), color="0.5", ls=":", lw=0.8)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    ctx.write_csv("stability.csv", rows)
+    ctx.save_figure("stability.png", fig)
+
+
+def _line_outputs(cfg, ctx, model, x, x_adv, chosen, pairs):
+    """Persistence along x + t (x_adv - x), t in [0, 1], with the first t classified differently from x marked."""
+    if len(pairs) == 0:
+        return
+    import matplotlib.pyplot as plt
+
+    t = torch.linspace(0, 1, int(cfg.line.steps))
+    pts = torch.cat([x[i][None] + t.view(-1, *([1] * x[i].dim())) * (x_adv[i] - x[i])[None] for i in pairs.tolist()])
+    # every point of a segment uses its pair's draws: the curve is smooth in t, not noise
+    seeds = [i for i in pairs.tolist() for _ in t]
+    res = _persist(model, pts, seeds, cfg, ctx, "persistence along the lines")
+    pred = ev.predict(model, pts, device=ctx.device)
+    rows = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p, i in enumerate(pairs.tolist()):
+        sl = slice(p * len(t), (p + 1) * len(t))
+        crossed = pred[sl] != pred[sl][0]
+        for j in range(len(t)):
+            rows.append({"pair": p, "index": int(chosen[i]), "t": t[j].item(), "pred": int(pred[sl][j]), "crossed": bool(crossed[:j + 1].any()),
+                         "persistence": res["sigma"][sl][j].item(), "ci_low": res["ci_low"][sl][j].item(),
+                         "ci_high": res["ci_high"][sl][j].item(), "evaluations": int(res["evaluations"][sl][j])})
+        line = ax.plot(t.numpy(), res["sigma"][sl].numpy(), marker="o", ms=3, label=f"#{int(chosen[i])}")[0]
+        if crossed.any():
+            ax.axvline(t[crossed.nonzero()[0, 0]].item(), color=line.get_color(), ls="--", lw=0.8)
+    ax.set(xlabel="t (0: natural, 1: adversarial)", ylabel=f"{cfg.gamma}-persistence", title="persistence along the segment (dashed: class changes)")
+    ax.legend(fontsize=8)
+    ctx.write_csv("line.csv", rows)
+    ctx.save_figure("line.png", fig)
+
+
+def _histogram(ctx, nat, adv, cfg):
+    """Figures 14-16: natural (blue) and adversarial (red) persistence; +inf values are left out and counted."""
+    import matplotlib.pyplot as plt
+
+    nat, adv = nat[torch.isfinite(nat)].numpy(), adv[torch.isfinite(adv)].numpy()
+    both = np.concatenate([nat, adv])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(both, bins=30) if len(both) else 10
+    ax.hist(nat, bins=bins, color="tab:blue", alpha=0.6, label=f"natural (n={len(nat)})")
+    ax.hist(adv, bins=bins, color="tab:red", alpha=0.6, label=f"adversarial (n={len(adv)})")
+    ax.set(xlabel=f"{cfg.gamma}-persistence", ylabel="count", title=f"{store.choice(cfg, 'model')}, {store.choice(cfg, 'attack')}")
+    ax.legend()
+    ctx.save_figure("persistence_hist.png", fig)
+
