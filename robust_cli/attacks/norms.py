@@ -48,13 +48,15 @@ def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
     raise UserError(f"cannot measure in norm {norm!r}; use one of {', '.join(MEASURES)}")
 
 
-def normalize(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    """Unit ascent direction in the dual sense: sign(g) for linf, g/||g||_2 for l2 (per example)."""
+def normalize(grad: torch.Tensor, norm: str, inplace: bool = False) -> torch.Tensor:
+    """Unit ascent direction in the dual sense: sign(g) for linf, g/||g||_2 for l2 (per example).
+
+    inplace=True overwrites grad (attacks own their gradient: saves an allocation per step)."""
     if norm == "linf":
-        return grad.sign()
+        return grad.sign_() if inplace else grad.sign()
     if norm == "l2":
-        scale = grad.flatten(1).norm(dim=1).clamp_min(_TINY)
-        return grad / scale.reshape(-1, *([1] * (grad.dim() - 1)))
+        scale = grad.flatten(1).norm(dim=1).clamp_min(_TINY).reshape(-1, *([1] * (grad.dim() - 1)))
+        return grad.div_(scale) if inplace else grad / scale
     raise UserError(f"cannot normalise in norm {norm!r}; use linf or l2")
 
 
@@ -74,8 +76,8 @@ def clip_box(x: torch.Tensor, bounds) -> torch.Tensor:
     return x if bounds is None else x.clamp(bounds[0], bounds[1])
 
 
-def projector(x: torch.Tensor, eps, norm: str, bounds):
-    """The map z -> a point of (eps-ball around x) that is also in the box.
+def projector(x: torch.Tensor, eps, norm: str, bounds, inplace: bool = False):
+    """The map z -> a point of (eps-ball around x) that is also in the box (inplace=True may overwrite z).
 
     For linf the intersection of ball and box is itself a box, so one clamp with precomputed per-coordinate
     limits is the exact projection (and the cheapest: no per-step arithmetic beyond it). For l2 we project on
@@ -86,7 +88,7 @@ def projector(x: torch.Tensor, eps, norm: str, bounds):
         lower, upper = x - eps, x + eps
         if bounds is not None:
             lower, upper = lower.clamp(min=bounds[0]), upper.clamp(max=bounds[1])
-        return lambda z: torch.minimum(torch.maximum(z, lower), upper)
+        return (lambda z: z.clamp_(lower, upper)) if inplace else (lambda z: torch.clamp(z, lower, upper))
     check_norm(norm)
     return lambda z: clip_box(x + project(z - x, eps, norm), bounds)
 
