@@ -1,0 +1,519 @@
+"""Discrete path kernel (Bell, Part II: Definition 14.3, Theorem 14.5, Remarks 0-3, appendix 17.2 and 17.4).
+
+A network trained by forward Euler moves its weights along straight segments
+    w_s(t) = w_s + t (w_{s+1} - w_s),  t in [0, 1],   w_{s+1} - w_s = -eps grad_w L(w_s) = sum_i J_s(x_i)^T a_{i,s},
+with J_w(x) = d yhat_w(x) / dw (K x d) and a_{i,s} = -eps dL/dyhat_i (a K-vector per training point; when L is a mean
+over the batch, the 1/M is inside a). The fundamental theorem of calculus along each segment gives, for every x,
+    yhat_N(x) = b + sum_s sum_i K_s(x, x_i) a_{i,s},   K_s(x, x_i) = int_0^1 J_{w_s(t)}(x) J_{w_s}(x_i)^T dt   (K x K),
+exact when yhat_{w_0} == b is constant (zero last layer, Remark 2). The K x K block couples the classes: this is
+appendix 17.4 case 1 (scalar loss of a vector output); the per-class diagonal of 17.5 drops the cross terms and is
+not exact for softmax cross-entropy.
+
+The t-integral is Gauss-Legendre quadrature. Query side variants (Remark 1):
+  * "dpk"        Definition 14.3 as written: the query side is integrated over t unless the query is itself a
+                 training point (then it sits at w_s). A symmetric PSD kernel (Lemma 14.4); exact off the training set.
+  * "continuous" k' of eq. 16: the query side is always integrated. Exact everywhere, not symmetric.
+  * "tangent"    both sides at w_s: the eps -> 0 limit of Remark 3 (a per-step tangent kernel); error O(eps).
+
+Nothing d x M is ever built for a prediction: sum_i J_s(x_i)^T a_{i,s} is one vector-Jacobian product over the
+training set (v_s), and each quadrature node costs one Jacobian-vector product of the query batch along v_s.
+Per-training-point values use per-query Jacobians (Q x K x d) pushed through the training set by batched JVPs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from robust_cli.errors import UserError
+
+VARIANTS = ("dpk", "continuous", "tangent")
+
+
+def zero_last_layer(model: nn.Module) -> nn.Module:
+    """Zero the weight of the last module (in registration order) that owns one, so yhat_{w_0}(x) = its bias = b."""
+    owners = [m for m in model.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+    if not owners:
+        raise UserError(f"{type(model).__name__} has no layer with a weight to zero: the kernel needs a constant initial output")
+    with torch.no_grad():
+        owners[-1].weight.zero_()
+    return model
+
+
+def gauss_legendre(points: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights of the `points`-point Gauss-Legendre rule on [0, 1] (exact for polynomials of degree 2p-1)."""
+    if points < 1:
+        raise UserError(f"quadrature points must be >= 1, got {points}")
+    x, w = np.polynomial.legendre.leggauss(points)
+    return (torch.tensor((x + 1) / 2, dtype=dtype, device=device), torch.tensor(w / 2, dtype=dtype, device=device))
+
+
+OUTPUTS = ("logits", "probabilities")
+
+
+def nll_of_probabilities(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean -log p_y: cross-entropy written on the softmax output (appendix 17.5's NLL), same weight gradient."""
+    return -p.gather(1, y[:, None]).log().mean()
+
+
+class FlatModel:
+    """A module seen as a function of one flat parameter vector: f(w, x) = yhat_w(x), for torch.func.
+
+    `output` is the function the kernel represents: the module's logits, or their softmax (Bell's appendix 17.3 /
+    17.5 write the loss on the probabilities yhat in (0, 1)). Both train identically; they differ in what is
+    represented: the probabilities' gradients vanish where the net is saturated (far from the data)."""
+
+    def __init__(self, model: nn.Module, output: str = "logits"):
+        if output not in OUTPUTS:
+            raise UserError(f"kernel output must be logits or probabilities, got {output!r}")
+        self.model, self.output = model, output
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.buffers = {n: b for n, b in model.named_buffers()}
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+
+    def load(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, chunk in zip(self.model.parameters(), flat.split(self.sizes)):
+                p.copy_(chunk.view_as(p))
+
+    def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        params = {n: c.view(s) for n, c, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+        logits = functional_call(self.model, (params, self.buffers), (x,))
+        return logits.softmax(-1) if self.output == "probabilities" else logits
+
+    def single(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Output for one unbatched input (for per-sample Jacobians under vmap)."""
+        return self(flat, x.unsqueeze(0)).squeeze(0)
+
+
+@dataclass
+class TrainingPath:
+    """Every weight state of a forward-Euler run and the kernel coefficients a_{i,s} = -eps dL/dyhat_i."""
+
+    flat: FlatModel
+    weights: torch.Tensor       # (N+1, d): w_0 .. w_N
+    coefficients: torch.Tensor  # (N, M, K): a_{i,s}; zero for points outside step s's mini-batch
+    train_x: torch.Tensor       # (M, *input_shape)
+    train_y: torch.Tensor       # (M,)
+    step_size: float
+    bias: torch.Tensor          # (K,): b = yhat_{w_0}(x), the same for every x
+    initial_spread: float       # max |yhat_{w_0}(x_i) - b| over training points; 0 makes the representation exact
+    losses: torch.Tensor        # (N+1,): training loss at w_0 .. w_N
+    accuracies: torch.Tensor    # (N+1,): training accuracy at w_0 .. w_N
+
+    @property
+    def steps(self) -> int:
+        return self.weights.shape[0] - 1
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the recorded path: (N+1) d weights plus N M K coefficients."""
+        return self.weights.numel() * self.weights.element_size() + self.coefficients.numel() * self.coefficients.element_size()
+
+
+@torch.enable_grad()   # callers may sit inside no_grad
+def train_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, step_size: float,
+               loss=None, output: str = "logits", batch_size: int | None = None, seed: int = 0,
+               zero_last: bool = True, progress=None) -> TrainingPath:
+    """Train `model` in place by `steps` forward-Euler steps w <- w - eps grad L(w), recording every state.
+
+    Full batch by default (the theorem's setting). With `batch_size`, each step draws a fresh random batch; the
+    representation stays exact, with a_{i,s} = 0 for points outside step s's batch (and 1/|B| inside a mean loss).
+    The model runs in eval mode throughout: the theorem needs yhat_w(x) to be a fixed per-sample function, so
+    dropout and batch statistics are off; the caller's mode is restored. Only the data loss is differentiated:
+    a model's regularization() (weight decay) would add a step not of the form sum_i J^T a and is ignored.
+    `output` picks the represented function (FlatModel); `loss(yhat, y)` is written on it (default: cross-entropy,
+    i.e. F.cross_entropy on logits, nll_of_probabilities on probabilities).
+    `progress` is an optional advance() callable, called once per step.
+    """
+    if steps < 1 or step_size <= 0:
+        raise UserError(f"kernel training needs steps >= 1 and step_size > 0, got steps={steps}, step_size={step_size}")
+    was_training = model.training
+    model.eval()
+    if zero_last:
+        zero_last_layer(model)
+    flat = FlatModel(model, output)
+    if loss is None:
+        loss = F.cross_entropy if output == "logits" else nll_of_probabilities
+    w = flat.flatten()
+    x, y = x.to(device=w.device, dtype=w.dtype), y.to(w.device)
+    m = x.shape[0]
+    if batch_size is not None and not 1 <= batch_size <= m:
+        raise UserError(f"kernel.batch_size must be in [1, {m}] (the number of training points), got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+
+    weights = torch.empty(steps + 1, w.numel(), dtype=w.dtype, device=w.device)
+    weights[0] = w
+    out0 = flat(w, x).detach()
+    coefficients = torch.zeros(steps, m, out0.shape[1], dtype=w.dtype, device=w.device)
+    losses, accuracies = torch.empty(steps + 1), torch.empty(steps + 1)
+    bias = out0[0].clone()
+    for s in range(steps + 1):
+        w = w.detach().requires_grad_(True)
+        out = flat(w, x)
+        with torch.no_grad():
+            losses[s] = loss(out, y).item()
+            accuracies[s] = (out.argmax(1) == y).double().mean().item()
+        if s == steps:
+            break
+        batch = torch.arange(m) if batch_size is None else torch.randperm(m, generator=generator)[:batch_size]
+        batch = batch.to(w.device)
+        out_b = out[batch]
+        grad_out, = torch.autograd.grad(loss(out_b, y[batch]), out_b, retain_graph=True)
+        grad_w, = torch.autograd.grad(out_b, w, grad_out)     # = J^T dL/dyhat = grad_w L, the GD direction
+        coefficients[s, batch] = -step_size * grad_out.detach()
+        w = w.detach() - step_size * grad_w
+        weights[s + 1] = w
+        if progress is not None:
+            progress()
+    flat.load(weights[-1])
+    model.train(was_training)
+    return TrainingPath(flat=flat, weights=weights, coefficients=coefficients, train_x=x, train_y=y,
+                        step_size=float(step_size), bias=bias, initial_spread=(out0 - bias).abs().max().item(),
+                        losses=losses, accuracies=accuracies)
+
+
+@dataclass
+class KernelValues:
+    """Per-training-point kernel of queries x_q: values[q, i, k, c] = sum_s K_s(x_q, x_i)[k, c];
+    contributions[q, i, k] = sum_s sum_c K_s(x_q, x_i)[k, c] a_{i,s,c}, which sums over i to yhat_k(x_q) - b_k."""
+
+    values: torch.Tensor         # (Q, M, K, K)
+    contributions: torch.Tensor  # (Q, M, K)
+
+    @property
+    def trace(self) -> torch.Tensor:
+        """Scalar kernel sum_k K[k, k] = sum_s <J(x_q), J(x_i)>_F (a sum of kernels, so a kernel): (Q, M)."""
+        return self.values.diagonal(dim1=2, dim2=3).sum(-1)
+
+
+class DiscretePathKernel:
+    """The kernel machine of a recorded TrainingPath.
+
+    `quadrature_points` Gauss-Legendre nodes per step for the t-integral; `variant` one of VARIANTS (module doc);
+    `chunk` bounds how many weight states / tangents are batched in one vmap (memory ~ chunk x batch activations).
+    """
+
+    def __init__(self, path: TrainingPath, quadrature_points: int = 16, variant: str = "dpk",
+                 tolerance: float | None = None, max_depth: int = 40, chunk: int = 32):
+        if variant not in VARIANTS:
+            raise UserError(f"kernel variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if tolerance is not None and tolerance <= 0:
+            raise UserError(f"kernel tolerance must be > 0 (or null for the fixed rule), got {tolerance}")
+        self.path, self.variant, self.chunk = path, variant, int(chunk)
+        self.tolerance, self.max_depth = tolerance, int(max_depth)
+        self.f = path.flat
+        self.nodes, self.node_weights = gauss_legendre(quadrature_points, path.weights.dtype, path.weights.device)
+        self._directions = None
+        self._train_norms = None
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+    @property
+    def directions(self) -> torch.Tensor:
+        """v_s = sum_i J_{w_s}(x_i)^T a_{i,s} (N, d): one VJP per step over the training set. Equals w_{s+1} - w_s
+        up to rounding exactly when the path was trained by the theorem's steps. (A loop: vmap over weight states
+        is ~10x slower than looping on CPU, unlike vmap over inputs or tangents.)"""
+        if self._directions is None:
+            p = self.path
+            rows = []
+            with torch.enable_grad():
+                for w, a in zip(p.weights[:-1], p.coefficients):
+                    w = w.detach().requires_grad_(True)
+                    rows.append(torch.autograd.grad(self.f(w, p.train_x), w, a)[0])
+            self._directions = torch.stack(rows)
+        return self._directions
+
+    def _at_left_endpoint(self, x: torch.Tensor) -> torch.Tensor:
+        """Which queries take the query side at w_s instead of integrating over the segment: (Q,) bool."""
+        if self.variant == "tangent":
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.variant == "continuous":
+            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        # dpk: w_s(t, x) = w_s for x in X_T (eq. 14); exact row match, computed without matmul rounding
+        d = torch.cdist(x.flatten(1), self.path.train_x.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+        return (d == 0).any(1)
+
+    def _states(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight states w_s(t_j) at the quadrature nodes of step s and their weights."""
+        w0, w1 = self.path.weights[s], self.path.weights[s + 1]
+        return w0 + self.nodes[:, None] * (w1 - w0), self.node_weights
+
+    def _query_features(self, s: int, x: torch.Tensor, left: torch.Tensor, pieces=None) -> torch.Tensor:
+        """Phi_s(x) (Q, K, d): int_0^1 J_{w_s(t)}(x) dt by quadrature, or J_{w_s}(x) for `left` rows.
+        `pieces` (from _refine, query indices into x[~left]) replace the fixed rule where it was refined."""
+        per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
+        phi = per_sample(self.path.weights[s], x)
+        if not bool(left.all()):
+            inner = (~left).nonzero().squeeze(1)
+            states, omega = self._states(s)
+            phi[inner] = sum(o * per_sample(w, x[inner]) for w, o in zip(states, omega))
+            if pieces is not None:
+                here = pieces[0] == s
+                queries, lo, hi = pieces[1][here], pieces[2][here], pieces[3][here]
+                if queries.numel():
+                    q = self.nodes.numel()
+                    t = (lo[:, None] + (hi - lo)[:, None] * self.nodes).flatten()
+                    w0, dw = self.path.weights[s], self.path.weights[s + 1] - self.path.weights[s]
+                    weight = ((hi - lo)[:, None] * self.node_weights).flatten()
+                    jac = self._chunked(vmap(jacrev(self.f.single)), w0 + t[:, None] * dw,
+                                        x[inner[queries]].repeat_interleave(q, 0), size=self.chunk)
+                    rebuilt = torch.zeros_like(phi[inner])
+                    rebuilt.index_add_(0, queries.repeat_interleave(q), weight[:, None, None] * jac)
+                    refined = torch.unique(queries)
+                    phi[inner[refined]] = rebuilt[refined]
+        return phi
+
+    # ---- the kernel machine -------------------------------------------------------------------------------
+    def network_output(self, x: torch.Tensor) -> torch.Tensor:
+        """yhat_{w_N}(x), the trained network itself: (Q, K)."""
+        with torch.no_grad():
+            return self.f(self.path.weights[-1], x.to(self.path.weights))
+
+    def _chunked(self, fn, *tensors, size=None):
+        """fn over dim-0 chunks of the tensors, concatenated. Default chunk for per-piece work (one weight state
+        and one query each): ~2^22 parameter values (32 MiB in float64), at least `chunk` states."""
+        size = size or max(self.chunk, 2 ** 22 // self.f.size)
+        return torch.cat([fn(*parts) for parts in zip(*(t.split(size) for t in tensors))])
+
+    def _push(self, w: torch.Tensor, direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """J_w(x) direction for a batch x (one JVP)."""
+        return jvp(lambda w_: self.f(w_, x), (w,), (direction,))[1]
+
+    def _pieces(self, steps, queries, lo, hi, x):
+        """Quadrature of int_lo^hi J_{w_s(t)}(x_q) v_s dt for a batch of (step, query, lo, hi) pieces: (P, K)."""
+        p, q = self.path, self.nodes.numel()
+        t = (lo[:, None] + (hi - lo)[:, None] * self.nodes).flatten()            # (P q,)
+        s = steps.repeat_interleave(q)
+        states = p.weights[s] + t[:, None] * (p.weights[s + 1] - p.weights[s])
+        omega = ((hi - lo)[:, None] * self.node_weights).flatten()
+        push1 = vmap(lambda w, d, xi: self._push(w, d, xi.unsqueeze(0)).squeeze(0))
+        g = self._chunked(push1, states, self.directions[s], x[queries.repeat_interleave(q)])
+        return (omega[:, None] * g).view(-1, q, g.shape[-1]).sum(1)
+
+    def _outputs_at(self, steps, queries, t, x):
+        """yhat_{w_s(t)}(x_q) for a batch of (step, query, t): (P, K)."""
+        p = self.path
+        states = p.weights[steps] + t[:, None] * (p.weights[steps + 1] - p.weights[steps])
+        return self._chunked(vmap(self.f.single), states, x[queries])
+
+    def _segment_integrals(self, x: torch.Tensor) -> torch.Tensor:
+        """Fixed-rule quadrature of every step for every query: (N, Q, K), one JVP of the query batch per
+        (step, node) weight state."""
+        p = self.path
+        out = torch.zeros(p.steps, x.shape[0], p.bias.numel(), dtype=x.dtype, device=x.device)
+        for s in range(p.steps):
+            states, omega = self._states(s)
+            for w, o in zip(states, omega):
+                out[s] += o * self._push(w, self.directions[s], x)
+        return out
+
+    def _refine(self, x: torch.Tensor, integrals: torch.Tensor):
+        """Adaptive bisection where the fixed rule misses a kink (ReLU switching along the segment).
+
+        The exact scalar integral of each piece is known: int_a^b J_{w_s(t)}(x) dw_s dt = yhat_{w_s(b)}(x) -
+        yhat_{w_s(a)}(x), and v_s = dw_s up to rounding. A step whose rule misses it by more than tolerance / N
+        is halved, and each half again while it misses by more than tolerance / 2N (up to max_depth times). The
+        budget is absolute, not proportional to (b - a): at a jump of the integrand the error only shrinks like
+        (b - a), so only the piece holding the kink keeps splitting, and each kink costs ~log2(jump / budget)
+        bisections. The kernel output stays a quadrature of the kernel integrand; only its nodes move. Returns corrected integrals and the accepted pieces of refined
+        pairs as (steps, queries, lo, hi).
+        """
+        p = self.path
+        n = p.steps
+        with torch.no_grad():
+            ends = torch.stack([self.f(w, x) for w in p.weights])                # (N+1, Q, K)
+        allowance = self.tolerance / n
+        bad = ((integrals - (ends[1:] - ends[:-1])).abs().amax(-1) > allowance).nonzero()
+        steps, queries = bad[:, 0], bad[:, 1]
+        lo, hi = torch.zeros_like(steps, dtype=x.dtype), torch.ones_like(steps, dtype=x.dtype)
+        f_lo, f_hi = ends[steps, queries], ends[steps + 1, queries]
+        integrals[steps, queries] = 0.0      # refined pairs are rebuilt from their accepted pieces
+        accepted = []
+        for depth in range(self.max_depth):
+            if steps.numel() == 0:
+                break
+            mid = (lo + hi) / 2
+            f_mid = self._outputs_at(steps, queries, mid, x)
+            steps, queries = steps.repeat(2), queries.repeat(2)
+            lo, hi = torch.cat([lo, mid]), torch.cat([mid, hi])
+            f_lo, f_hi = torch.cat([f_lo, f_mid]), torch.cat([f_mid, f_hi])
+            quad = self._pieces(steps, queries, lo, hi, x)
+            ok = ((quad - (f_hi - f_lo)).abs().amax(-1) <= allowance / 2) | (depth == self.max_depth - 1)
+            integrals.index_put_((steps[ok], queries[ok]), quad[ok], accumulate=True)
+            accepted.append(torch.stack([steps[ok].to(x.dtype), queries[ok].to(x.dtype), lo[ok], hi[ok]], 1))
+            steps, queries, lo, hi, f_lo, f_hi = (t[~ok] for t in (steps, queries, lo, hi, f_lo, f_hi))
+        pieces = torch.cat(accepted) if accepted else x.new_zeros(0, 4)
+        return integrals, (pieces[:, 0].long(), pieces[:, 1].long(), pieces[:, 2], pieces[:, 3])
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel representation b + sum_s sum_i K_s(x, x_i) a_{i,s}: (Q, K), via JVPs along v_s."""
+        return self._predict(x)[0]
+
+    def _predict(self, x: torch.Tensor):
+        p = self.path
+        x = x.to(p.weights)
+        left = self._at_left_endpoint(x)
+        out = p.bias.expand(x.shape[0], -1).clone()
+        pieces = None
+        with torch.no_grad():
+            if bool(left.any()):
+                out[left] += sum(self._push(w, v, x[left]) for w, v in zip(p.weights[:-1], self.directions))
+        if not bool(left.all()):
+            inner = x[~left]
+            with torch.no_grad():
+                integrals = self._segment_integrals(inner)
+            if self.tolerance is not None:
+                integrals, pieces = self._refine(inner, integrals)
+            out[~left] += integrals.sum(0)
+        return out, pieces
+
+    def kernel_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_i trace K(x, x_i) for every query (Q,): the kernel mass of x on the training set (Figure 21's sums).
+
+        The sum over i moves inside the inner product: sum_i <Phi_s(x)[k], J_s(x_i)[k]> = <Phi_s(x)[k], u_{s,k}>
+        with u_{s,k} = grad_w sum_i yhat_k(x_i), so it costs K backward passes per step and K JVPs of the query
+        batch per quadrature node, for any number of queries. Fixed quadrature rule (no adaptive pieces)."""
+        p = self.path
+        x = x.to(p.weights)
+        left = self._at_left_endpoint(x)
+        sums = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        summed = jacrev(lambda w: self.f(w, p.train_x).sum(0))
+        diagonal = vmap(lambda w, u, xs: self._push(w, u, xs), in_dims=(None, 0, None))
+        with torch.no_grad():
+            for s in range(p.steps):
+                u = summed(p.weights[s])                                        # (K, d)
+                if bool(left.any()):
+                    sums[left] += diagonal(p.weights[s], u, x[left]).diagonal(dim1=0, dim2=2).sum(-1)
+                if not bool(left.all()):
+                    states, omega = self._states(s)
+                    for w, o in zip(states, omega):
+                        sums[~left] += o * diagonal(w, u, x[~left]).diagonal(dim1=0, dim2=2).sum(-1)
+        return sums
+
+    def values(self, x: torch.Tensor, progress=None) -> KernelValues:
+        """Kernel value of each query to every training point, summed over steps, and each point's contribution.
+
+        With a tolerance, the query-side integral uses the pieces the adaptive prediction chose, so the
+        contributions sum to predict(x). Per step: Phi_s(x_q) (Q, K, d) per-sample Jacobians, then J_{w_s}(X_T) Phi_s(x_q)[k]^T as one batched JVP
+        over the training set per (q, k) tangent. Memory O(Q K d + Q M K^2). `progress`: advance() per step.
+        """
+        p = self.path
+        x = x.to(p.weights)
+        left = self._at_left_endpoint(x)
+        pieces = self._predict(x)[1] if self.tolerance is not None else None
+        n_q, m, k = x.shape[0], p.train_x.shape[0], p.coefficients.shape[2]
+        values = torch.zeros(n_q, m, k, k, dtype=x.dtype, device=x.device)
+        contributions = torch.zeros(n_q, m, k, dtype=x.dtype, device=x.device)
+
+        with torch.no_grad():
+            for s in range(p.steps):
+                ks = self._against_training(p.weights[s], self._query_features(s, x, left, pieces))
+                values += ks
+                contributions += torch.einsum("qikc,ic->qik", ks, p.coefficients[s])
+                if progress is not None:
+                    progress()
+        return KernelValues(values=values, contributions=contributions)
+
+    def _against_training(self, w: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """<Phi(x_q)[k], J_w(x_i)[c]> for every query, training point and class pair: (Q, M, K, K).
+
+        Two contractions, the cheaper one chosen by flop count: per-sample training Jacobians (M, K, d) and an
+        einsum, ~ M K d (3 + Q K) flops, or one JVP of the training batch per (q, k) tangent, ~ 3 Q K M d flops.
+        With few classes (K <= 2) the Jacobians win; with many the JVPs never hold the M x K x d Jacobian."""
+        n_q, k, d = phi.shape
+        train_x, m = self.path.train_x, self.path.train_x.shape[0]
+        if k * (3 + n_q * k) < 3 * n_q * k:
+            per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
+            rows = max(1, 2 ** 22 // (k * d))          # ~32 MiB of Jacobian (float64) at a time
+            return torch.cat([torch.einsum("qkd,icd->qikc", phi, per_sample(w, xs)) for xs in train_x.split(rows)], 1)
+        push = vmap(lambda t: jvp(lambda w_: self.f(w_, train_x), (w,), (t,))[1])
+        ks = torch.cat([push(t) for t in phi.flatten(0, 1).split(self.chunk)])   # (Q K, M, K)
+        return ks.view(n_q, k, m, k).permute(0, 2, 1, 3)
+
+    def train_self_values(self) -> torch.Tensor:
+        """sum_s ||J_{w_s}(x_i)||_F^2 = trace K(x_i, x_i) for every training point (M,), for kernel distances."""
+        if self._train_norms is None:
+            p = self.path
+            per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
+            norms = torch.zeros(p.train_x.shape[0], dtype=p.weights.dtype, device=p.weights.device)
+            with torch.no_grad():
+                for s in range(p.steps):
+                    for idx in torch.arange(p.train_x.shape[0], device=norms.device).split(self.chunk):
+                        norms[idx] += per_sample(p.weights[s], p.train_x[idx]).square().sum((1, 2))
+            self._train_norms = norms
+        return self._train_norms
+
+    def matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """Kernel among the queries themselves, sum_s K_s(x_a, x_b): (Q, K, Q, K).
+
+        dpk / tangent: sum_j omega_j Phi_{s,t_j}(x_a) Phi_{s,t_j}(x_b)^T with the DPK feature map of eq. 13-14,
+        a positive-weight sum of Gram matrices, hence symmetric PSD (Lemma 14.4). continuous: int J_{w_s(t)}(x_a) dt
+        J_{w_s}(x_b)^T, which is not symmetric (Remark 1).
+        """
+        p = self.path
+        x = x.to(p.weights)
+        left = self._at_left_endpoint(x)
+        per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
+        gram = torch.zeros(x.shape[0], p.coefficients.shape[2], x.shape[0], p.coefficients.shape[2],
+                           dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            for s in range(p.steps):
+                at_ws = per_sample(p.weights[s], x)
+                if self.variant == "continuous":
+                    gram += torch.einsum("akd,bcd->akbc", self._query_features(s, x, left), at_ws)
+                    continue
+                states, omega = self._states(s)
+                for w, o in zip(states, omega):
+                    phi = at_ws.clone()
+                    if not bool(left.all()):
+                        phi[~left] = per_sample(w, x[~left])
+                    gram += o * torch.einsum("akd,bcd->akbc", phi, phi)
+        return gram
+
+
+def reference_predict(path: TrainingPath, x: torch.Tensor, quadrature_points: int = 16) -> torch.Tensor:
+    """The literal per-sample loop of section 15.2 (continuous variant), for tests and the benchmark only.
+
+    For every step it loads the weights, takes each training point's Jacobian by one autograd call per class,
+    then each query's Jacobian at every quadrature node the same way, and contracts the explicit kernel values
+    K_s(x_q, x_i)[k, c] with a_{i,s,c}. Slow on purpose: it is the second implementation predict() is checked against.
+    """
+    model, flat = path.flat.model, path.flat
+    x = x.to(path.weights)
+    nodes, node_weights = gauss_legendre(quadrature_points, path.weights.dtype, path.weights.device)
+    params = list(model.parameters())
+
+    def jacobian(sample):
+        out = model(sample.unsqueeze(0)).squeeze(0)
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[k], params, retain_graph=True)])
+                for k in range(out.shape[0])]
+        return torch.stack(rows)                                              # (K, d)
+
+    saved, was_training = flat.flatten(), model.training
+    model.eval()
+    out = path.bias.expand(x.shape[0], -1).clone()
+    for s in range(path.steps):
+        flat.load(path.weights[s])
+        train_jac = torch.stack([jacobian(xi) for xi in path.train_x])       # (M, K, d)
+        for t, omega in zip(nodes, node_weights):
+            flat.load(path.weights[s] + t * (path.weights[s + 1] - path.weights[s]))
+            query_jac = torch.stack([jacobian(xq) for xq in x])              # (Q, K, d)
+            kernel = torch.einsum("qkd,icd->qikc", query_jac, train_jac)      # explicit K_s(x_q, x_i)
+            out += omega * torch.einsum("qikc,ic->qk", kernel, path.coefficients[s])
+    flat.load(saved)
+    model.train(was_training)
+    return out.detach()
