@@ -47,7 +47,6 @@ class JSMA(Attack):
         # features that can still move in theta's direction
         domain = x_adv < hi if self.theta > 0 else x_adv > lo
         active = torch.ones(b, dtype=torch.bool, device=x.device)
-        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)
         for _ in range(int(self.gamma * n / 2)):
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -62,14 +61,15 @@ class JSMA(Attack):
             with torch.no_grad():
                 alpha = alpha.flatten(1)
                 beta = total.flatten(1) - alpha
+                # features outside the domain get alpha = -theta*inf: every pair holding one fails theta*a > 0
+                alpha = alpha.masked_fill(~domain[idx], -self.theta * float("inf"))
                 a = alpha[:, :, None] + alpha[:, None, :]
-                bb = beta[:, :, None] + beta[:, None, :]
-                dom = domain[idx]
-                ok = (self.theta * a > 0) & (self.theta * bb < 0) & dom[:, :, None] & dom[:, None, :] & off_diagonal
-                score = torch.where(ok, -a * bb, torch.full_like(a, -1.0)).flatten(1)
-                best, flat = score.max(dim=1)
-                can_move = (best >= 0) & ok.flatten(1).any(dim=1)
-                move = can_move & ~hit
+                score = (beta[:, :, None] + beta[:, None, :]).mul_(a).neg_()  # -(a_p+a_q)(b_p+b_q), in place
+                # admissible: theta*a > 0 and theta*b < 0, i.e. theta*a > 0 and score > 0; p != q
+                score.masked_fill_(a <= 0 if self.theta > 0 else a >= 0, 0.0)
+                score.diagonal(dim1=1, dim2=2).zero_()
+                best, flat = score.flatten(1).max(dim=1)
+                move = (best > 0) & ~hit
                 p, q = flat // n, flat % n
                 rows = idx[move]
                 for feature in (p[move], q[move]):
