@@ -84,7 +84,7 @@ class Tulip:
 
     g is the per-example loss gradient of the clean batch (computed once, with create_graph for the penalty);
     the adversarial point is held fixed (no gradient through the step), as in adversarial training. The tanh
-    head and the weight decay of the talk are model/train options: model.head=tanh train.weight_decay=5e-4.
+    head and the weight decay of the talk are model/train options: ++model.head=tanh train.weight_decay=5e-4.
     """
 
     def __init__(self, eps=0.01, lam_lip=0.1, bounds=(0.0, 1.0)):
