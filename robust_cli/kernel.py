@@ -220,6 +220,7 @@ class DiscretePathKernel:
         self.nodes, self.node_weights = gauss_legendre(quadrature_points, path.weights.dtype, path.weights.device)
         self._directions = None
         self._train_norms = None
+        self._last = None
 
     # ---- pieces -------------------------------------------------------------------------------------------
     @property
@@ -266,11 +267,10 @@ class DiscretePathKernel:
                 queries, lo, hi = pieces[1][here], pieces[2][here], pieces[3][here]
                 if queries.numel():
                     q = self.nodes.numel()
-                    t = (lo[:, None] + (hi - lo)[:, None] * self.nodes).flatten()
-                    w0, dw = self.path.weights[s], self.path.weights[s + 1] - self.path.weights[s]
-                    weight = ((hi - lo)[:, None] * self.node_weights).flatten()
-                    jac = self._chunked(vmap(jacrev(self.f.single)), w0 + t[:, None] * dw,
-                                        x[inner[queries]].repeat_interleave(q, 0), size=self.chunk)
+                    t, weight = self._nodes_of(lo, hi)
+                    jac = self._over_states(lambda w, _, xs: vmap(jacrev(self.f.single))(w, xs),
+                                            torch.full_like(queries, s).repeat_interleave(q), t,
+                                            x[inner[queries]].repeat_interleave(q, 0), size=self.chunk)
                     rebuilt = torch.zeros_like(phi[inner])
                     rebuilt.index_add_(0, queries.repeat_interleave(q), weight[:, None, None] * jac)
                     refined = torch.unique(queries)
@@ -283,32 +283,39 @@ class DiscretePathKernel:
         with torch.no_grad():
             return self.f(self.path.weights[-1], x.to(self.path.weights))
 
-    def _chunked(self, fn, *tensors, size=None):
-        """fn over dim-0 chunks of the tensors, concatenated. Default chunk for per-piece work (one weight state
-        and one query each): ~2^22 parameter values (32 MiB in float64), at least `chunk` states."""
-        size = size or max(self.chunk, 2 ** 22 // self.f.size)
-        return torch.cat([fn(*parts) for parts in zip(*(t.split(size) for t in tensors))])
-
     def _push(self, w: torch.Tensor, direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """J_w(x) direction for a batch x (one JVP)."""
         return jvp(lambda w_: self.f(w_, x), (w,), (direction,))[1]
 
+    def _over_states(self, fn, steps, t, *items, size=None):
+        """fn(states, steps, *items) over chunks of (step, t, item) rows, the weight states w_s + t (w_{s+1} - w_s)
+        built one chunk at a time (a chunk holds ~2^22 parameter values, at least `chunk` states)."""
+        w = self.path.weights
+        size = size or max(self.chunk, 2 ** 22 // self.f.size)
+        out = []
+        for idx in torch.arange(len(steps), device=steps.device).split(size):
+            s = steps[idx]
+            states = w[s] + t[idx, None] * (w[s + 1] - w[s])
+            out.append(fn(states, s, *(item[idx] for item in items)))
+        return torch.cat(out)
+
+    def _nodes_of(self, lo, hi):
+        """Gauss-Legendre nodes and weights of the pieces [lo, hi]: (P q,), (P q,)."""
+        t = (lo[:, None] + (hi - lo)[:, None] * self.nodes).flatten()
+        return t, ((hi - lo)[:, None] * self.node_weights).flatten()
+
     def _pieces(self, steps, queries, lo, hi, x):
         """Quadrature of int_lo^hi J_{w_s(t)}(x_q) v_s dt for a batch of (step, query, lo, hi) pieces: (P, K)."""
-        p, q = self.path, self.nodes.numel()
-        t = (lo[:, None] + (hi - lo)[:, None] * self.nodes).flatten()            # (P q,)
-        s = steps.repeat_interleave(q)
-        states = p.weights[s] + t[:, None] * (p.weights[s + 1] - p.weights[s])
-        omega = ((hi - lo)[:, None] * self.node_weights).flatten()
+        q = self.nodes.numel()
+        t, omega = self._nodes_of(lo, hi)
         push1 = vmap(lambda w, d, xi: self._push(w, d, xi.unsqueeze(0)).squeeze(0))
-        g = self._chunked(push1, states, self.directions[s], x[queries.repeat_interleave(q)])
+        g = self._over_states(lambda w, s, xs: push1(w, self.directions[s], xs),
+                              steps.repeat_interleave(q), t, x[queries.repeat_interleave(q)])
         return (omega[:, None] * g).view(-1, q, g.shape[-1]).sum(1)
 
     def _outputs_at(self, steps, queries, t, x):
         """yhat_{w_s(t)}(x_q) for a batch of (step, query, t): (P, K)."""
-        p = self.path
-        states = p.weights[steps] + t[:, None] * (p.weights[steps + 1] - p.weights[steps])
-        return self._chunked(vmap(self.f.single), states, x[queries])
+        return self._over_states(lambda w, s, xs: vmap(self.f.single)(w, xs), steps, t, x[queries])
 
     def _segment_integrals(self, x: torch.Tensor) -> torch.Tensor:
         """Fixed-rule quadrature of every step for every query: (N, Q, K), one JVP of the query batch per
@@ -361,9 +368,17 @@ class DiscretePathKernel:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel representation b + sum_s sum_i K_s(x, x_i) a_{i,s}: (Q, K), via JVPs along v_s."""
-        return self._predict(x)[0]
+        return self._predict(x)[0].clone()
 
     def _predict(self, x: torch.Tensor):
+        """(prediction, adaptive pieces); the last call is memoised, as values() and kernel_sums() need its pieces."""
+        if self._last is not None and self._last[0].shape == x.shape and torch.equal(self._last[0], x.to(self._last[0])):
+            return self._last[1], self._last[2]
+        out, pieces = self._predict_uncached(x)
+        self._last = (x.detach().to(self.path.weights).clone(), out, pieces)
+        return out, pieces
+
+    def _predict_uncached(self, x: torch.Tensor):
         p = self.path
         x = x.to(p.weights)
         left = self._at_left_endpoint(x)
@@ -386,22 +401,45 @@ class DiscretePathKernel:
 
         The sum over i moves inside the inner product: sum_i <Phi_s(x)[k], J_s(x_i)[k]> = <Phi_s(x)[k], u_{s,k}>
         with u_{s,k} = grad_w sum_i yhat_k(x_i), so it costs K backward passes per step and K JVPs of the query
-        batch per quadrature node, for any number of queries. Fixed quadrature rule (no adaptive pieces)."""
+        batch per quadrature node, for any number of queries. With a tolerance, steps where the prediction was
+        refined (a ReLU switches) are integrated over the same pieces, as in values()."""
         p = self.path
         x = x.to(p.weights)
         left = self._at_left_endpoint(x)
+        inner = (~left).nonzero().squeeze(1)
+        pieces = self._predict(x)[1] if self.tolerance is not None and inner.numel() else None
         sums = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         summed = jacrev(lambda w: self.f(w, p.train_x).sum(0))
-        diagonal = vmap(lambda w, u, xs: self._push(w, u, xs), in_dims=(None, 0, None))
+
+        def trace(w, u, xs):       # sum_k J_w(xs)[:, k] . u_k for a batch xs: (B,)
+            return vmap(lambda u_k: self._push(w, u_k, xs))(u).diagonal(dim1=0, dim2=2).sum(-1)
+
         with torch.no_grad():
             for s in range(p.steps):
                 u = summed(p.weights[s])                                        # (K, d)
                 if bool(left.any()):
-                    sums[left] += diagonal(p.weights[s], u, x[left]).diagonal(dim1=0, dim2=2).sum(-1)
-                if not bool(left.all()):
-                    states, omega = self._states(s)
-                    for w, o in zip(states, omega):
-                        sums[~left] += o * diagonal(w, u, x[~left]).diagonal(dim1=0, dim2=2).sum(-1)
+                    sums[left] += trace(p.weights[s], u, x[left])
+                if not inner.numel():
+                    continue
+                states, omega = self._states(s)
+                step = sum(o * trace(w, u, x[inner]) for w, o in zip(states, omega))
+                here = pieces[0] == s if pieces is not None else None
+                if here is not None and bool(here.any()):
+                    queries, lo, hi = pieces[1][here], pieces[2][here], pieces[3][here]
+                    q = self.nodes.numel()
+                    t, weight = self._nodes_of(lo, hi)
+                    # one flat vmap over (piece node, class): a nested vmap over classes is ~20x slower here
+                    k = u.shape[0]
+                    xs = x[inner[queries]].repeat_interleave(q * k, 0)
+                    onehot = torch.eye(k, dtype=x.dtype, device=x.device).repeat(t.numel(), 1)
+                    one = vmap(lambda w, u_k, xi, e: (self._push(w, u_k, xi.unsqueeze(0)).squeeze(0) * e).sum())
+                    vals = self._over_states(lambda w, _, uk, xi, e: one(w, uk, xi, e),
+                                             torch.full((t.numel() * k,), s, device=x.device), t.repeat_interleave(k),
+                                             u.repeat(t.numel(), 1), xs, onehot).view(-1, k).sum(1)
+                    rebuilt = torch.zeros_like(step).index_add_(0, queries.repeat_interleave(q), weight * vals)
+                    refined = torch.unique(queries)
+                    step[refined] = rebuilt[refined]
+                sums[inner] += step
         return sums
 
     def values(self, x: torch.Tensor, progress=None) -> KernelValues:

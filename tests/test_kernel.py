@@ -104,6 +104,11 @@ def test_exact_on_the_2d_set(relu_path):
     err = (kernel.predict(x) - net_out).abs().max().item()
     assert err < 1e-9 * max(1.0, net_out.abs().max().item())
     assert (net_out - relu_path.bias).abs().max() > 0.1       # the trained net is far from its constant start
+    # the kernel sums (Figure 21) use the same adaptive pieces: they equal the summed per-point values
+    probes = torch.tensor([[4.0, 15.0], [1.0, 4.0], [-6.0, -6.0]], dtype=DT)
+    sums = kernel.kernel_sums(probes)
+    assert torch.allclose(sums, kernel.values(probes).trace.sum(1), rtol=1e-10)
+    assert torch.allclose(sums, DiscretePathKernel(relu_path, quadrature_points=8, tolerance=1e-10).kernel_sums(probes), rtol=1e-8)
 
 
 def test_exact_on_a_small_image_net():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 
+import pandas as pd
 import torch
 
 from robust_cli.errors import UserError
@@ -54,6 +55,10 @@ def validate(cfg):
             raise UserError(f"kernel.ood_points must be a list of points like [[4.0, 15.0]], got {k.ood_points!r}") from None
         if points.ndim != 2:
             raise UserError(f"kernel.ood_points must be a list of points like [[4.0, 15.0]], got {k.ood_points!r}")
+        shape = list(cfg.dataset.get("shape") or [])
+        if len(shape) == 1 and len(points) and points.shape[1] != shape[0]:
+            raise UserError(f"kernel.ood_points must have {shape[0]} coordinates each for dataset {cfg.dataset.name}, "
+                            f"got {points.shape[1]}")
 
 
 def _ood_points(cfg, data, dtype, gen):
@@ -91,8 +96,8 @@ def run(cfg, ctx):
                           batch_size=k.batch_size, seed=int(cfg.seed), progress=advance)
     if path.initial_spread > 0:
         ctx.warn(f"the initial output is not constant (spread {path.initial_spread:.3g}): the representation is approximate (Remark 2)")
-    ctx.write_csv("path_log.csv", {"step": range(k.steps + 1), "loss": path.losses.tolist(),
-                                   "train_accuracy": path.accuracies.tolist()})
+    ctx.write_csv("path_log.csv", pd.DataFrame({"step": range(k.steps + 1), "loss": path.losses.tolist(),
+                                                "train_accuracy": path.accuracies.tolist()}))
     if k.save_path:
         ctx.save_torch("path.pt", {"weights": path.weights.cpu(), "coefficients": path.coefficients.cpu(),
                                    "bias": path.bias.cpu(), "step_size": path.step_size, "names": path.flat.names,
@@ -109,11 +114,11 @@ def run(cfg, ctx):
         advance()
     err = (net_out - ker_out).abs()
     n_classes = net_out.shape[1]
-    ctx.write_csv("kernel_agreement.csv", {
+    ctx.write_csv("kernel_agreement.csv", pd.DataFrame({
         "index": agree_idx.repeat_interleave(n_classes).tolist(),
         "class": torch.arange(n_classes).repeat(len(agree_idx)).tolist(),
         "network_output": net_out.flatten().tolist(), "kernel_output": ker_out.flatten().tolist(),
-        "abs_error": err.flatten().tolist()})
+        "abs_error": err.flatten().tolist()}))
     _plot_agreement(ctx, net_out.cpu(), ker_out.cpu(), k.output)
 
     # ---- kernel values for in-distribution and out-of-distribution points (Figure 21, Figure 22)
@@ -160,7 +165,7 @@ def _explain(cfg, ctx, kernel, data, probes, names, kinds, values, explain_idx):
         rows["train_label"] += train_y.tolist()
         rows["kernel_value"] += trace[j].tolist()
         rows["contribution"] += contrib[j].tolist()
-    ctx.write_csv("kernel_values.csv", rows)
+    ctx.write_csv("kernel_values.csv", pd.DataFrame(rows))
 
     top = []
     bias = path.bias.cpu()
