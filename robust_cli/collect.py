@@ -55,6 +55,7 @@ class Collection:
     failed: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)  # the config columns (choices, seed, overrides) of the runs
 
 
 # ----------------------------------------------------------------------------------------------- finding runs
@@ -121,7 +122,7 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
     out = Path(out) if out is not None else (paths[0] / "collected" if len(paths) == 1 else Path("collected"))
 
     pieces = {k: [] for k in KINDS}
-    runs, failed, seen_logs = [], [], set()
+    runs, failed, seen_logs, swept = [], [], set(), {}
     for run_dir in run_dirs:
         try:
             record = json.loads((run_dir / "run.json").read_text())
@@ -129,7 +130,8 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
             failed.append({"run": str(run_dir), "status": "unreadable", "error": f"run.json: {exc}"})
             continue
         cols = run_columns(record, run_dir)
-        headline = {f"{k}": v for k, v in (record.get("headline") or {}).items() if k not in cols}
+        swept.update(dict.fromkeys(cols))
+        headline = {k: v for k, v in (record.get("headline") or {}).items() if k not in cols}
         runs.append({**cols, **headline})
         if record.get("status") != "completed":
             failed.append({**cols, "error": record.get("error"), "overrides": " ".join(record.get("overrides") or [])})
@@ -152,7 +154,7 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
 
     frames = {k: pd.concat(v, ignore_index=True) for k, v in pieces.items() if v}
     collection = Collection(out=out, frames=frames, runs=pd.DataFrame(runs),
-                            failed=pd.DataFrame(failed, columns=None if failed else ["run", "status", "error"]))
+                            failed=pd.DataFrame(failed) if failed else pd.DataFrame(columns=["run", "status", "error"]), swept=list(swept))
     collection.tables = paper_tables(collection, table)
     if write:
         _write(collection, fmt)
@@ -308,10 +310,9 @@ def ibp_comparison(c: Collection) -> pd.DataFrame | None:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def series_columns(frame: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
-    """The swept columns (other than seed) that vary across the collected runs: one line per combination."""
-    candidates = [c for c in runs.columns if c not in NOT_SERIES and c in frame and runs[c].astype(str).nunique() > 1]
-    return [c for c in candidates if c in CHOICE_COLUMNS or "." in c or c in ("eps", "gamma")] or []
+def series_columns(frame: pd.DataFrame, c: Collection) -> list[str]:
+    """The swept config columns (other than seed) that vary across the collected runs: one line per combination."""
+    return [k for k in c.swept if k not in NOT_SERIES and k in frame and c.runs[k].astype(str).nunique() > 1]
 
 
 def draw_figures(c: Collection) -> list[Path]:
@@ -339,9 +340,9 @@ def _save(fig, path: Path) -> Path:
     return store.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def _band_plot(ax, frame, x, y, series, runs):
+def _band_plot(ax, frame, x, y, series, c: Collection):
     """Mean over seeds (runs) per series as a line, the min-max over seeds as a band."""
-    keys = series_columns(frame, runs)
+    keys = series_columns(frame, c)
     keys = [k for k in keys if k not in ("attack", "eps")]
     groups = frame.groupby(keys, sort=False) if keys else [((), frame)]
     for key, part in groups:
@@ -365,7 +366,7 @@ def _curves_figure(c: Collection) -> Path | None:
     panels = list(curve.groupby(["attack", "norm"], sort=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, ((attack, norm), part) in zip(axes[0], panels):
-        _band_plot(ax, part, "eps", "robust_accuracy", attack, c.runs)
+        _band_plot(ax, part, "eps", "robust_accuracy", attack, c)
         ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy", ylim=(-0.02, 1.02), title=f"{attack}: mean over seeds, band = min-max")
         ax.legend(fontsize=7)
     return _save(fig, c.out / "curves.png")
@@ -406,7 +407,7 @@ def _train_figure(c: Collection) -> Path | None:
     if "test_accuracy" not in log:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    _band_plot(ax, log, "epoch", "test_accuracy", "test accuracy", c.runs)
+    _band_plot(ax, log, "epoch", "test_accuracy", "test accuracy", c)
     ax.set(xlabel="epoch", ylabel="test accuracy", title="training: mean over seeds, band = min-max")
     ax.legend(fontsize=7)
     return _save(fig, c.out / "train_log.png")
