@@ -375,7 +375,6 @@ class _Search:
         """Judge the current sigma by the interval (low, high) for its stability; move on, or return with the
         sigma unchanged to ask for more pages."""
         point = (self.sigma, self.inside)
-        self.visited.append(point)
         if low > self.gamma:
             self.lo = point
         elif high < self.gamma:
@@ -384,6 +383,7 @@ class _Search:
             return  # undecided: double the rays at this sigma
         else:
             self.anchor = point  # gamma is within sampling error of the stability here
+        self.visited.append(point)
         self._new_sigma()
         if self.hi is None:  # nothing unstable yet: look further out
             self.sigma = 2.0 * max(point[0], self.lo[0] if self.lo else 0.0, self.anchor[0] if self.anchor else 0.0)
@@ -393,8 +393,8 @@ class _Search:
             self.sigma = 0.5 * min(point[0], self.hi[0], self.anchor[0] if self.anchor else math.inf)
             if self.sigma < self.sigma_floor:
                 self.answer, self.ci = 0.0, (0.0, self.hi[0])
-        elif any(len(p[1]) == self.pool for p in self.visited if self.lo[0] <= p[0] <= self.hi[0]) or self.hi[0] / self.lo[0] <= 1 + self.rtol:
-            self.finish()  # a sigma in the bracket has seen the whole pool: more bisection would cost a pool again
+        elif self._ready() or self.hi[0] / self.lo[0] <= 1 + self.rtol:
+            self.finish()
         else:
             self.sigma = self._between()
 
@@ -409,22 +409,36 @@ class _Search:
         t = (z_lo - _probit(self.gamma)) / (z_lo - z_hi) if z_lo > z_hi else 0.5
         return lo * (hi / lo) ** min(max(t, 0.25), 0.75)
 
-    def finish(self) -> None:
-        """Secant step in log sigma from the best-sampled sigma a (most draws, then stability nearest gamma) with
-        the nearest visited sigma b whose stability lies on gamma's other side, on the probit scale (where a
-        sigmoid-shaped stability curve is nearly straight, so a long chord still gives the local slope), the slope
-        taken on the pages a and b share (common random numbers: only rays that change class count); clipped to
-        the bracket [lo, hi]."""
+    def _secant_points(self):
+        """a: the best-sampled sigma in [lo, hi] (most draws, then stability nearest gamma); b: the nearest visited
+        sigma whose stability lies on gamma's other side and shares rays with a (None if none); m: rays shared."""
         lo, hi = self.lo[0], self.hi[0]
         inside = [p for p in self.visited if lo <= p[0] <= hi]
         a = max(inside, key=lambda p: (len(p[1]), -abs(_fraction(p) - self.gamma)))
+        side = _fraction(a) > self.gamma
+        beyond = [p for p in inside if p[0] != a[0] and (p[0] > a[0]) == side and any(q in a[1] for q in p[1])]
+        b = min(beyond, key=lambda p: (abs(math.log(p[0] / a[0])), -len(p[1]))) if beyond else None
+        return a, b, (PAGE * sum(q in a[1] for q in b[1]) if b else 0)
+
+    def _ready(self) -> bool:
+        """Stop bisecting once a sigma in the bracket has the whole pool and either is undecided (gamma within its
+        sampling error) or has a secant partner sharing at least a quarter of the pool (a precise slope); another
+        bisection step would cost a whole pool again."""
+        a, b, m = self._secant_points()
+        if len(a[1]) < self.pool:
+            return False
+        return a is self.anchor or 4 * m >= PAGE * self.pool
+
+    def finish(self) -> None:
+        """Secant step in log sigma from a towards b (see _secant_points) on the probit scale (a sigmoid-shaped
+        stability curve is nearly straight there), the slope taken on the rays a and b share (common random
+        numbers: only rays that change class count); clipped to the bracket [lo, hi]."""
+        lo, hi = self.lo[0], self.hi[0]
+        a, b, m = self._secant_points()
         s_a = _fraction(a)
-        beyond = [p for p in inside if p[0] != a[0] and (p[0] > a[0]) == (s_a > self.gamma) and any(q in a[1] for q in p[1])]
-        b = min(beyond, key=lambda p: abs(math.log(p[0] / a[0]))) if beyond else None
         slope = 0.0  # -d probit(stability) / d log sigma
         if b is not None:
             common = [page for page in b[1] if page in a[1]]
-            m = PAGE * len(common)
             probit = lambda f: _probit(min(max(f, 0.5 / m), 1 - 0.5 / m))  # noqa: E731
             slope = (probit(_fraction(a, common)) - probit(_fraction(b, common))) / math.log(b[0] / a[0])
         k, n = sum(int(v.sum()) for v in a[1].values()), sum(len(v) for v in a[1].values())

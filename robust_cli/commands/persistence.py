@@ -206,6 +206,7 @@ def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, p
             ax.axhline(float(cfg.gamma), color="0.5", ls=":", lw=0.8)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
+    fig.tight_layout()
     ctx.write_csv("stability.csv", rows)
     ctx.save_figure("stability.png", fig)
 
