@@ -189,16 +189,27 @@ def train_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, s
 
 @dataclass
 class KernelValues:
-    """Per-training-point kernel of queries x_q: values[q, i, k, c] = sum_s K_s(x_q, x_i)[k, c];
-    contributions[q, i, k] = sum_s sum_c K_s(x_q, x_i)[k, c] a_{i,s,c}, which sums over i to yhat_k(x_q) - b_k."""
+    """Per-training-point kernel of queries x_q, summed over steps, for query-side output rows r:
+    values[q, i, r, c] = sum_s K_s(x_q, x_i)[rows[q, r], c]; contributions[q, i, r] = sum_s sum_c K_s[rows[q, r], c]
+    a_{i,s,c}, which sums over i to yhat_k(x_q) - b_k for k = rows[q, r]. rows is every class (R = K) by default."""
 
-    values: torch.Tensor         # (Q, M, K, K)
-    contributions: torch.Tensor  # (Q, M, K)
+    values: torch.Tensor         # (Q, M, R, K)
+    contributions: torch.Tensor  # (Q, M, R)
+    rows: torch.Tensor           # (Q, R) long: the query-side class of each row
+
+    @property
+    def diagonal(self) -> torch.Tensor:
+        """K(x_q, x_i)[k, k] for each computed row k: (Q, M, R), the same output on both sides."""
+        index = self.rows[:, None, :, None].expand(-1, self.values.shape[1], -1, 1)
+        return self.values.gather(3, index).squeeze(3)
 
     @property
     def trace(self) -> torch.Tensor:
-        """Scalar kernel sum_k K[k, k] = sum_s <J(x_q), J(x_i)>_F (a sum of kernels, so a kernel): (Q, M)."""
-        return self.values.diagonal(dim1=2, dim2=3).sum(-1)
+        """Scalar kernel sum_k K[k, k] = sum_s <J(x_q), J(x_i)>_F (a sum of kernels, so a kernel): (Q, M).
+        Needs every row (values() without `classes`)."""
+        if self.values.shape[2] != self.values.shape[3]:
+            raise ValueError("trace needs every class row: call values() without classes")
+        return self.diagonal.sum(-1)
 
 
 class DiscretePathKernel:
@@ -219,7 +230,7 @@ class DiscretePathKernel:
         self.f = path.flat
         self.nodes, self.node_weights = gauss_legendre(quadrature_points, path.weights.dtype, path.weights.device)
         self._directions = None
-        self._train_norms = None
+        self._train_norms = {}
         self._last = None
 
     # ---- pieces -------------------------------------------------------------------------------------------
@@ -253,24 +264,30 @@ class DiscretePathKernel:
         w0, w1 = self.path.weights[s], self.path.weights[s + 1]
         return w0 + self.nodes[:, None] * (w1 - w0), self.node_weights
 
-    def _query_features(self, s: int, x: torch.Tensor, left: torch.Tensor, pieces=None) -> torch.Tensor:
-        """Phi_s(x) (Q, K, d): int_0^1 J_{w_s(t)}(x) dt by quadrature, or J_{w_s}(x) for `left` rows.
-        `pieces` (from _refine, query indices into x[~left]) replace the fixed rule where it was refined."""
-        per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
-        phi = per_sample(self.path.weights[s], x)
+    def _rows(self, w, x, selector):
+        """Per-sample Jacobian rows selector[b] @ J_w(x_b): (B, R, d); selector (B, R, K) picks output rows."""
+        one = lambda w_, xi, sel: sel @ self.f.single(w_, xi)
+        in_w = 0 if w.dim() == 2 else None
+        return vmap(jacrev(one), in_dims=(in_w, 0, 0))(w, x, selector)
+
+    def _query_features(self, s: int, x: torch.Tensor, left: torch.Tensor, pieces, selector) -> torch.Tensor:
+        """Phi_s(x) (Q, R, d): int_0^1 J_{w_s(t)}(x) dt by quadrature, or J_{w_s}(x) for `left` rows, for the output
+        rows `selector` picks. `pieces` (from _refine, query indices into x[~left]) replace the fixed rule there."""
+        phi = self._rows(self.path.weights[s], x, selector)
         if not bool(left.all()):
             inner = (~left).nonzero().squeeze(1)
             states, omega = self._states(s)
-            phi[inner] = sum(o * per_sample(w, x[inner]) for w, o in zip(states, omega))
+            phi[inner] = sum(o * self._rows(w, x[inner], selector[inner]) for w, o in zip(states, omega))
             if pieces is not None:
                 here = pieces[0] == s
                 queries, lo, hi = pieces[1][here], pieces[2][here], pieces[3][here]
                 if queries.numel():
                     q = self.nodes.numel()
                     t, weight = self._nodes_of(lo, hi)
-                    jac = self._over_states(lambda w, _, xs: vmap(jacrev(self.f.single))(w, xs),
+                    jac = self._over_states(lambda w, _, xs, sel: self._rows(w, xs, sel),
                                             torch.full_like(queries, s).repeat_interleave(q), t,
-                                            x[inner[queries]].repeat_interleave(q, 0), size=self.chunk)
+                                            x[inner[queries]].repeat_interleave(q, 0),
+                                            selector[inner[queries]].repeat_interleave(q, 0), size=self.chunk)
                     rebuilt = torch.zeros_like(phi[inner])
                     rebuilt.index_add_(0, queries.repeat_interleave(q), weight[:, None, None] * jac)
                     refined = torch.unique(queries)
@@ -396,104 +413,126 @@ class DiscretePathKernel:
             out[~left] += integrals.sum(0)
         return out, pieces
 
-    def kernel_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_i trace K(x, x_i) for every query (Q,): the kernel mass of x on the training set (Figure 21's sums).
+    def kernel_sums(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i trace K(x, x_i) for every query (Q,): the kernel mass of x on the training set (Figure 21's sums);
+        with `classes` (Q,), sum_i K(x, x_i)[k, k] for k = classes[q] instead (K times cheaper).
 
         The sum over i moves inside the inner product: sum_i <Phi_s(x)[k], J_s(x_i)[k]> = <Phi_s(x)[k], u_{s,k}>
-        with u_{s,k} = grad_w sum_i yhat_k(x_i), so it costs K backward passes per step and K JVPs of the query
-        batch per quadrature node, for any number of queries. With a tolerance, steps where the prediction was
-        refined (a ReLU switches) are integrated over the same pieces, as in values()."""
+        with u_{s,k} = grad_w sum_i yhat_k(x_i), so it costs K backward passes per step and one JVP of the query
+        batch per class and quadrature node, for any number of queries. With a tolerance, steps where the
+        prediction was refined (a ReLU switches) are integrated over the same pieces, as in values()."""
         p = self.path
         x = x.to(p.weights)
+        n_q, k = x.shape[0], p.coefficients.shape[2]
+        rows = (torch.arange(k, device=x.device).expand(n_q, k) if classes is None
+                else torch.as_tensor(classes, device=x.device).long().view(n_q, 1))
         left = self._at_left_endpoint(x)
         inner = (~left).nonzero().squeeze(1)
         pieces = self._predict(x)[1] if self.tolerance is not None and inner.numel() else None
-        sums = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        sums = torch.zeros(n_q, dtype=x.dtype, device=x.device)
         summed = jacrev(lambda w: self.f(w, p.train_x).sum(0))
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
 
-        def trace(w, u, xs):       # sum_k J_w(xs)[:, k] . u_k for a batch xs: (B,)
-            return vmap(lambda u_k: self._push(w, u_k, xs))(u).diagonal(dim1=0, dim2=2).sum(-1)
+        def diagonal(w, u, idx):   # sum over the rows of each query idx of (J_w(x) u_c)[c]: (len(idx),)
+            out = torch.zeros(len(idx), dtype=x.dtype, device=x.device)
+            r = rows[idx]
+            for c in r.unique().tolist():
+                has = (r == c).any(1)
+                out[has] += self._push(w, u[c], x[idx[has]])[:, c]
+            return out
 
+        # one flat vmap over (piece node, row) pairs, each with its own weight state
+        one = vmap(lambda w, u_c, xi, e: (self._push(w, u_c, xi.unsqueeze(0)).squeeze(0) * e).sum())
         with torch.no_grad():
             for s in range(p.steps):
                 u = summed(p.weights[s])                                        # (K, d)
                 if bool(left.any()):
-                    sums[left] += trace(p.weights[s], u, x[left])
+                    idx = left.nonzero().squeeze(1)
+                    sums[idx] += diagonal(p.weights[s], u, idx)
                 if not inner.numel():
                     continue
                 states, omega = self._states(s)
-                step = sum(o * trace(w, u, x[inner]) for w, o in zip(states, omega))
+                step = sum(o * diagonal(w, u, inner) for w, o in zip(states, omega))
                 here = pieces[0] == s if pieces is not None else None
                 if here is not None and bool(here.any()):
                     queries, lo, hi = pieces[1][here], pieces[2][here], pieces[3][here]
-                    q = self.nodes.numel()
+                    q, r = self.nodes.numel(), rows.shape[1]
                     t, weight = self._nodes_of(lo, hi)
-                    # one flat vmap over (piece node, class): a nested vmap over classes is ~20x slower here
-                    k = u.shape[0]
-                    xs = x[inner[queries]].repeat_interleave(q * k, 0)
-                    onehot = torch.eye(k, dtype=x.dtype, device=x.device).repeat(t.numel(), 1)
-                    one = vmap(lambda w, u_k, xi, e: (self._push(w, u_k, xi.unsqueeze(0)).squeeze(0) * e).sum())
-                    vals = self._over_states(lambda w, _, uk, xi, e: one(w, uk, xi, e),
-                                             torch.full((t.numel() * k,), s, device=x.device), t.repeat_interleave(k),
-                                             u.repeat(t.numel(), 1), xs, onehot).view(-1, k).sum(1)
+                    node_rows = rows[inner[queries]].repeat_interleave(q, 0).flatten()          # (P q r,)
+                    vals = self._over_states(lambda w, _, uc, xi, e: one(w, uc, xi, e),
+                                             torch.full((node_rows.numel(),), s, device=x.device),
+                                             t.repeat_interleave(r), u[node_rows],
+                                             x[inner[queries]].repeat_interleave(q * r, 0), eye[node_rows])
+                    vals = vals.view(-1, r).sum(1)
                     rebuilt = torch.zeros_like(step).index_add_(0, queries.repeat_interleave(q), weight * vals)
                     refined = torch.unique(queries)
                     step[refined] = rebuilt[refined]
                 sums[inner] += step
         return sums
 
-    def values(self, x: torch.Tensor, progress=None) -> KernelValues:
+    def values(self, x: torch.Tensor, classes: torch.Tensor | None = None, progress=None) -> KernelValues:
         """Kernel value of each query to every training point, summed over steps, and each point's contribution.
 
-        With a tolerance, the query-side integral uses the pieces the adaptive prediction chose, so the
-        contributions sum to predict(x). Per step: Phi_s(x_q) (Q, K, d) per-sample Jacobians, then J_{w_s}(X_T) Phi_s(x_q)[k]^T as one batched JVP
-        over the training set per (q, k) tangent. Memory O(Q K d + Q M K^2). `progress`: advance() per step.
+        `classes` (Q,) computes only the query-side row of that class per query (K times cheaper), e.g. the
+        predicted class: its kernel values K[k, c] and the contributions to yhat_k. With a tolerance, the query-side
+        integral uses the pieces the adaptive prediction chose, so the contributions sum to predict(x).
+        Per step: Phi_s(x_q) (Q, R, d) per-sample Jacobians, contracted with the training set (_against_training).
+        Memory O(Q R d + Q M R K). `progress`: advance() per step.
         """
         p = self.path
         x = x.to(p.weights)
         left = self._at_left_endpoint(x)
         pieces = self._predict(x)[1] if self.tolerance is not None else None
         n_q, m, k = x.shape[0], p.train_x.shape[0], p.coefficients.shape[2]
-        values = torch.zeros(n_q, m, k, k, dtype=x.dtype, device=x.device)
-        contributions = torch.zeros(n_q, m, k, dtype=x.dtype, device=x.device)
-
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        rows = (torch.arange(k, device=x.device).expand(n_q, k) if classes is None
+                else torch.as_tensor(classes, device=x.device).long().view(n_q, 1))
+        selector = eye[rows]                                                    # (Q, R, K)
+        values = torch.zeros(n_q, m, rows.shape[1], k, dtype=x.dtype, device=x.device)
+        contributions = torch.zeros(n_q, m, rows.shape[1], dtype=x.dtype, device=x.device)
         with torch.no_grad():
             for s in range(p.steps):
-                ks = self._against_training(p.weights[s], self._query_features(s, x, left, pieces))
+                ks = self._against_training(p.weights[s], self._query_features(s, x, left, pieces, selector))
                 values += ks
-                contributions += torch.einsum("qikc,ic->qik", ks, p.coefficients[s])
+                contributions += torch.einsum("qirc,ic->qir", ks, p.coefficients[s])
                 if progress is not None:
                     progress()
-        return KernelValues(values=values, contributions=contributions)
+        return KernelValues(values=values, contributions=contributions, rows=rows)
 
     def _against_training(self, w: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """<Phi(x_q)[k], J_w(x_i)[c]> for every query, training point and class pair: (Q, M, K, K).
+        """<Phi(x_q)[r], J_w(x_i)[c]> for every query, row, training point and class: (Q, M, R, K).
 
         Two contractions, the cheaper one chosen by flop count: per-sample training Jacobians (M, K, d) and an
-        einsum, ~ M K d (3 + Q K) flops, or one JVP of the training batch per (q, k) tangent, ~ 3 Q K M d flops.
+        einsum, ~ M K d (3 + Q R) flops, or one JVP of the training batch per (q, r) tangent, ~ 3 Q R M d flops.
         With few classes (K <= 2) the Jacobians win; with many the JVPs never hold the M x K x d Jacobian."""
-        n_q, k, d = phi.shape
+        n_q, r, d = phi.shape
         train_x, m = self.path.train_x, self.path.train_x.shape[0]
-        if k * (3 + n_q * k) < 3 * n_q * k:
+        k = self.path.coefficients.shape[2]
+        if k * (3 + n_q * r) < 3 * n_q * r:
             per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
-            rows = max(1, 2 ** 22 // (k * d))          # ~32 MiB of Jacobian (float64) at a time
-            return torch.cat([torch.einsum("qkd,icd->qikc", phi, per_sample(w, xs)) for xs in train_x.split(rows)], 1)
+            chunk = max(1, 2 ** 22 // (k * d))          # ~32 MiB of Jacobian (float64) at a time
+            return torch.cat([torch.einsum("qrd,icd->qirc", phi, per_sample(w, xs)) for xs in train_x.split(chunk)], 1)
         push = vmap(lambda t: jvp(lambda w_: self.f(w_, train_x), (w,), (t,))[1])
-        ks = torch.cat([push(t) for t in phi.flatten(0, 1).split(self.chunk)])   # (Q K, M, K)
-        return ks.view(n_q, k, m, k).permute(0, 2, 1, 3)
+        ks = torch.cat([push(t) for t in phi.flatten(0, 1).split(self.chunk)])   # (Q R, M, K)
+        return ks.view(n_q, r, m, k).permute(0, 2, 1, 3)
 
-    def train_self_values(self) -> torch.Tensor:
-        """sum_s ||J_{w_s}(x_i)||_F^2 = trace K(x_i, x_i) for every training point (M,), for kernel distances."""
-        if self._train_norms is None:
+    def train_self_values(self, cls: int | None = None) -> torch.Tensor:
+        """K(x_i, x_i) for every training point (M,), for kernel distances: sum_s ||J_{w_s}(x_i)||_F^2 (the trace),
+        or sum_s ||grad_w yhat_cls(x_i)||^2 for one class (one per-sample gradient per point and step)."""
+        if cls not in self._train_norms:
             p = self.path
-            per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
+            k = p.coefficients.shape[2]
+            eye = torch.eye(k, dtype=p.weights.dtype, device=p.weights.device)
+            selector = eye if cls is None else eye[cls:cls + 1]
             norms = torch.zeros(p.train_x.shape[0], dtype=p.weights.dtype, device=p.weights.device)
+            chunk = max(1, 2 ** 22 // (selector.shape[0] * self.f.size))
             with torch.no_grad():
                 for s in range(p.steps):
-                    for idx in torch.arange(p.train_x.shape[0], device=norms.device).split(self.chunk):
-                        norms[idx] += per_sample(p.weights[s], p.train_x[idx]).square().sum((1, 2))
-            self._train_norms = norms
-        return self._train_norms
+                    for idx in torch.arange(p.train_x.shape[0], device=norms.device).split(chunk):
+                        sel = selector.expand(len(idx), -1, -1)
+                        norms[idx] += self._rows(p.weights[s], p.train_x[idx], sel).square().sum((1, 2))
+            self._train_norms[cls] = norms
+        return self._train_norms[cls]
 
     def matrix(self, x: torch.Tensor) -> torch.Tensor:
         """Kernel among the queries themselves, sum_s K_s(x_a, x_b): (Q, K, Q, K).
@@ -512,7 +551,8 @@ class DiscretePathKernel:
             for s in range(p.steps):
                 at_ws = per_sample(p.weights[s], x)
                 if self.variant == "continuous":
-                    gram += torch.einsum("akd,bcd->akbc", self._query_features(s, x, left), at_ws)
+                    full = torch.eye(gram.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+                    gram += torch.einsum("akd,bcd->akbc", self._query_features(s, x, left, None, full), at_ws)
                     continue
                 states, omega = self._states(s)
                 for w, o in zip(states, omega):

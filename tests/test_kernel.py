@@ -235,3 +235,25 @@ def test_continuous_variant_is_exact_everywhere_but_not_symmetric(relu_path):
 def test_path_memory_is_reported(relu_path):
     d = relu_path.weights.shape[1]
     assert relu_path.nbytes == (31 * d + 30 * 200 * 2) * 8
+
+
+def test_selected_class_rows_match_the_full_kernel(relu_path):
+    """values/kernel_sums/train_self_values restricted to one class per query equal the matching slices."""
+    x, y = gaussians(12)
+    path = train_path(net(classes=3, hidden=8), x, torch.arange(24) % 3, steps=3, step_size=0.5)
+    q = queries(4)
+    classes = torch.tensor([2, 0, 1, 2])
+    for tol in (None, 1e-10):
+        kernel = DiscretePathKernel(path, quadrature_points=3, tolerance=tol)
+        full, part = kernel.values(q), kernel.values(q, classes=classes)
+        rows = torch.arange(4)
+        assert torch.allclose(part.values[:, :, 0], full.values[rows, :, classes], atol=1e-13)
+        assert torch.allclose(part.contributions[:, :, 0], full.contributions[rows, :, classes], atol=1e-13)
+        assert torch.allclose(part.diagonal[:, :, 0], full.diagonal[rows, :, classes], atol=1e-13)
+        assert torch.allclose(kernel.kernel_sums(q, classes), part.diagonal.sum((1, 2)), atol=1e-11)
+        assert torch.allclose(kernel.kernel_sums(q), full.trace.sum(1), atol=1e-11)
+    per_class = sum(kernel.train_self_values(c) for c in range(3))
+    assert torch.allclose(per_class, kernel.train_self_values(), rtol=1e-12)
+    jac = torch.autograd.functional.jacobian(lambda w: path.flat(w, path.train_x[:2]), path.weights[0])
+    first = DiscretePathKernel(train_path(net(classes=3, hidden=8), x, torch.arange(24) % 3, steps=1, step_size=0.5))
+    assert torch.allclose(first.train_self_values(1)[:2], jac[:, 1].square().sum(-1), rtol=1e-12)
