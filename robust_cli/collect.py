@@ -298,9 +298,11 @@ def ibp_comparison(c: Collection) -> pd.DataFrame | None:
         log_by = [k for k in by if k in log]
         seconds = log.groupby(log_by, sort=False)["seconds"].mean()
         table = table.join(seconds.rename("seconds_per_epoch"), on=log_by)
-        if "none" in set(log["defense"]):
-            base = log[log["defense"] == "none"]["seconds"].mean()
-            table["time_vs_none"] = table["seconds_per_epoch"] / base
+        if "none" in set(log["defense"]):  # relative to none at the same training-set size (and model, dataset)
+            others = [k for k in log_by if k != "defense"]
+            none = log[log["defense"] == "none"]
+            base = none.groupby(others)["seconds"].mean() if others else pd.Series(none["seconds"].mean(), index=table.index)
+            table["time_vs_none"] = table["seconds_per_epoch"] / (table.join(base.rename("base"), on=others)["base"] if others else base)
     for (attack, eps), part in curve.groupby(["attack", "eps"], sort=True):
         if eps == 0:
             continue

@@ -147,20 +147,25 @@ def test_szegedy_table_means_over_seeds_beside_bell(tmp_path):
     assert [bell_name(m) for m in ("fc10_0", "fc100_100_10", "c_512")] == ["FC10-0", "FC100-100-10", "C-512"]
 
 
-def test_ibp_table_seconds_per_epoch_relative_to_none(tmp_path):
+def test_ibp_table_seconds_per_epoch_relative_to_none_at_each_size(tmp_path):
     sweep = tmp_path / "sweep"
     for defense, seconds in (("none", 2.0), ("loss_ibp", 3.0)):
-        ckpt = tmp_path / "ckpt" / defense
-        ckpt.mkdir(parents=True)
-        pd.DataFrame({"epoch": [1, 2], "seconds": [seconds, seconds + 1]}).to_csv(ckpt / "train_log.csv", index=False)
-        for attack, acc in (("fgsm", 0.4), ("noise", 0.8)):
-            make_run(sweep, f"{defense}-{attack}", choices={"defense": defense, "attack": attack, "experiment": "ibp_comparison"},
-                     checkpoint=ckpt / "model.pt", csvs={"curve": curve_rows({0.0: 0.9, 0.1: acc}, norm="linf", attack=attack)})
-    t = collect([sweep], figures=False).tables["ibp_comparison"].set_index("defense")
-    assert t.loc["loss_ibp", "seconds_per_epoch"] == pytest.approx(3.5)
-    assert t.loc["loss_ibp", "time_vs_none"] == pytest.approx(3.5 / 2.5)
-    assert t.loc["none", "test_error"] == pytest.approx(10.0)
-    assert t.loc["none", "err_fgsm@0.1"] == pytest.approx(60.0) and t.loc["none", "err_noise@0.1"] == pytest.approx(20.0)
+        for size, scale in ((100, 1.0), (1000, 10.0)):
+            ckpt = tmp_path / "ckpt" / f"{defense}-{size}"
+            ckpt.mkdir(parents=True)
+            pd.DataFrame({"epoch": [1, 2], "seconds": [scale * seconds, scale * (seconds + 1)]}).to_csv(ckpt / "train_log.csv", index=False)
+            for attack, acc in (("fgsm", 0.4), ("noise", 0.8)):
+                make_run(sweep, f"{defense}-{size}-{attack}", choices={"defense": defense, "attack": attack, "experiment": "ibp_comparison"},
+                         overrides=[f"data.n_train={size}"], checkpoint=ckpt / "model.pt",
+                         csvs={"curve": curve_rows({0.0: 0.9, 0.1: acc}, norm="linf", attack=attack)})
+    t = collect([sweep], figures=False).tables["ibp_comparison"].set_index(["defense", "data.n_train"])
+    assert list(t.index) == [("none", 100), ("none", 1000), ("loss_ibp", 100), ("loss_ibp", 1000)]
+    assert t.loc[("loss_ibp", 1000), "seconds_per_epoch"] == pytest.approx(35.0)
+    assert t.loc[("loss_ibp", 100), "time_vs_none"] == pytest.approx(3.5 / 2.5)
+    assert t.loc[("loss_ibp", 1000), "time_vs_none"] == pytest.approx(3.5 / 2.5)
+    assert t.loc[("none", 1000), "time_vs_none"] == pytest.approx(1.0)
+    assert t.loc[("none", 100), "test_error"] == pytest.approx(10.0)
+    assert t.loc[("none", 100), "err_fgsm@0.1"] == pytest.approx(60.0) and t.loc[("none", 100), "err_noise@0.1"] == pytest.approx(20.0)
 
 
 def test_collect_command_exit_codes(tmp_path, capsys):
