@@ -343,19 +343,36 @@ def _save(fig, path: Path) -> Path:
 
 
 def _band_plot(ax, frame, x, y, series, c: Collection):
-    """Mean over seeds (runs) per series as a line, the min-max over seeds as a band."""
-    keys = series_columns(frame, c)
-    keys = [k for k in keys if k not in ("attack", "eps")]
-    groups = frame.groupby(keys, sort=False) if keys else [((), frame)]
+    """Mean over seeds (runs) per series as a line, the min-max over seeds as a band. Colour = the first swept
+    column that varies within this panel (e.g. defense), line style = the others (e.g. data.n_train)."""
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in series_columns(frame, c) if k not in ("attack", "eps") and frame[k].astype(str).nunique() > 1]
+    groups = list(frame.groupby(keys, sort=False)) if keys else [((), frame)]
+    known = {d: i for i, d in enumerate(dict.fromkeys([*OBERMAN_CIFAR10, *DEMYANOV_ORDER]))}  # the sources' row order
+    groups.sort(key=lambda g: [(known.get(v, len(known)), str(v)) if k == "defense" else (0, _sortable(v))
+                               for k, v in zip(keys, g[0] if isinstance(g[0], tuple) else (g[0],))])
+    first = list(dict.fromkeys(str((k if isinstance(k, tuple) else (k,))[0]) for k, _ in groups)) if keys else [""]
+    rest = list(dict.fromkeys(str((k if isinstance(k, tuple) else (k,))[1:]) for k, _ in groups))
+    palette = plt.get_cmap("tab10" if len(first) <= 10 else "tab20").colors
+    styles = ["-", "--", ":", "-."]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
         per = part.groupby(x)[y]
         mean, lo, hi = per.mean(), per.min(), per.max()
         label = ", ".join(f"{k}={v}" if k not in ("defense", "model") else str(v) for k, v in zip(keys, key)) or series
         n = part["run"].nunique()
-        line = ax.plot(mean.index, mean.values, marker="o", ms=3, label=f"{label} ({n} run{'s' if n > 1 else ''})")[0]
+        color = palette[first.index(str(key[0])) % len(palette)] if keys else None
+        style = styles[rest.index(str(key[1:])) % len(styles)]
+        ax.plot(mean.index, mean.values, style, marker="o", ms=3, color=color, label=label + (f" ({n} runs)" if n > 1 else ""))
         if n > 1:
-            ax.fill_between(mean.index, lo.values, hi.values, color=line.get_color(), alpha=0.2)
+            ax.fill_between(mean.index, lo.values, hi.values, color=color, alpha=0.2)
+    ax.figure.tight_layout()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _sortable(v):
+    return (0, float(v), "") if isinstance(v, (int, float, np.number)) else (1, 0.0, str(v))
 
 
 def _curves_figure(c: Collection) -> Path | None:
@@ -366,11 +383,10 @@ def _curves_figure(c: Collection) -> Path | None:
     if curve.empty:
         return None
     panels = list(curve.groupby(["attack", "norm"], sort=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, ((attack, norm), part) in zip(axes[0], panels):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 4 * len(panels)), squeeze=False)
+    for ax, ((attack, norm), part) in zip(axes[:, 0], panels):
         _band_plot(ax, part, "eps", "robust_accuracy", attack, c)
         ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy", ylim=(-0.02, 1.02), title=f"{attack}: mean over seeds, band = min-max")
-        ax.legend(fontsize=7)
     return _save(fig, c.out / "curves.png")
 
 
@@ -411,7 +427,6 @@ def _train_figure(c: Collection) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     _band_plot(ax, log, "epoch", "test_accuracy", "test accuracy", c)
     ax.set(xlabel="epoch", ylabel="test accuracy", title="training: mean over seeds, band = min-max")
-    ax.legend(fontsize=7)
     return _save(fig, c.out / "train_log.png")
 
 
