@@ -36,7 +36,8 @@ COMMANDS = {
     "collect": "merge the CSVs of many runs into one table per kind",
     "info": "print the composed config and the checkpoint it would use",
 }
-GROUPS = ("model", "dataset", "defense", "attack", "experiment")
+GROUPS = ("model", "dataset", "defense", "attack", "search", "experiment")
+USAGE_GROUPS = GROUPS + ("hydra/launcher",)  # also listed by --help (Hydra's own launcher group is `basic`)
 # Hydra flags that take a value; moved in front of the overrides (hydra#3053: `a=1 -m b=2` fails otherwise).
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--package", "-p", "--info", "-i"}
 HYDRA_FLAGS = {"--multirun", "-m", "--resolve", "--hydra-help", "--help", "-h", "--run", "-r"}
@@ -46,9 +47,9 @@ def usage() -> str:
     lines = ["usage: robust <command> [key=value ...] [--multirun] [--cfg job]", "", "commands:"]
     lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
     lines += ["", "config groups (pick with group=option):"]
-    for group in GROUPS:
+    for group in USAGE_GROUPS:
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        lines.append(f"  {group:<11} {', '.join(options) if options else '(none)'}")
+        lines.append(f"  {group:<15} {', '.join(options) if options else '(none)'}")
     lines += ["", "examples: robust train model=c_32 dataset=mnist    robust attack attack=pgd 'eps=[0,0.1,0.2]'", "help for one command: robust <command> --help"]
     return "\n".join(lines)
 
