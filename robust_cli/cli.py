@@ -23,6 +23,8 @@ import robust_cli
 from robust_cli.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+# torch scripts its forward-AD decompositions on first use and warns about its own deprecated API: not the user's concern
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 # conf/hydra/launcher/{joblib,submitit_*}.yaml give the plugins' launchers our defaults under the plugins' own names;
 # Hydra validates them against the plugins' schemas but warns that this matching is deprecated. Set at import, so
 # that joblib/submitit workers (which import this module to run a job, and compose its config again) are quiet too.

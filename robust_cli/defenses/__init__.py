@@ -1,4 +1,4 @@
-"""Training objectives: each is a callable `(model, x, y) -> (loss, stats)`. See defenses/README.md."""
+"""Training objectives: each is a callable `(model, x, y) -> (loss, stats)`. Documented in README.md, "Defenses"."""
 from robust_cli.defenses.adversarial import AdversarialTraining
 from robust_cli.defenses.gradient import GradientNormPenalty
 from robust_cli.defenses.invariance import FastTangentProp, LossIBP, PredictionIBP, TangentProp
