@@ -12,8 +12,8 @@ image in kernel space vs pixel space, Figure 22).
 The scalar kernel value of a pair (x, x_i) is K(x, x_i)[k, k] for the class k the network predicts at x: the path
 kernel of that output with itself (for two softmax classes it is half the trace sum_k K[k, k]; computing one row
 instead of all K is K times cheaper on MNIST). A training point's contribution to the prediction is
-sum_s sum_c K_s[k, c] a_{i,s,c}; these sum over i to yhat_k(x) - b_k. Nearest in kernel space (neighbours.png):
-the training point with the largest kernel value.
+sum_s sum_c K_s[k, c] a_{i,s,c}; these sum over i to yhat_k(x) - b_k. Kernel-space distance (neighbours.png):
+K(x,x) + K(x_i,x_i) - 2 K(x,x_i) with the same scalar kernel.
 """
 from __future__ import annotations
 
@@ -184,11 +184,17 @@ def _explain(cfg, ctx, kernel, data, probes, names, kinds, values, explain_idx):
     _plot_kernel_map(ctx, data, path, probes.cpu(), names, trace)
     if len(data.meta.shape) == 3 and len(explain_idx):
         n_in = len(explain_idx)
-        # nearest in kernel space = most similar (largest kernel value). The kernel distance K(x,x) + K(x_i,x_i) -
-        # 2 K(x,x_i) needs K(x_i,x_i) for every training point (kernel.train_self_values): one per-sample gradient
-        # per point and step, ~8 minutes more on MNIST, so the figure uses the similarity.
+        # nearest in kernel space: smallest kernel distance K(x,x) + K(x_i,x_i) - 2 K(x,x_i) (the scalar kernel of the
+        # class predicted at x); the largest raw kernel value would pick the training points with the largest
+        # gradients (hard, unconfident ones), not the most similar. K(x_i,x_i): one per-sample gradient per point
+        # and step, once per distinct predicted class.
+        classes = predicted[:n_in].tolist()
+        self_train = torch.stack([kernel.train_self_values(int(c)).cpu() for c in classes])
+        gram = kernel.matrix(probes[:n_in])
+        self_probe = torch.stack([gram[j, c, j, c] for j, c in enumerate(classes)]).cpu()
+        kernel_dist = self_probe[:, None] + self_train - 2 * trace[:n_in]
         pixel_dist = torch.cdist(probes[:n_in].flatten(1).cpu(), path.train_x.flatten(1).cpu())
-        _plot_neighbours(ctx, probes[:n_in].cpu(), path.train_x.cpu(), train_y, trace[:n_in].argmax(1), pixel_dist.argmin(1),
+        _plot_neighbours(ctx, probes[:n_in].cpu(), path.train_x.cpu(), train_y, kernel_dist.argmin(1), pixel_dist.argmin(1),
                          data.meta.class_names)
 
 
