@@ -81,6 +81,8 @@ def _precheck(command: str, overrides: list[str]) -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split("Config search path")[0].split())
         raise UserError(message) from None
+    except ValueError as exc:  # e.g. group=null: Hydra's defaults list refuses it with a bare ValueError
+        raise UserError(f"{exc} (to drop a config group, write ~group, e.g. '~hydra/callbacks')") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,5 +254,6 @@ def _finish(record, run_json, ctx) -> None:
         table.add_column("value", overflow="fold")
         for key, value in ctx.headline_values.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-        table.add_row("run directory", str(ctx.dir))
         store.console.print(table)
+        # on its own line, unwrapped, so it can be copied
+        store.console.print(f"run directory: {ctx.dir}", soft_wrap=True, highlight=False)

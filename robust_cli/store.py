@@ -82,9 +82,11 @@ def load_checkpoint(path) -> dict:
 # ----------------------------------------------------------------------------------------------- fingerprints
 def training_identity(cfg) -> dict:
     """The part of a config that decides the trained weights (not the device, paths or evaluation settings)."""
-    keep = {k: cfg[k] for k in ("model", "dataset", "defense", "train", "seed")}
-    keep["data"] = {k: cfg.data[k] for k in ("n_train", "val_fraction")}
-    return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
+    # resolve each node inside the full config: an interpolation such as model.k: ${k} points outside the node
+    resolved = lambda node: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node  # noqa: E731
+    keep = {k: resolved(cfg[k]) for k in ("model", "dataset", "defense", "train", "seed")}
+    keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
+    return keep
 
 
 def choice(cfg, group: str) -> str:
