@@ -7,6 +7,7 @@ paths and uses argparse.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -111,8 +112,29 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+    try:
+        _check_launcher(plain)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [argv[0], *rest]
     _hydra_app(command)()
+
+
+# launcher option -> (plugin module, pip package): a missing plugin is one line, not Hydra's "Unknown plugin class"
+LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+                    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
+
+
+def _check_launcher(overrides: list[str]) -> None:
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra/launcher" and value in LAUNCHER_PLUGINS:
+            module, package = LAUNCHER_PLUGINS[value]
+            if importlib.util.find_spec(module) is None:
+                raise UserError(f"hydra/launcher={value} needs the {package} plugin: pip install 'robust[cluster]' "
+                                f"(or pip install {package})")
 
 
 def _hydra_app(command: str):
