@@ -132,7 +132,11 @@ def _check_launcher(overrides: list[str]) -> None:
         key, _, value = arg.partition("=")
         if key.lstrip("+") == "hydra/launcher" and value in LAUNCHER_PLUGINS:
             module, package = LAUNCHER_PLUGINS[value]
-            if importlib.util.find_spec(module) is None:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # no hydra_plugins namespace at all
+                found = False
+            if not found:
                 raise UserError(f"hydra/launcher={value} needs the {package} plugin: pip install 'robust[cluster]' "
                                 f"(or pip install {package})")
 
