@@ -133,3 +133,13 @@ def test_unknown_scale_stops_with_one_line(capsys):
     CheckScale().on_run_start(cfg)  # a known scale passes
     cfg, _ = sweep_config("persistence", ["experiment=szegedy_table"])
     assert cfg.hydra.callbacks.check_scale._target_ == "robust_cli.callbacks.CheckScale"
+
+
+def test_missing_launcher_plugin_is_one_line(robust, monkeypatch):
+    from robust_cli import cli
+    from robust_cli.errors import UserError
+
+    monkeypatch.setitem(cli.LAUNCHER_PLUGINS, "joblib", ("hydra_plugins.no_such_launcher", "no-such-launcher"))
+    with pytest.raises(UserError, match="pip install 'robust\\[cluster\\]'"):
+        cli._check_launcher(["hydra/launcher=joblib", "seed=1"])
+    cli._check_launcher(["hydra/launcher=basic"])  # Hydra's own launcher needs no plugin
