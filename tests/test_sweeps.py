@@ -135,7 +135,7 @@ def test_unknown_scale_stops_with_one_line(capsys):
     assert cfg.hydra.callbacks.check_scale._target_ == "robust_cli.callbacks.CheckScale"
 
 
-def test_missing_launcher_plugin_is_one_line(robust, monkeypatch):
+def test_missing_launcher_plugin_is_one_line(monkeypatch):
     from robust_cli import cli
     from robust_cli.errors import UserError
 
