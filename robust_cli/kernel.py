@@ -577,6 +577,8 @@ def reference_predict(path: TrainingPath, x: torch.Tensor, quadrature_points: in
 
     def jacobian(sample):
         out = model(sample.unsqueeze(0)).squeeze(0)
+        if flat.output == "probabilities":  # the function the path represents, as FlatModel computes it
+            out = out.softmax(-1)
         rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[k], params, retain_graph=True)])
                 for k in range(out.shape[0])]
         return torch.stack(rows)                                              # (K, d)

@@ -168,10 +168,11 @@ def test_error_falls_with_step_size():
         assert 0.3 < b / a < 0.7, errors                       # halves with eps: first order
 
 
-def test_matches_the_per_sample_loop(relu_path):
+@pytest.mark.parametrize("output", ["logits", "probabilities"])
+def test_matches_the_per_sample_loop(relu_path, output):
     """Second implementation: explicit per-sample Jacobians by autograd, explicit kernel values, contracted."""
     x, y = gaussians(15)
-    path = train_path(net(classes=3, hidden=8), x, torch.arange(30) % 3, steps=4, step_size=0.5)
+    path = train_path(net(classes=3, hidden=8), x, torch.arange(30) % 3, steps=4, step_size=0.5, output=output)
     q = queries(5)
     fast = DiscretePathKernel(path, quadrature_points=3, variant="continuous").predict(q)
     slow = reference_predict(path, q, quadrature_points=3)
