@@ -106,13 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"robust {command}: {COMMANDS[command]}\n")
     plain = [a for a in rest if "=" in a and not a.startswith("-")]
     sweeping = any(a in ("-m", "--multirun") for a in rest)
-    if not sweeping and not any(a in ("-h", "--help", "--hydra-help") for a in rest):
-        try:
-            _precheck(command, plain)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
     try:
+        if not sweeping and not any(a in ("-h", "--help", "--hydra-help") for a in rest):
+            _precheck(command, plain)
         _check_launcher(plain)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -121,24 +117,24 @@ def main(argv: list[str] | None = None) -> None:
     _hydra_app(command)()
 
 
-# launcher option -> (plugin module, pip package): a missing plugin is one line, not Hydra's "Unknown plugin class"
-LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-                    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-                    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
+# launcher option -> (plugin module, install command): a missing plugin is one line, not Hydra's "Unknown plugin class"
+# (joblib's plugin is a core dependency; the submitit one comes with the cluster extra)
+LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "pip install hydra-joblib-launcher"),
+                    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "pip install 'robust[cluster]'"),
+                    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "pip install 'robust[cluster]'")}
 
 
 def _check_launcher(overrides: list[str]) -> None:
     for arg in overrides:
         key, _, value = arg.partition("=")
         if key.lstrip("+") == "hydra/launcher" and value in LAUNCHER_PLUGINS:
-            module, package = LAUNCHER_PLUGINS[value]
+            module, install = LAUNCHER_PLUGINS[value]
             try:
                 found = importlib.util.find_spec(module) is not None
             except ModuleNotFoundError:  # no hydra_plugins namespace at all
                 found = False
             if not found:
-                raise UserError(f"hydra/launcher={value} needs the {package} plugin: pip install 'robust[cluster]' "
-                                f"(or pip install {package})")
+                raise UserError(f"hydra/launcher={value} needs its Hydra launcher plugin ({module}): {install}")
 
 
 def _hydra_app(command: str):

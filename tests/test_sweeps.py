@@ -139,7 +139,7 @@ def test_missing_launcher_plugin_is_one_line(monkeypatch):
     from robust_cli import cli
     from robust_cli.errors import UserError
 
-    monkeypatch.setitem(cli.LAUNCHER_PLUGINS, "joblib", ("hydra_plugins.no_such_launcher", "no-such-launcher"))
+    monkeypatch.setitem(cli.LAUNCHER_PLUGINS, "submitit_local", ("hydra_plugins.no_such_launcher", cli.LAUNCHER_PLUGINS["submitit_local"][1]))
     with pytest.raises(UserError, match="pip install 'robust\\[cluster\\]'"):
-        cli._check_launcher(["hydra/launcher=joblib", "seed=1"])
+        cli._check_launcher(["hydra/launcher=submitit_local", "seed=1"])
     cli._check_launcher(["hydra/launcher=basic"])  # Hydra's own launcher needs no plugin
