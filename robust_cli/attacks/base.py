@@ -17,7 +17,27 @@ from robust_cli.attacks import norms
 from robust_cli.errors import UserError
 
 TARGET_MODES = ("least_likely", "random", "next")
-LOSSES = ("ce", "margin")
+LOSSES = ("ce", "margin", "dlr")
+VOTES = ("majority", "worst")
+
+
+@torch.no_grad()
+def vote_labels(model, x, y=None, draws: int = 1, vote: str = "majority") -> torch.Tensor:
+    """The predicted labels of x, judged over `draws` forward passes (randomised models; 1 pass otherwise).
+
+    majority: the most frequent label over the draws. worst: the label y only if every draw predicts it (else a
+    wrong label one of the draws gave), so an example counts as robust only when no draw is fooled.
+    """
+    first = model(x).argmax(dim=1)
+    if draws == 1:
+        return first
+    preds = torch.stack([first] + [model(x).argmax(dim=1) for _ in range(draws - 1)], dim=1)  # (B, draws)
+    if vote == "majority" or y is None:
+        return preds.mode(dim=1).values
+    wrong = preds != y[:, None]
+    fill = torch.where(wrong, preds, torch.full_like(preds, -1))
+    worst = torch.where(wrong.any(dim=1), fill.max(dim=1).values, y)
+    return worst
 
 
 def parse_targeted(targeted):
@@ -31,7 +51,7 @@ def parse_targeted(targeted):
 
 def check_loss(loss: str) -> str:
     if loss not in LOSSES:
-        raise UserError(f"loss must be ce or margin, got {loss!r}")
+        raise UserError(f"loss must be ce, margin or dlr, got {loss!r}")
     return loss
 
 
@@ -50,6 +70,20 @@ def model_mode(model: torch.nn.Module, mode: str):
             m.training = training
 
 
+def dlr_loss(logits, y, target=None) -> torch.Tensor:
+    """Croce & Hein (2020) DLR loss (to ascend); needs at least 3 classes (4 for the targeted version)."""
+    z = logits.double()  # the ratio of small differences: float64 as for CE
+    ordered = z.sort(dim=1, descending=True).values
+    own = z.gather(1, y[:, None]).squeeze(1)
+    if target is None:
+        other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        out = -(own - other) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+    else:
+        tgt = z.gather(1, target[:, None]).squeeze(1)
+        out = -(own - tgt) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
+    return out.to(logits.dtype)
+
+
 class Attack:
     """Base class: argument checks, model mode, targets, and a cheap check of budget and box on the result."""
 
@@ -57,8 +91,18 @@ class Attack:
     norm = "linf"  # "linf" | "l2" | "l0"
     iterative = False  # iterative attacks must not be weaker than their single-step version (masking check)
 
-    def __init__(self, targeted=False, model_mode: str = "eval", bounds=(0.0, 1.0)):
+    def __init__(self, targeted=False, model_mode: str = "eval", bounds=(0.0, 1.0), eot_iter: int = 1,
+                 eval_draws: int = 1, vote: str = "majority"):
         self.targeted = parse_targeted(targeted)
+        if eval_draws is None or int(eval_draws) != eval_draws or int(eval_draws) < 1:
+            raise UserError(f"eval_draws must be an integer >= 1 (forward passes that judge success), got {eval_draws!r}")
+        if vote not in VOTES:
+            raise UserError(f"vote must be majority or worst, got {vote!r}")
+        self.eval_draws, self.vote = int(eval_draws), vote
+        self.notes: list[str] = []  # what the attack changed on its own (e.g. a loss the model has too few classes for)
+        if eot_iter is None or int(eot_iter) != eot_iter or int(eot_iter) < 1:
+            raise UserError(f"eot_iter must be an integer >= 1 (gradient averaged over that many passes), got {eot_iter!r}")
+        self.eot_iter = int(eot_iter)
         if model_mode not in ("eval", "keep"):
             raise UserError(f"model_mode must be eval or keep, got {model_mode!r}")
         self.model_mode = model_mode
@@ -71,6 +115,10 @@ class Attack:
     @property
     def name(self) -> str:
         return type(self).__name__.lower()
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
 
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -122,9 +170,15 @@ class Attack:
         ce:     untargeted CE(f(x), y) (move away from the label); targeted -CE(f(x), target) (towards it).
         margin: Carlini & Wagner's logit margin, max_{i != y} Z_i - Z_y (targeted: Z_t - max_{i != t} Z_i). It does
                 not saturate on over-confident models, where the CE gradient points at the runner-up class only.
+        dlr:    Croce & Hein's difference of logits ratio, -(Z_y - max_{i != y} Z_i) / (Z_pi1 - Z_pi3); targeted
+                -(Z_y - Z_t) / (Z_pi1 - (Z_pi3 + Z_pi4) / 2) (pi sorts the logits in decreasing order). Invariant to
+                shifting and scaling the logits, so neither saturation nor a rescaled head can hide the gradient.
         """
+        loss = getattr(self, "loss", "ce")
+        if loss == "dlr":
+            return dlr_loss(logits, y, target)
         label = y if target is None else target
-        if getattr(self, "loss", "ce") == "margin":
+        if loss == "margin":
             own = logits.gather(1, label[:, None]).squeeze(1)
             other = logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
             return own - other if target is not None else other - own
@@ -135,10 +189,25 @@ class Attack:
 
     def loss_gradient(self, model, x_adv, y, target):
         """Gradient w.r.t. the input only of the summed attack loss (summed, not averaged: an example's gradient
-        does not depend on the batch size)."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.attack_loss(model(x_adv), y, target).sum(), x_adv)
-        return grad
+        does not depend on the batch size); the mean over `eot_iter` passes for randomised models (EoT)."""
+        return self.loss_and_gradient(model, x_adv, y, target)[2]
+
+    def loss_and_gradient(self, model, x_adv, y, target):
+        """(logits, per-example loss, input gradient), each the mean over `eot_iter` forward/backward passes
+        (Athalye et al.'s expectation over transformation; one pass for a deterministic model)."""
+        logits_sum = loss_sum = grad_sum = None
+        for _ in range(self.eot_iter):
+            xr = x_adv.detach().requires_grad_(True)
+            logits = model(xr)
+            loss = self.attack_loss(logits, y, target)
+            (grad,) = torch.autograd.grad(loss.sum(), xr)
+            if self.eot_iter == 1:
+                return logits.detach(), loss.detach(), grad
+            logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            grad_sum = grad if grad_sum is None else grad_sum + grad
+        k = float(self.eot_iter)
+        return logits_sum / k, loss_sum / k, grad_sum / k
 
     def is_adversarial(self, logits, y, target) -> torch.Tensor:
         """Untargeted: prediction differs from the label. Targeted: prediction is the target."""

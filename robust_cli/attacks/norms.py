@@ -34,6 +34,13 @@ def per_example(eps, x: torch.Tensor) -> torch.Tensor | float:
     return float(eps)
 
 
+def per_example_slice(eps, index: torch.Tensor):
+    """eps for a subset of the batch: a float stays, a (B,) tensor is indexed."""
+    if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+        return eps[index]
+    return eps
+
+
 def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-example norm of a batch: shape (B,)."""
     flat = t.flatten(1)

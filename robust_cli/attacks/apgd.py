@@ -1,0 +1,185 @@
+"""Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks", Algorithm 1), untargeted (APGD-CE, APGD-DLR) and targeted over the top classes (APGD-T).
+
+The step size starts at 2 eps and is halved at checkpoints w_j = ceil(p_j n_iter), p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), when since the last checkpoint
+  (1) the loss rose in fewer than rho = 75 % of the steps, or
+  (2) neither the step size nor the best loss changed;
+after a halving the iterate restarts from the best point. Steps carry momentum alpha = 0.75:
+  z = P(x_k + eta * a(grad)),  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})).
+Every example keeps its own step size, checkpoints decisions, best loss and first adversarial iterate.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robust_cli.attacks import norms
+from robust_cli.attacks.base import Attack, check_loss
+from robust_cli.attacks.gradient import _positive_int
+from robust_cli.errors import UserError
+
+
+def checkpoints(n_iter: int) -> list[int]:
+    """The iterations w_j at which APGD may halve its step (p_j as in the paper)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(q * n_iter) for q in p if q <= 1})
+
+
+class APGD(Attack):
+    """Untargeted Auto-PGD, linf or l2; loss ce | dlr | margin; restarts keep each example's worst case.
+
+    The result is, per example, the first adversarial iterate found (over all iterations and restarts), else the
+    iterate of highest loss. Success is judged by re-running the model on it (as for every attack).
+    """
+
+    iterative = True
+
+    def __init__(self, norm: str = "linf", n_iter: int = 100, restarts: int = 1, loss: str = "ce", rho: float = 0.75,
+                 momentum: float = 0.75, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = norms.check_norm(norm)
+        self.loss = check_loss(loss)
+        self.n_iter = _positive_int("n_iter", n_iter)
+        self.restarts = _positive_int("restarts", restarts)
+        if not 0 < float(rho) <= 1 or not 0 < float(momentum) <= 1:
+            raise UserError(f"apgd rho and momentum must be in (0, 1], got {rho!r}, {momentum!r}")
+        self.rho, self.momentum = float(rho), float(momentum)
+
+    @property
+    def name(self) -> str:
+        return f"apgd_{self.loss}"
+
+    def perturb(self, model, x, y, eps, target):
+        self._check_classes(model, x)
+        best = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        best_loss = torch.full((len(x),), -math.inf, device=x.device)
+        for _ in range(self.restarts):
+            todo = (~fooled).nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            t = None if target is None else target[todo]
+            x_r, fooled_r, loss_r = self.single_run(model, x[todo], y[todo], norms.per_example_slice(eps, todo), t)
+            better = fooled_r | (loss_r > best_loss[todo])
+            best[todo[better]] = x_r[better]
+            best_loss[todo[better]] = loss_r[better]
+            fooled[todo[fooled_r]] = True
+        return best
+
+    def _check_classes(self, model, x):
+        """The DLR loss needs >= 3 classes (its denominator is Z_pi1 - Z_pi3): fall back to the margin and say so."""
+        if self.loss == "dlr":
+            with torch.no_grad():
+                k = model(x[:1]).shape[1]
+            if k < 3:
+                self.loss = "margin"
+                self.note(f"apgd: {k} classes are too few for the DLR loss; it uses the logit margin instead")
+
+    def is_success(self, logits, y, target):
+        return self.is_adversarial(logits, y, target)
+
+    def single_run(self, model, x, y, eps, target):
+        """One APGD run from a random start: (result, fooled mask, best loss) per example."""
+        n = len(x)
+        eps_b = norms.per_example(eps, x)
+        project = norms.projector(x, eps, self.norm, self.bounds)
+        x_adv = norms.random_start(x, eps, self.norm, self.bounds)
+        eta = torch.ones((n,) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) * (2 * eps_b)  # eta_0 = 2 eps
+        logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
+        fooled = self.is_success(logits, y, target)
+        x_found = x_adv.clone()
+        best_loss, x_best, grad_best = loss.clone(), x_adv.clone(), grad.clone()
+        marks = set(checkpoints(self.n_iter)[1:])
+        last_mark = 0
+        increases = torch.zeros(n, device=x.device)
+        loss_at_mark, eta_at_mark = best_loss.clone(), eta.flatten(1)[:, 0].clone()
+        reduced_at_mark = torch.ones(n, dtype=torch.bool, device=x.device)
+        x_prev = x_adv.clone()
+        prev_loss = loss
+        for k in range(self.n_iter):
+            with torch.no_grad():
+                z = project(x_adv + eta * norms.normalize(grad, self.norm))
+                alpha = self.momentum if k > 0 else 1.0  # the first step has no previous step to carry
+                x_new = project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - x_prev))
+                x_prev, x_adv = x_adv, x_new
+            logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
+            with torch.no_grad():
+                success = self.is_success(logits, y, target)
+                new = success & ~fooled
+                x_found[new] = x_adv[new]
+                fooled |= success
+                increases += (loss > prev_loss).to(increases.dtype)
+                prev_loss = loss
+                improved = loss > best_loss
+                x_best[improved], grad_best[improved], best_loss[improved] = x_adv[improved], grad[improved], loss[improved]
+                if k + 1 in marks:
+                    # (1) too few loss increases since the last checkpoint, (2) no halving and no better loss
+                    cond1 = increases < self.rho * (k + 1 - last_mark)
+                    cond2 = ~reduced_at_mark & (best_loss <= loss_at_mark)
+                    halve = cond1 | cond2
+                    eta[halve] /= 2
+                    x_adv[halve] = x_best[halve]  # restart from the best point (its gradient is known)
+                    grad[halve] = grad_best[halve]
+                    x_prev[halve] = x_best[halve]
+                    reduced_at_mark = halve
+                    loss_at_mark = best_loss.clone()
+                    increases.zero_()
+                    last_mark = k + 1
+        x_found[~fooled] = x_best[~fooled]
+        return x_found, fooled, torch.where(fooled, torch.full_like(best_loss, math.inf), best_loss)
+
+
+class APGDT(APGD):
+    """Targeted APGD (APGD-T): for each of the `n_target_classes` classes the clean model ranks highest after the
+    top one, an APGD run with the targeted DLR loss towards it, on the examples still robust. Success is
+    untargeted (the label is no longer predicted): the targets only steer the search.
+
+    DLR-targeted needs >= 4 classes; with fewer the targets are all the other classes and the loss is the targeted
+    logit margin (recorded in `notes`).
+    """
+
+    def __init__(self, n_target_classes: int = 9, loss: str = "dlr", **kwargs):
+        super().__init__(loss=loss, **kwargs)
+        self.n_target_classes = _positive_int("n_target_classes", n_target_classes)
+
+    @property
+    def name(self) -> str:
+        return "apgd_t"
+
+    def _check_classes(self, model, x):
+        pass
+
+    def is_success(self, logits, y, target):
+        return logits.argmax(dim=1) != y  # untargeted success whatever the steering target
+
+    def targets_for(self, logits, k: int) -> list[torch.Tensor]:
+        order = logits.argsort(dim=1, descending=True)
+        return [order[:, j] for j in range(1, 1 + min(k, logits.shape[1] - 1))]
+
+    def perturb(self, model, x, y, eps, target):
+        with torch.no_grad():
+            clean_logits = model(x)
+        classes = clean_logits.shape[1]
+        if self.loss == "dlr" and classes < 4:  # targeted DLR's denominator needs the 4th logit
+            self.loss = "margin"
+            self.note(f"apgd_t: {classes} classes are too few for the targeted DLR loss; it uses the targeted logit margin instead")
+        if self.n_target_classes > classes - 1:
+            self.note(f"apgd_t: {classes} classes give {classes - 1} target class(es), not {self.n_target_classes}")
+        best = x.clone()
+        fooled = clean_logits.argmax(dim=1) != y
+        best_loss = torch.full((len(x),), -math.inf, device=x.device)
+        for tgt in self.targets_for(clean_logits, self.n_target_classes):
+            for _ in range(self.restarts):
+                todo = (~fooled).nonzero().squeeze(1)
+                if len(todo) == 0:
+                    return best
+                x_r, fooled_r, loss_r = self.single_run(model, x[todo], y[todo], norms.per_example_slice(eps, todo), tgt[todo])
+                better = fooled_r | (loss_r > best_loss[todo])
+                best[todo[better]] = x_r[better]
+                best_loss[todo[better]] = loss_r[better]
+                fooled[todo[fooled_r]] = True
+        return best

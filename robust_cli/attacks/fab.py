@@ -1,0 +1,167 @@
+"""FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack"),
+targeted over the top classes as in AutoAttack (FAB-T), linf and l2.
+
+At the iterate x_i the decision boundary between the label y and the target t is linearised,
+    pi = {z : g(x_i) + grad g(x_i) . (z - x_i) = 0},  g = Z_t - Z_y,
+and both the iterate and the original point are projected onto pi within the box (minimal norm, exactly):
+    d_i = proj(x_i) - x_i,  d_0 = proj(x_0) - x_0,  a = min(|d_i| / (|d_i| + |d_0|), alpha_max)
+    x_{i+1} = clip((1 - a)(x_i + eta d_i) + a (x_0 + eta d_0))
+biasing the step towards the original point keeps the result close to it. When x_{i+1} is adversarial it is
+recorded if closer than the best so far and pulled back: x_{i+1} = (1 - beta) x_0 + beta x_{i+1}.
+The result is the closest adversarial point found (minimal mode) or, for a budget eps, that point when it lies
+within eps and the unchanged input otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robust_cli.attacks import norms
+from robust_cli.attacks.base import Attack
+from robust_cli.attacks.gradient import _positive_int
+from robust_cli.errors import UserError
+
+
+def project_halfspace(w, c, lower, upper, norm):
+    """Per example: the smallest d (in linf or l2) with w . d >= c and lower <= d <= upper (lower <= 0 <= upper).
+
+    Both are exact by sorting the breakpoints of a piecewise-linear increasing function:
+      l2:   d = clip(lam w, lower, upper), lam the smallest with w . d >= c;
+      linf: d = sign(w) min(t, room), room = upper where w > 0 else -lower, t the smallest with w . d >= c.
+    Where even the box corner cannot reach c, the corner (the best the box allows) is returned; c <= 0 gives 0.
+    """
+    w = w.double()
+    c = c.double()
+    lower, upper = lower.double(), upper.double()
+    room = torch.where(w > 0, upper, -lower).clamp_min(0)  # how far each coordinate can move along sign(w)
+    aw = w.abs()
+    if norm == "l2":
+        bp = torch.where(aw > 0, room / aw.clamp_min(1e-300), torch.full_like(w, math.inf))  # lam at which i saturates
+        sat_value = aw * room  # w_i d_i once saturated
+        weight = w * w
+    else:
+        bp = torch.where(aw > 0, room, torch.full_like(w, math.inf))  # t at which i saturates
+        sat_value = aw * room
+        weight = aw
+    order = bp.argsort(dim=1)
+    bp_s = bp.gather(1, order)
+    sat_cum = sat_value.gather(1, order).cumsum(dim=1)
+    wt_cum = weight.gather(1, order).cumsum(dim=1)
+    total = weight.sum(dim=1, keepdim=True)
+    finite = torch.isfinite(bp_s)
+    # value of w . d at each breakpoint (the first j+1 coordinates saturated)
+    g = torch.where(finite, sat_cum + bp_s * (total - wt_cum), torch.full_like(bp_s, math.inf))
+    m = (g < c[:, None]).sum(dim=1)  # breakpoints passed before reaching c
+    n = w.shape[1]
+    idx = (m - 1).clamp_min(0)[:, None]
+    sat_before = torch.where(m[:, None] > 0, sat_cum.gather(1, idx), torch.zeros_like(idx, dtype=w.dtype)).squeeze(1)
+    wt_before = torch.where(m[:, None] > 0, wt_cum.gather(1, idx), torch.zeros_like(idx, dtype=w.dtype)).squeeze(1)
+    free = (total.squeeze(1) - wt_before)
+    param = (c - sat_before) / free.clamp_min(1e-300)
+    infeasible = (m >= n) | (free <= 0)
+    param = torch.where(infeasible, torch.full_like(param, math.inf), param)
+    param = torch.where(c <= 0, torch.zeros_like(param), param)
+    if norm == "l2":
+        d = (param[:, None] * w).clamp(lower, upper)
+        d = torch.where(torch.isfinite(param)[:, None], d, torch.where(w > 0, upper, torch.where(w < 0, lower, torch.zeros_like(w))))
+    else:
+        d = w.sign() * torch.minimum(param[:, None].expand_as(room), room)
+    return d
+
+
+class FABT(Attack):
+    """Targeted FAB over the `n_target_classes` classes ranked highest after the top one (untargeted success)."""
+
+    iterative = True
+
+    def __init__(self, norm: str = "linf", n_iter: int = 100, n_target_classes: int = 9, restarts: int = 1,
+                 alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, minimal: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = norms.check_norm(norm)
+        self.n_iter = _positive_int("n_iter", n_iter)
+        self.n_target_classes = _positive_int("n_target_classes", n_target_classes)
+        self.restarts = _positive_int("restarts", restarts)
+        if not 0 <= float(alpha_max) < 1 or not float(eta) >= 1 or not 0 < float(beta) <= 1:
+            raise UserError(f"fab needs 0 <= alpha_max < 1, eta >= 1, 0 < beta <= 1; got {alpha_max}, {eta}, {beta}")
+        self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
+        self.kind = "minimal" if minimal else "budgeted"
+
+    @property
+    def name(self) -> str:
+        return "fab_t"
+
+    def _boundary(self, model, x, y, t):
+        """g = Z_t - Z_y and its input gradient at x, and whether x is misclassified."""
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        g = logits.gather(1, t[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
+        (grad,) = torch.autograd.grad(g.sum(), x)
+        return g.detach(), grad.detach(), logits.argmax(dim=1).detach() != y
+
+    def _project(self, point, g, grad, x_i):
+        """Minimal step from `point` onto the linearised boundary at x_i (within the box)."""
+        flat = point.flatten(1)
+        lo, hi = self.bounds if self.bounds is not None else (-math.inf, math.inf)
+        c = -(g + (grad.flatten(1) * (flat - x_i.flatten(1))).sum(dim=1))  # need grad . d >= c
+        d = project_halfspace(grad.flatten(1), c, (lo - flat).clamp(max=0), (hi - flat).clamp(min=0), self.norm)
+        return d.to(point.dtype).reshape(point.shape)
+
+    def single_run(self, model, x, y, t, start, best_norm, best_adv):
+        x_i = start.clone()
+        lo, hi = self.bounds if self.bounds is not None else (-math.inf, math.inf)
+        for _ in range(self.n_iter):
+            g, grad, fooled = self._boundary(model, x_i, y, t)
+            with torch.no_grad():
+                size = norms.lp_norm(x_i - x, self.norm)
+                closer = fooled & (size < best_norm)
+                best_norm[closer], best_adv[closer] = size[closer], x_i[closer]
+                d_i = self._project(x_i, g, grad, x_i)
+                d_0 = self._project(x, g, grad, x_i)
+                n_i, n_0 = norms.lp_norm(d_i, self.norm), norms.lp_norm(d_0, self.norm)
+                a = torch.clamp(n_i / (n_i + n_0).clamp_min(1e-12), max=self.alpha_max).reshape(-1, *([1] * (x.dim() - 1)))
+                x_new = ((1 - a) * (x_i + self.eta * d_i) + a * (x + self.eta * d_0)).clamp(lo, hi)
+            logits = model(x_new).detach()
+            with torch.no_grad():
+                fooled_new = logits.argmax(dim=1) != y
+                size = norms.lp_norm(x_new - x, self.norm)
+                closer = fooled_new & (size < best_norm)
+                best_norm[closer], best_adv[closer] = size[closer], x_new[closer]
+                back = fooled_new.reshape(-1, *([1] * (x.dim() - 1)))
+                x_i = torch.where(back, (1 - self.beta) * x + self.beta * x_new, x_new)
+        return best_norm, best_adv
+
+    def perturb(self, model, x, y, eps, target):
+        with torch.no_grad():
+            logits = model(x)
+        fooled = logits.argmax(dim=1) != y
+        best_norm = torch.where(fooled, torch.zeros(len(x), device=x.device, dtype=x.dtype), torch.full((len(x),), math.inf, device=x.device, dtype=x.dtype))
+        best_adv = x.clone()
+        order = logits.argsort(dim=1, descending=True)
+        if self.n_target_classes > logits.shape[1] - 1:
+            self.note(f"fab_t: {logits.shape[1]} classes give {logits.shape[1] - 1} target class(es), not {self.n_target_classes}")
+        targets = [order[:, j] for j in range(1, 1 + min(self.n_target_classes, logits.shape[1] - 1))]
+        eps_vec = None if eps is None else (eps.to(x.dtype) if isinstance(eps, torch.Tensor) else torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype))
+        for tgt in targets:
+            for r in range(self.restarts):
+                # a budgeted run only needs examples not yet broken within eps
+                todo = ~fooled if eps_vec is None else (best_norm > eps_vec)
+                todo = (todo & ~fooled).nonzero().squeeze(1)
+                if len(todo) == 0:
+                    break
+                xs = x[todo]
+                start = xs if r == 0 else self._random_start(xs, best_norm[todo], eps_vec[todo] if eps_vec is not None else None)
+                bn, ba = self.single_run(model, xs, y[todo], tgt[todo], start, best_norm[todo].clone(), best_adv[todo].clone())
+                best_norm[todo], best_adv[todo] = bn, ba
+        if eps_vec is None:
+            return best_adv
+        within = (best_norm <= eps_vec).reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(within, best_adv, x)
+
+    def _random_start(self, x, best_norm, eps):
+        """A restart from a random point at half the smaller of eps and the best distance found (as in the paper)."""
+        radius = best_norm.clone()
+        if eps is not None:
+            radius = torch.minimum(radius, eps)
+        radius = torch.where(torch.isfinite(radius), radius, torch.full_like(radius, 0.1 if self.norm == "linf" else 1.0)) / 2
+        return norms.random_start(x, radius, self.norm, self.bounds)

@@ -1,0 +1,189 @@
+"""Square Attack (Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box adversarial attack via
+random search"), linf and l2: score-based random search that uses no gradient, so gradient masking cannot stop it.
+
+Each iteration changes one random square window of side s = round(sqrt(p * h * w)) (p follows the paper's halving
+schedule, rescaled to `n_queries`) and keeps the change only where it lowers the margin loss
+Z_y - max_{i != y} Z_i (targeted: max_{i != t} Z_i - Z_t). An example stops as soon as it is misclassified.
+  linf (Algorithm 2): start from vertical stripes of +-eps; the window gets one random +-eps per channel.
+  l2   (Algorithm 3): start from a grid of "meta pseudo-Gaussian" squares of total norm eps; the window gets a new
+                      pattern, a second window gives its share of the budget, the whole stays on the eps-sphere.
+Inputs that are not images (C, H, W) are treated as one channel of height 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robust_cli.attacks import norms
+from robust_cli.attacks.base import Attack
+from robust_cli.attacks.gradient import _positive_int
+from robust_cli.errors import UserError
+
+# the paper's schedule for 10,000 queries: p is halved after these iterations
+_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def p_at(iteration: int, n_queries: int, p_init: float) -> float:
+    """p_init halved once for each of the paper's checkpoints passed (rescaled from 10,000 queries)."""
+    i = int(iteration / n_queries * 10000)
+    return p_init / 2 ** sum(i > h for h in _HALVINGS)
+
+
+def _rectangles(rows: int, cols: int, device) -> torch.Tensor:
+    """Concentric rectangles of weight 1/(r+1)^2 around the centre (the paper's pseudo-Gaussian)."""
+    delta = torch.zeros(rows, cols, device=device)
+    cx, cy = rows // 2 - 1, cols // 2 - 1
+    for r in range(max(cx, cy) + 1):
+        delta[max(cx - r, 0):min(cx + r + 1, rows), max(0, cy - r):min(cy + r + 1, cols)] += 1.0 / (r + 1) ** 2
+    return delta / delta.square().sum().sqrt().clamp_min(1e-12)
+
+
+def meta_pattern(s: int, device, generator=None) -> torch.Tensor:
+    """An s x s window: + pseudo-Gaussian on one half, - on the other, unit L2 norm, transposed half the time."""
+    delta = torch.zeros(s, s, device=device)
+    delta[: s // 2] = _rectangles(s // 2, s, device)
+    delta[s // 2:] = -_rectangles(s - s // 2, s, device)
+    delta = delta / delta.square().sum().sqrt().clamp_min(1e-12)
+    if torch.rand(1, generator=generator).item() > 0.5:
+        delta = delta.t()
+    return delta
+
+
+class Square(Attack):
+    """Budgeted score-based attack; `n_queries` model evaluations at most per example (5000, the paper's value)."""
+
+    def __init__(self, norm: str = "linf", n_queries: int = 5000, p_init: float | None = None, restarts: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = norms.check_norm(norm)
+        self.n_queries = _positive_int("n_queries", n_queries)
+        p_init = (0.05 if self.norm == "linf" else 0.1) if p_init is None else float(p_init)  # AutoAttack's values
+        if not 0 < p_init <= 1:
+            raise UserError(f"square p_init must be in (0, 1], got {p_init!r}")
+        self.p_init = p_init
+        self.restarts = _positive_int("restarts", restarts)
+
+    def margin(self, logits, y, target):
+        """Loss to lower; < 0 exactly when the example is adversarial."""
+        label = y if target is None else target
+        own = logits.gather(1, label[:, None]).squeeze(1)
+        other = logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
+        return own - other if target is None else other - own
+
+    @torch.no_grad()
+    def perturb(self, model, x, y, eps, target):
+        shape = x.shape
+        img = x.reshape(len(x), 1, 1, -1) if x.dim() != 4 else x
+        best = img.clone()
+        done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.restarts):
+            todo = (~done).nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            t = None if target is None else target[todo]
+            fwd = (lambda z: model(z.reshape(-1, *shape[1:]))) if x.dim() != 4 else model
+            x_r, ok = self.single_run(fwd, img[todo], y[todo], norms.per_example_slice(eps, todo), t)
+            best[todo] = x_r
+            done[todo[ok]] = True
+        return best.reshape(shape)
+
+    def single_run(self, model, x, y, eps, target):
+        n, c, h, w = x.shape
+        eps_b = norms.per_example(eps, x)
+        if self.norm == "linf":
+            stripes = torch.randint(0, 2, (n, c, 1, w), device=x.device).to(x.dtype) * 2 - 1
+            x_best = norms.clip_box(x + eps_b * stripes, self.bounds)
+        else:
+            x_best = norms.clip_box(x + self._l2_init(x) * eps_b, self.bounds)
+        margin = self.margin(model(x_best), y, target)
+        for i in range(self.n_queries - 1):
+            active = (margin > 0).nonzero().squeeze(1)
+            if len(active) == 0:
+                break
+            xa, xb, ya = x[active], x_best[active], y[active]
+            ea = norms.per_example_slice(eps, active) if isinstance(eps, torch.Tensor) else eps
+            ea_b = norms.per_example(ea, xa)
+            p = p_at(i, self.n_queries, self.p_init)
+            if self.norm == "linf":
+                candidate = self._linf_step(xa, xb, ea_b, p)
+            else:
+                candidate = self._l2_step(xa, xb, ea_b, p)
+            ta = None if target is None else target[active]
+            m_new = self.margin(model(candidate), ya, ta)
+            better = m_new < margin[active]
+            idx = active[better]
+            x_best[idx] = candidate[better]
+            margin[idx] = m_new[better]
+        return x_best, margin <= 0
+
+    # ----------------------------------------------------------------------------------- linf (Algorithm 2)
+    def _linf_step(self, x, x_best, eps_b, p):
+        n, c, h, w = x.shape
+        s = min(max(int(round(math.sqrt(p * h * w))), 1), max(h, w))
+        sh, sw = min(s, h), min(s, w)
+        delta = x_best - x
+        vh = torch.randint(0, h - sh + 1, (n,), device=x.device)
+        vw = torch.randint(0, w - sw + 1, (n,), device=x.device)
+        rows = vh[:, None] + torch.arange(sh, device=x.device)  # (n, sh)
+        cols = vw[:, None] + torch.arange(sw, device=x.device)
+        window = torch.zeros(n, 1, h, w, dtype=torch.bool, device=x.device)
+        window[torch.arange(n, device=x.device)[:, None, None], 0, rows[:, :, None], cols[:, None, :]] = True
+        eps_full = eps_b if isinstance(eps_b, torch.Tensor) else torch.full((n, 1, 1, 1), eps_b, device=x.device, dtype=x.dtype)
+        sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
+        delta = torch.where(window, sign * eps_full, delta)
+        return norms.clip_box(x + delta, self.bounds)
+
+    # ----------------------------------------------------------------------------------- l2 (Algorithm 3)
+    def _l2_init(self, x):
+        """Unit-L2 initial perturbation: a grid of meta patterns of side h // 5 with random signs per channel."""
+        n, c, h, w = x.shape
+        s = max(h // 5, 1)
+        delta = torch.zeros_like(x)
+        for i in range(0, h - s + 1, s):
+            for j in range(0, w - s + 1, s):
+                sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
+                delta[:, :, i:i + s, j:j + s] = meta_pattern(s, x.device).to(x.dtype) * sign
+        if not delta.abs().sum():
+            delta = torch.randn_like(x)
+        return delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+
+    def _l2_step(self, x, x_best, eps_b, p):
+        n, c, h, w = x.shape
+        s = max(int(round(math.sqrt(p * h * w))), 3 if min(h, w) >= 3 else 1)
+        if s % 2 == 0:
+            s += 1
+        sh, sw = min(s, h), min(s, w)
+        delta = x_best - x
+        eps_full = (eps_b if isinstance(eps_b, torch.Tensor) else torch.full((n, 1, 1, 1), eps_b, device=x.device, dtype=x.dtype)).reshape(n, 1, 1, 1)
+        ar = torch.arange(n, device=x.device)[:, None, None]
+
+        def window_at():
+            vh = torch.randint(0, h - sh + 1, (n,), device=x.device)
+            vw = torch.randint(0, w - sw + 1, (n,), device=x.device)
+            return vh[:, None] + torch.arange(sh, device=x.device), vw[:, None] + torch.arange(sw, device=x.device)
+
+        r1, c1 = window_at()
+        r2, c2 = window_at()
+        mask1 = torch.zeros(n, 1, h, w, dtype=x.dtype, device=x.device)
+        mask1[ar, 0, r1[:, :, None], c1[:, None, :]] = 1
+        mask2 = torch.zeros_like(mask1)
+        mask2[ar, 0, r2[:, :, None], c2[:, None, :]] = 1
+        both = torch.maximum(mask1, mask2)
+        norm_total = delta.flatten(1).norm(dim=1).reshape(n, 1, 1, 1)
+        norm_windows = (delta * both).square().sum(dim=(2, 3), keepdim=True).sqrt()  # per channel
+        # the new window: a fresh meta pattern with random sign per channel plus the old window's direction
+        old = delta[ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None],
+                    r1[:, None, :, None], c1[:, None, None, :]]  # (n, c, sh, sw)
+        old_norm = old.square().sum(dim=(2, 3), keepdim=True).sqrt()
+        pattern = meta_pattern(s, x.device).to(x.dtype)[:sh, :sw]
+        sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
+        new = pattern * sign + old / (old_norm + 1e-12)
+        budget = ((eps_full ** 2 - norm_total ** 2).clamp_min(0) / c + norm_windows ** 2).sqrt()
+        new = new / new.square().sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
+        delta = delta * (1 - mask2)  # window 2 gives its budget to window 1
+        delta[ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None],
+              r1[:, None, :, None], c1[:, None, None, :]] = new
+        delta = delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(n, 1, 1, 1) * eps_full
+        candidate = norms.clip_box(x + delta, self.bounds)
+        # rounding may push the norm a hair over eps: project back
+        return norms.projector(x, eps_full.reshape(n), "l2", self.bounds)(candidate)
