@@ -1,4 +1,5 @@
-"""Evaluate an attack on a dataset: accuracy-vs-eps curves, minimal distances, binary eps search, masking checks.
+"""Evaluate an attack on a dataset: accuracy-vs-eps curves, minimal distances, binary eps search
+(the masking checks are in `audit`).
 
 Conventions (DESIGN.md): success and accuracy are always computed by re-running the model (eval mode) on the
 returned adversarial batch; robust accuracy counts an already-misclassified input as an error; a minimal
@@ -7,14 +8,13 @@ Data stay on the CPU and move to the device one batch at a time.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from robust_cli.attacks import FGM, FGSM, Noise, model_mode
+from robust_cli.attacks import model_mode, vote_labels
 
 SIZE_COLUMNS = ("l2", "linf", "distortion", "l0")
 
@@ -33,11 +33,18 @@ def _batches(n, batch_size):
 
 
 @torch.no_grad()
-def predict(model, x, batch_size=1000, device=None) -> torch.Tensor:
-    """Labels predicted in eval mode (the caller's mode is restored), on the CPU."""
+def predict(model, x, batch_size=1000, device=None, y=None, draws=1, vote="majority") -> torch.Tensor:
+    """Labels predicted in eval mode (the caller's mode is restored), on the CPU; over `draws` forward passes by
+    `vote` for randomised models (see `attacks.vote_labels`)."""
     device = device or next(model.parameters()).device
     with model_mode(model, "eval"):
-        return torch.cat([model(x[s].to(device)).argmax(dim=1).cpu() for s in _batches(len(x), batch_size)])
+        return torch.cat([vote_labels(model, x[s].to(device), None if y is None else y[s].to(device), draws, vote).cpu()
+                          for s in _batches(len(x), batch_size)])
+
+
+def judge(model, attack, x, y, device=None) -> torch.Tensor:
+    """The labels that decide success for this attack: its eval_draws and vote (one pass for deterministic models)."""
+    return predict(model, x, device=device, y=y, draws=getattr(attack, "eval_draws", 1), vote=getattr(attack, "vote", "majority"))
 
 
 def choose_targets(attack, model, x, y, batch_size=1000, device=None):
@@ -48,20 +55,27 @@ def choose_targets(attack, model, x, y, batch_size=1000, device=None):
     return torch.cat([attack.choose_target(model, x[s].to(device), y[s].to(device)).cpu() for s in _batches(len(x), batch_size)])
 
 
-def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, device=None, advance=None):
-    """x_adv for the whole set, batch by batch; eps a number or a (N,) tensor; eps == 0 returns x itself."""
+def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, device=None, advance=None, info=None):
+    """x_adv for the whole set, batch by batch; eps a number or a (N,) tensor; eps == 0 returns x itself.
+
+    info (a dict) receives `broken_by` for an ensemble: per example the index of the member that broke it first."""
     device = device or next(model.parameters()).device
-    out = []
+    out, broken = [], []
     for s in _batches(len(x), batch_size):
         xb = x[s].to(device)
         eps_b = eps[s] if isinstance(eps, torch.Tensor) and eps.dim() > 0 else eps
         if attack.kind == "budgeted" and not isinstance(eps_b, torch.Tensor) and float(eps_b) == 0:
             out.append(x[s].clone())  # no budget, no change: the eps = 0 row is clean accuracy exactly
+            broken.append(torch.full((len(xb),), -1, dtype=torch.long))
         else:
             tb = target[s].to(device) if target is not None else None
             out.append(attack(model, xb, y[s].to(device), eps_b, target=tb).cpu())
+            if getattr(attack, "last_broken_by", None) is not None:
+                broken.append(attack.last_broken_by.cpu())
         if advance is not None:
             advance(1)
+    if info is not None and hasattr(attack, "members"):
+        info["broken_by"] = torch.cat(broken)
     return torch.cat(out)
 
 
@@ -80,6 +94,19 @@ class Outcome:
     pred: torch.Tensor
     success: torch.Tensor
     seconds: float
+    broken_by: torch.Tensor | None = None  # ensembles: index of the member that broke each example first, -1 none
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval for k successes in n trials (coverage >= level for every true proportion)."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return low, high
 
 
 def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds) -> dict:
@@ -87,6 +114,7 @@ def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds)
     robust_ok = clean_ok & (outcome_pred == y)  # already misclassified counts as an error
     fooled = success & clean_ok
     mean = (lambda v: float(v[fooled].mean())) if fooled.any() else (lambda v: float("nan"))
+    low, high = clopper_pearson(int(robust_ok.sum()), len(y))
     return {
         "attack": attack.name,
         "norm": attack.norm,
@@ -95,6 +123,8 @@ def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds)
         "n": int(len(y)),
         "clean_accuracy": float(clean_ok.double().mean()),
         "robust_accuracy": float(robust_ok.double().mean()),
+        "robust_accuracy_low": low,  # 95 % Clopper-Pearson interval over the n test examples
+        "robust_accuracy_high": high,
         "success_rate": float(fooled.sum()) / max(int(clean_ok.sum()), 1),  # among the correctly classified
         "mean_l2": mean(sizes["l2"]),
         "mean_linf": mean(sizes["linf"]),
@@ -103,14 +133,18 @@ def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds)
     }
 
 
-def example_rows(eps, y, clean_pred, pred, target, success, sizes) -> list[dict]:
+def example_rows(eps, y, clean_pred, pred, target, success, sizes, broken_by=None, member_names=None, index_offset=0) -> list[dict]:
     t = target.tolist() if target is not None else [-1] * len(y)
     cols = {k: sizes[k].tolist() for k in SIZE_COLUMNS}
-    return [
-        {"index": i, "eps": float(eps), "label": int(y[i]), "clean_pred": int(clean_pred[i]), "adv_pred": int(pred[i]),
+    rows = [
+        {"index": index_offset + i, "eps": float(eps), "label": int(y[i]), "clean_pred": int(clean_pred[i]), "adv_pred": int(pred[i]),
          "target": int(t[i]), "success": bool(success[i]), **{k: cols[k][i] for k in SIZE_COLUMNS}}
         for i in range(len(y))
     ]
+    if broken_by is not None:  # which member of the ensemble first succeeded; empty when robust or clean-wrong
+        for r, b in zip(rows, broken_by.tolist()):
+            r["broken_by"] = member_names[b] if b >= 0 and r["success"] else ""
+    return rows
 
 
 def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, batch_size=256, device=None, advance=None):
@@ -119,12 +153,13 @@ def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, 
     outcomes = []
     for eps in eps_list:
         start = time.perf_counter()
-        x_adv = run_attack(model, attack, x, y, eps, target, batch_size, device, advance)
+        info = {}
+        x_adv = run_attack(model, attack, x, y, eps, target, batch_size, device, advance, info)
         if x_adv.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        pred = predict(model, x_adv, device=device)
-        outcomes.append(Outcome(float(eps), x_adv, pred, success_mask(pred, y, target), seconds))
+        pred = judge(model, attack, x_adv, y, device)
+        outcomes.append(Outcome(float(eps), x_adv, pred, success_mask(pred, y, target), seconds, info.get("broken_by")))
     return outcomes
 
 
@@ -187,43 +222,3 @@ def curve_from_distances(attack, distances, y, clean_pred, eps_list, sizes, seco
         broken = distances <= eps
         rows.append(curve_row(attack, eps, y, clean_pred, torch.where(broken, -1, y), broken, sizes, seconds))
     return rows
-
-
-# ----------------------------------------------------------------------------------------------- masking checks
-def reference_attacks(attack):
-    """(single-step version an iterative attack must beat, same-norm noise baseline, margin-loss twin of a CE attack)."""
-    common = {"targeted": attack.targeted or False, "bounds": attack.bounds}
-    single = margin = None
-    if attack.iterative:
-        single = FGSM(**common) if attack.norm == "linf" else FGM(norm=attack.norm, **common)
-    if getattr(attack, "loss", None) == "ce" and attack.iterative:
-        margin = copy.copy(attack)
-        margin.loss = "margin"
-    return single, Noise(norm=attack.norm, distribution="uniform", **common), margin
-
-
-def masking_warnings(rows, single_rows, noise_rows, input_dim: int, bounded: bool, margin_rows=None, tol: float = 0.01) -> list[str]:
-    """Signs of gradient masking (Athalye et al.; Carlini et al.'s checklist) in a robust-accuracy curve."""
-    warnings = []
-    rows = sorted(rows, key=lambda r: r["eps"])
-    for a, b in zip(rows, rows[1:]):
-        if b["robust_accuracy"] > a["robust_accuracy"] + tol:
-            warnings.append(f"robust accuracy rises with eps ({a['robust_accuracy']:.3f} at eps={a['eps']:g} -> {b['robust_accuracy']:.3f} at eps={b['eps']:g}): possible gradient masking")
-    by_eps = {r["eps"]: r for r in rows}
-    for ref, what in ((single_rows or [], "its single-step version"), (noise_rows or [], "random noise of the same norm")):
-        for r in ref:
-            mine = by_eps.get(r["eps"])
-            if mine is not None and r["eps"] > 0 and mine["robust_accuracy"] > r["robust_accuracy"] + tol:
-                warnings.append(f"{mine['attack']} is weaker than {what} at eps={r['eps']:g} ({mine['robust_accuracy']:.3f} vs {r['robust_accuracy']:.3f}): possible gradient masking or a too-small step/step count")
-    for r in margin_rows or []:
-        mine = by_eps.get(r["eps"])
-        if mine is not None and mine["robust_accuracy"] > r["robust_accuracy"] + tol:
-            warnings.append(f"{mine['attack']} with the CE loss is weaker than with loss=margin at eps={r['eps']:g} ({mine['robust_accuracy']:.3f} vs {r['robust_accuracy']:.3f}): "
-                            "CE saturates on this confident model; rerun with attack.loss=margin for a tighter bound")
-    if bounded and rows:
-        last = rows[-1]
-        # a perturbation of half the box (linf 0.5, or l2 distortion 0.5) can turn any input grey
-        scale = last["eps"] if last["norm"] == "linf" else last["eps"] / math.sqrt(input_dim)
-        if last["norm"] in ("linf", "l2") and scale >= 0.5 and last["robust_accuracy"] > 0.05:
-            warnings.append(f"robust accuracy is still {last['robust_accuracy']:.3f} at the large eps={last['eps']:g}; an unbounded attack should reach ~0: possible gradient masking")
-    return warnings

@@ -169,9 +169,12 @@ class TanhHead(nn.Module):
 class Classifier(nn.Module):
     """[0, 1] data -> normalise -> net -> optional head. Attacks and persistence see data space only."""
 
-    def __init__(self, net, num_classes, mean=None, std=None, head=None):
+    def __init__(self, net, num_classes, mean=None, std=None, head=None, test_noise=0.0):
         super().__init__()
         self.net = net
+        # a randomised model for EoT evaluation: Gaussian noise of this std on the input in eval mode only (training
+        # noise is the defense's business, e.g. defense=gaussian_aug)
+        self.test_noise = float(test_noise)
         if mean is not None:
             shape = (1, -1) + (1,) * 2  # per-channel (C, H, W) images
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
@@ -181,6 +184,8 @@ class Classifier(nn.Module):
         self.head = TanhHead(num_classes) if head == "tanh" else None
 
     def forward(self, x):
+        if self.test_noise > 0 and not self.training:
+            x = x + self.test_noise * torch.randn_like(x)
         if self.mean is not None:
             x = (x - self.mean) / self.std
         z = self.net(x)
@@ -201,6 +206,9 @@ def build_model(cfg, meta) -> Classifier:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     head = model_cfg.pop("head", None)
     normalize = model_cfg.pop("normalize", True)
+    test_noise = model_cfg.pop("test_noise", 0.0) or 0.0
+    if not isinstance(test_noise, (int, float)) or test_noise < 0:
+        raise UserError(f"model.test_noise must be a number >= 0 (std of test-time input noise), got {test_noise!r}")
     if head not in (None, "none", "tanh"):
         raise UserError(f"model.head must be none or tanh, got {head!r}")
     try:
@@ -215,4 +223,4 @@ def build_model(cfg, meta) -> Classifier:
             raise UserError(f"model: {cause}") from None
         raise
     use_norm = normalize and meta.mean is not None and len(meta.shape) == 3
-    return Classifier(net, meta.num_classes, meta.mean if use_norm else None, meta.std if use_norm else None, head=None if head == "none" else head)
+    return Classifier(net, meta.num_classes, meta.mean if use_norm else None, meta.std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise)

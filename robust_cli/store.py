@@ -85,6 +85,8 @@ def training_identity(cfg) -> dict:
     # resolve each node inside the full config: an interpolation such as model.k: ${k} points outside the node
     resolved = lambda node: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node  # noqa: E731
     keep = {k: resolved(cfg[k]) for k in ("model", "dataset", "defense", "train", "seed")}
+    if isinstance(keep["model"], dict):  # test-time noise changes the evaluation, not the trained weights
+        keep["model"] = {k: v for k, v in keep["model"].items() if k != "test_noise"}
     keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
     return keep
 

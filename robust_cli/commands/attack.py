@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import ListConfig, OmegaConf
 
+from robust_cli import audit
 from robust_cli import evaluate as ev
 from robust_cli import store
 from robust_cli.errors import UserError
@@ -80,10 +81,15 @@ def run(cfg, ctx):
     if attack.kind == "budgeted":
         with ctx.progress(n_batches * len(epsilons), f"{attack.name} over {len(epsilons)} eps") as advance:
             outcomes = ev.accuracy_curve(model, attack, x, y, epsilons, clean_pred, target, bs, device, advance)
+        names = getattr(attack, "member_names", None)
         for o in outcomes:
             sizes = ev.perturbation_sizes(x, o.x_adv)
             rows.append(ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, sizes, o.seconds))
-            examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes)
+            examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names)
+        if names and getattr(attack, "report_each", False):  # every member alone on every example
+            for member in attack.members:
+                for o in ev.accuracy_curve(model, member, x, y, epsilons, clean_pred, None, bs, device):
+                    rows.append(ev.curve_row(member, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds))
         shown = outcomes[-1]
         if cfg.search.mode == "binary":
             with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
@@ -92,7 +98,13 @@ def run(cfg, ctx):
             distances_rows = _distance_rows(y, found, sizes, clean_pred)
             summary = ev.distance_summary(found, y, clean_pred)
             tensors["search_eps"] = found
-        _masking_checks(cfg, ctx, model, attack, x, y, clean_pred, target, epsilons, rows, device, bs, bounded)
+        if cfg.audit and attack.name != "noise":
+            audit_rows = audit.run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded)
+            ctx.write_csv("audit.csv", audit_rows)
+            for r in audit_rows:
+                if r["status"] != "ok":
+                    ctx.warn(f"audit {r['check']}" + (f" at eps={r['eps']:g}" if r["eps"] != "" else "") + f": {r['detail']}")
+            _print_audit(audit_rows)
     else:
         with ctx.progress(n_batches, f"{attack.name} (minimal)") as advance:
             (o,) = ev.accuracy_curve(model, attack, x, y, [math.inf], clean_pred, target, bs, device, advance)
@@ -107,6 +119,8 @@ def run(cfg, ctx):
         outcomes = [o]
         shown = o
 
+    for message in getattr(attack, "notes", []):  # what the attack changed on its own (few classes, ...)
+        ctx.warn(message)
     ctx.write_csv("curve.csv", rows)
     ctx.write_csv("examples.csv", examples)
     if distances_rows is not None:
@@ -153,22 +167,17 @@ def _distance_rows(y, primary, sizes, clean_pred, dist=None):
     return rows
 
 
-def _masking_checks(cfg, ctx, model, attack, x, y, clean_pred, target, epsilons, rows, device, bs, bounded):
-    """Reference curves (single-step version, same-norm noise at every eps; the margin-loss twin of a CE attack at
-    the largest eps) and the warnings they support."""
-    if not cfg.masking_checks or attack.name == "noise":
-        return
-    single, noise, margin = ev.reference_attacks(attack)
-    references = {}
-    for key, ref, eps in (("single_step", single, epsilons), ("noise", noise, epsilons), ("margin_loss", margin, epsilons[-1:])):
-        if ref is None or (key == "margin_loss" and epsilons[-1] == 0):
-            continue
-        outs = ev.accuracy_curve(model, ref, x, y, eps, clean_pred, target, bs, device)
-        references[key] = [ev.curve_row(ref, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds) for o in outs]
-    for message in ev.masking_warnings(rows, references.get("single_step"), references.get("noise"), math.prod(x.shape[1:]), bounded,
-                                       margin_rows=references.get("margin_loss")):
-        ctx.warn(message)
-    ctx.record["reference_curves"] = references
+def _print_audit(audit_rows):
+    from rich.table import Table
+
+    table = Table(title="audit", show_header=True)
+    for col in ("check", "eps", "status", "detail"):
+        table.add_column(col, overflow="fold", no_wrap=col != "detail")
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    for r in audit_rows:
+        eps = "" if r["eps"] == "" else f"{r['eps']:g}"
+        table.add_row(r["check"], eps, f"[{style[r['status']]}]{r['status']}[/]", r["detail"])
+    store.console.print(table)
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -190,10 +199,9 @@ def _curve_figure(ctx, attack, rows, distances_rows, summary):
         ax.plot(grid.numpy(), acc, label=f"{attack.name} (from distances)")
         ax.axvline(summary.get("median", float("nan")), color="gray", lw=0.8, ls=":", label="median distance")
     else:
-        ax.plot([r["eps"] for r in finite], [r["robust_accuracy"] for r in finite], "o-", label=attack.name)
-        for name, ref in (ctx.record.get("reference_curves") or {}).items():
-            label = {"single_step": ref[0]["attack"], "noise": "noise", "margin_loss": f"{attack.name}, loss=margin"}[name]
-            ax.plot([r["eps"] for r in ref], [r["robust_accuracy"] for r in ref], "x" if len(ref) == 1 else ".:", alpha=0.7, label=label)
+        for name in dict.fromkeys(r["attack"] for r in finite):  # the attack, then any members reported alone
+            mine = [r for r in finite if r["attack"] == name]
+            ax.plot([r["eps"] for r in mine], [r["robust_accuracy"] for r in mine], "o-" if name == attack.name else ".:", label=name)
     ax.axhline(clean, color="k", ls="--", lw=1, label="clean accuracy")
     ax.set_xlabel(f"eps ({attack.norm})")
     ax.set_ylabel("robust accuracy")
