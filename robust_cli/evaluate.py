@@ -27,6 +27,12 @@ def perturbation_sizes(x: torch.Tensor, x_adv: torch.Tensor) -> dict:
     return {"l2": l2, "linf": delta.abs().amax(dim=1), "distortion": l2 / math.sqrt(delta.shape[1]), "l0": (delta != 0).sum(dim=1).double()}
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any, e.g. a wrapper)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _batches(n, batch_size):
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
@@ -36,7 +42,7 @@ def _batches(n, batch_size):
 def predict(model, x, batch_size=1000, device=None, y=None, draws=1, vote="majority") -> torch.Tensor:
     """Labels predicted in eval mode (the caller's mode is restored), on the CPU; over `draws` forward passes by
     `vote` for randomised models (see `attacks.vote_labels`)."""
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     with model_mode(model, "eval"):
         return torch.cat([vote_labels(model, x[s].to(device), None if y is None else y[s].to(device), draws, vote).cpu()
                           for s in _batches(len(x), batch_size)])
@@ -51,7 +57,7 @@ def choose_targets(attack, model, x, y, batch_size=1000, device=None):
     """The attack's targets for every example (None for untargeted attacks), drawn once per dataset."""
     if attack.targeted is None:
         return None
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     return torch.cat([attack.choose_target(model, x[s].to(device), y[s].to(device)).cpu() for s in _batches(len(x), batch_size)])
 
 
@@ -59,7 +65,7 @@ def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, devic
     """x_adv for the whole set, batch by batch; eps a number or a (N,) tensor; eps == 0 returns x itself.
 
     info (a dict) receives `broken_by` for an ensemble: per example the index of the member that broke it first."""
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     out, broken = [], []
     for s in _batches(len(x), batch_size):
         xb = x[s].to(device)

@@ -445,25 +445,6 @@ def test_binary_search_finds_the_exact_l2_distance():
     assert torch.isinf(never).all()
 
 
-def test_masking_warnings():
-    def rows(accs, name="pgd", norm="linf"):
-        return [{"attack": name, "norm": norm, "eps": e, "robust_accuracy": a} for e, a in accs]
-
-    good = rows([(0, 0.98), (0.1, 0.5), (0.3, 0.01), (0.5, 0.0)])
-    assert ev.masking_warnings(good, rows([(0.1, 0.6), (0.3, 0.2), (0.5, 0.1)]), rows([(0.1, 0.97), (0.3, 0.9), (0.5, 0.8)]), 64, True) == []
-    rising = rows([(0, 0.98), (0.1, 0.5), (0.3, 0.7)])
-    assert any("rises" in w for w in ev.masking_warnings(rising, None, None, 64, True))
-    weak = ev.masking_warnings(good, rows([(0.1, 0.3)]), rows([(0.1, 0.2)]), 64, True)
-    assert any("single-step" in w for w in weak) and any("noise" in w for w in weak)
-    saturated = ev.masking_warnings(good, None, None, 64, True, margin_rows=rows([(0.5, 0.0)]))
-    assert saturated == []
-    saturated = ev.masking_warnings(rows([(0, 0.98), (0.3, 0.03)]), None, None, 64, True, margin_rows=rows([(0.3, 0.0)]))
-    assert any("loss=margin" in w for w in saturated)
-    stuck = rows([(0, 0.98), (0.5, 0.4)])
-    assert any("should reach ~0" in w for w in ev.masking_warnings(stuck, None, None, 64, True))
-    assert ev.masking_warnings(stuck, None, None, 64, bounded=False) == []
-
-
 def test_user_errors_are_one_line():
     for make in (lambda: PGD(norm="l3"), lambda: PGD(steps=-1), lambda: DeepFool(targeted="next"), lambda: LBFGS(targeted=False),
                  lambda: LBFGS(c_search="max"), lambda: JSMA(bounds=None), lambda: CW(c=0), lambda: PGD(model_mode="train")):

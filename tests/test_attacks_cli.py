@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ATTACK_DIR = Path(__file__).resolve().parents[1] / "robust_cli" / "conf" / "attack"
-CURVE_COLUMNS = ["attack", "norm", "targeted", "eps", "n", "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2",
+CURVE_COLUMNS = ["attack", "norm", "targeted", "eps", "n", "clean_accuracy", "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "success_rate", "mean_l2",
                  "mean_linf", "mean_distortion", "seconds"]
 EXAMPLE_COLUMNS = ["index", "eps", "label", "clean_pred", "adv_pred", "target", "success", "l2", "linf", "distortion", "l0"]
 
@@ -51,7 +51,12 @@ def test_budgeted_curve_files(attack_cli):
     assert (run / "curve.png").stat().st_size > 0 and (run / "adversarial_examples.png").stat().st_size > 0
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed"
-    assert set(record["reference_curves"]) == {"single_step", "noise", "margin_loss"}  # FGSM, noise, PGD with loss=margin
+    audit = pd.read_csv(run / "audit.csv")
+    assert list(audit.columns) == ["check", "eps", "status", "detail"]
+    # every eps > 0 has its single-step, noise, margin-twin, gradient and more-effort rows (not only the largest eps)
+    for check in ("single_step", "noise", "stronger_than_ce", "gradients", "more_effort"):
+        assert sorted(audit.loc[audit["check"] == check, "eps"].astype(float)) == [0.1, 0.3], check
+    assert {"logits", "randomised", "train_mode", "box_eps", "monotone"} <= set(audit["check"])
 
 
 def test_minimal_attack_distances(attack_cli):

@@ -26,7 +26,7 @@ def checkpoints(n_iter: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * n_iter) for q in p if q <= 1})
+    return sorted({math.ceil(round(q * n_iter, 9)) for q in p if q <= 1})  # round: 0.57 * 100 is 57.000000000000007
 
 
 class APGD(Attack):

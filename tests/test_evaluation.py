@@ -1,0 +1,257 @@
+"""APGD, APGD-T, FAB-T, Square, the AutoAttack cascade and the audit: oracles, closed forms, planted masking."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from robust_cli import audit
+from robust_cli import evaluate as ev
+from robust_cli.attacks import APGD, APGDT, FABT, PGD, AutoAttack, Square, cascade
+from robust_cli.attacks.apgd import checkpoints
+from robust_cli.attacks.fab import project_halfspace
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A small MLP on sklearn's digits (trained here in a second), with 400 held-out examples."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(d.target)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:1200]), y[:1200]).backward()
+        opt.step()
+    return model.eval(), x[1200:1600], y[1200:1600]
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).double().mean())
+
+
+def test_checkpoints_match_the_paper():
+    # p = 0, 0.22, 0.41, 0.57, 0.7, 0.8, 0.87, 0.93, 0.99 for 100 iterations
+    assert checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("norm,eps_list", [("linf", (0.05, 0.1)), ("l2", (0.5, 1.0))])
+def test_apgd_apgdt_fab_agree_with_torchattacks(digits_model, norm, eps_list):
+    ta = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    tnorm = "Linf" if norm == "linf" else "L2"
+    for eps in eps_list:
+        torch.manual_seed(1)
+        pairs = [
+            (APGD(norm=norm, n_iter=100), ta.APGD(model, norm=tnorm, eps=eps, steps=100, loss="ce", seed=0)),
+            (APGD(norm=norm, n_iter=100, loss="dlr"), ta.APGD(model, norm=tnorm, eps=eps, steps=100, loss="dlr", seed=0)),
+            (APGDT(norm=norm, n_iter=100), ta.APGDT(model, norm=tnorm, eps=eps, steps=100, n_classes=10, seed=0)),
+            (FABT(norm=norm, n_iter=100), ta.FAB(model, norm=tnorm, eps=eps, steps=100, n_classes=10, multi_targeted=True, seed=0)),
+        ]
+        for ours, theirs in pairs:
+            a, b = accuracy(model, ours(model, x, y, eps), y), accuracy(model, theirs(x, y), y)
+            assert abs(a - b) <= 0.01, (ours.name, eps, a, b)
+
+
+def test_square_at_least_as_strong_as_torchattacks_and_within_query_budget(digits_model):
+    ta = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    torch.manual_seed(0)
+    ours = accuracy(model, Square(n_queries=300)(model, x, y, 0.1), y)
+    handle.remove()
+    assert sum(calls) <= 300 * len(x) + 2 * len(x)  # per example at most n_queries evaluations (+ the base checks)
+    theirs = accuracy(model, ta.Square(model, eps=0.1, n_queries=300, seed=0)(x, y), y)
+    assert ours <= theirs + 0.01 and ours < accuracy(model, x, y) - 0.2
+
+
+def test_autoattack_agrees_with_torchattacks_and_is_never_above_pgd(digits_model):
+    ta = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    for eps in (0.05, 0.1):
+        torch.manual_seed(0)
+        aa = AutoAttack(n_queries=300)
+        ours = accuracy(model, aa(model, x, y, eps), y)
+        theirs = accuracy(model, ta.AutoAttack(model, eps=eps, n_classes=10, seed=0)(x, y), y)
+        assert abs(ours - theirs) <= 0.01, (eps, ours, theirs)
+        assert ours <= accuracy(model, PGD(steps=10)(model, x, y, eps), y)
+        # broken_by names the first member that succeeded; robust and clean-wrong examples have -1
+        broken = aa.last_broken_by
+        fooled = torch.tensor([True] * len(y))
+        with torch.no_grad():
+            clean_ok = model(x).argmax(1) == y
+        assert ((broken >= 0) <= clean_ok).all() and int((broken >= 0).sum()) == int(clean_ok.sum()) - round(ours * len(y))
+        del fooled
+
+
+def test_cascade_runs_each_member_only_on_survivors(digits_model):
+    model, x, y = digits_model
+    seen = []
+
+    class Spy(PGD):
+        def perturb(self, model, xb, yb, eps, target):
+            seen.append(len(xb))
+            return super().perturb(model, xb, yb, eps, target)
+
+    first, second = Spy(steps=5), Spy(steps=5)
+    x_adv, broken = cascade([first, second], model, x, y, 0.1, lambda z, yz: model(z).argmax(1))
+    with torch.no_grad():
+        clean_ok = int((model(x).argmax(1) == y).sum())
+    assert seen[0] == clean_ok and seen[1] == clean_ok - int((broken == 0).sum())
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_finds_the_exact_distance_to_a_hyperplane(norm):
+    """Two-class linear model without a box: the minimal distance is |w.x + b| / ||w||_dual, closed form."""
+    torch.manual_seed(0)
+    w = torch.randn(20)
+    model = nn.Linear(20, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.stack([torch.zeros(20), w]))
+        model.bias.copy_(torch.tensor([0.0, -0.3]))
+    x = torch.randn(50, 20)
+    y = model(x).argmax(1)
+    fab = FABT(norm=norm, minimal=True, n_iter=20, bounds=None)
+    d = (fab(model, x, y) - x)
+    found = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    exact = (x @ w - 0.3).abs() / (w.abs().sum() if norm == "linf" else w.norm())
+    assert (model(x + d).argmax(1) != y).all()
+    assert torch.allclose(found, exact, rtol=0.06)  # within the 1.05 overshoot
+
+
+def test_halfspace_projection_is_minimal_and_feasible():
+    """Exact projection vs a dense search along the solution's own family, with a box."""
+    torch.manual_seed(0)
+    w = torch.randn(30, 40)
+    lower, upper = -torch.rand(30, 40), torch.rand(30, 40)
+    c = torch.rand(30) * 2
+    for norm in ("l2", "linf"):
+        d = project_halfspace(w, c, lower, upper, norm).float()
+        reach = (w * torch.where(w > 0, upper, lower)).sum(1)  # the most any box point reaches
+        feasible = reach >= c
+        assert ((d >= lower - 1e-6) & (d <= upper + 1e-6)).all()
+        assert ((w * d).sum(1)[feasible] >= c[feasible] - 1e-4).all()
+        # no feasible point of the box has a smaller norm: scaling d down by 1 % breaks the constraint
+        assert ((w * d * 0.99).sum(1)[feasible] < c[feasible]).all()
+
+
+class HardThreshold(nn.Module):
+    """Planted gradient masking: inputs are binarised (gradient zero almost everywhere) before a linear net."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        hard = (x > 0.5).float()
+        return self.net(hard + (x - x.detach()) * 0)  # zero gradient, same value
+
+
+def test_planted_masking_square_beats_pgd_and_the_audit_says_so(digits_model):
+    model, x, y = digits_model
+    masked = HardThreshold(model).eval()
+    clean = ev.predict(masked, x)
+    x, y, clean = x[:200], y[:200], clean[:200]
+    aa = AutoAttack(version="custom", attacks=["apgd", "square"])
+    for m in aa.members:
+        if isinstance(m, Square):
+            m.n_queries = 300
+    torch.manual_seed(0)
+    eps = [0.0, 0.3]
+    outcomes = ev.accuracy_curve(masked, aa, x, y, eps, clean, None, 256)
+    rows = [ev.curve_row(aa, o.eps, y, clean, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds) for o in outcomes]
+    pgd_acc = accuracy(masked, PGD(steps=10)(masked, x, y, 0.3), y)
+    assert rows[1]["robust_accuracy"] < pgd_acc - 0.1  # Square breaks what the gradient attack cannot
+    result = audit.run_audit(masked, aa, x, y, clean, eps, rows, outcomes, 256, torch.device("cpu"), True)
+    status = {(r["check"], r["eps"]): r["status"] for r in result}
+    assert status[("gradients", 0.3)] == "warn"
+    assert status[("stronger_than_ce", 0.3)] == "warn"
+    assert status[("logits", "")] == "ok"
+
+
+def test_softmax_and_randomised_models_are_flagged(digits_model):
+    model, x, y = digits_model
+    soft = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    rows = {r["check"]: r["status"] for r in audit.model_checks(soft, x, torch.device("cpu"))}
+    assert rows["logits"] == "fail" and rows["randomised"] == "ok"
+
+    class Noisy(nn.Module):
+        def forward(self, z):
+            return model(z + 0.1 * torch.randn_like(z))
+
+    rows = {r["check"]: r["status"] for r in audit.model_checks(Noisy().eval(), x, torch.device("cpu"))}
+    assert rows["randomised"] == "warn" and rows["logits"] == "ok"
+
+
+def test_eot_averages_gradients_and_draws_vote(digits_model):
+    """On a randomised model EoT-APGD is at least as strong as single-pass APGD, and the vote is over draws."""
+    model, x, y = digits_model
+
+    class Noisy(nn.Module):
+        def forward(self, z):
+            return model(z + 0.3 * torch.randn_like(z))
+
+    noisy = Noisy().eval()
+    torch.manual_seed(0)
+    plain = APGD(n_iter=20, eval_draws=15)
+    eot = APGD(n_iter=20, eot_iter=10, eval_draws=15)
+    judge = lambda a, z: ev.judge(noisy, a, z, y)  # noqa: E731
+    acc_plain = float((judge(plain, plain(noisy, x, y, 0.1)) == y).double().mean())
+    acc_eot = float((judge(eot, eot(noisy, x, y, 0.1)) == y).double().mean())
+    assert acc_eot <= acc_plain + 0.01
+    # the worst vote can only count fewer examples robust than the majority vote
+    xa = eot(noisy, x, y, 0.1)
+    worst = ev.predict(noisy, xa, y=y, draws=15, vote="worst")
+    major = ev.predict(noisy, xa, y=y, draws=15, vote="majority")
+    assert int((worst == y).sum()) <= int((major == y).sum())
+
+
+def test_clopper_pearson_covers_at_least_nominal():
+    """Measured coverage of the 95 % interval over 2000 simulated test sets (n = 200, p = 0.3 and 0.97)."""
+    gen = torch.Generator().manual_seed(0)
+    for p in (0.3, 0.97):
+        k = torch.binomial(torch.full((2000,), 200.0), torch.full((2000,), p), generator=gen).int().tolist()
+        covered = sum(lo <= p <= hi for lo, hi in (ev.clopper_pearson(v, 200) for v in k))
+        assert covered / 2000 >= 0.95
+
+
+def test_autoattack_cli_broken_by_audit_and_few_classes(robust, tmp_path):
+    proc = robust("attack", "attack=autoattack", "eps=[0,0.1]", "data.n_test=60", "train.epochs=2", "attack.n_queries=100",
+                  "attack.n_iter=20", "attack.report_each=true")
+    assert proc.returncode == 0, proc.stderr
+    run = sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1]
+    examples = pd.read_csv(run / "examples.csv", keep_default_na=False)
+    hit = examples[(examples["eps"] == 0.1) & examples["success"] & (examples["clean_pred"] == examples["label"])]
+    assert len(hit) and set(hit["broken_by"]) <= {"apgd_ce", "apgd_t", "fab_t", "square"}
+    assert (examples.loc[~examples["success"], "broken_by"] == "").all()
+    curve = pd.read_csv(run / "curve.csv")
+    assert set(curve["attack"]) == {"autoattack_standard", "apgd_ce", "apgd_t", "fab_t", "square"}
+    ens = curve[curve["attack"] == "autoattack_standard"].set_index("eps")["robust_accuracy"]
+    each = curve[curve["attack"] != "autoattack_standard"].groupby("eps")["robust_accuracy"].min()
+    assert (ens <= each + 1e-9).all()  # the per-example worst case is never above its best member
+    assert (run / "audit.csv").is_file() and "audit" in proc.stderr + proc.stdout
+    # two classes: runs, and says what it changed
+    proc = robust("attack", "dataset=gaussians2d", "model=two_layer_relu", "attack=autoattack", "eps=[0,0.5]", "data.n_test=40",
+                  "train.epochs=2", "attack.n_queries=50", "attack.n_iter=10")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1].joinpath("run.json").read_text())
+    assert any("target class" in w or "too few" in w for w in record["warnings"])
+
+
+def test_randomised_model_cli_recommends_rand(robust, tmp_path):
+    proc = robust("attack", "attack=apgd", "attack.n_iter=10", "eps=[0,0.1]", "data.n_test=40", "train.epochs=1", "++model.test_noise=0.1")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1].joinpath("run.json").read_text())
+    assert any("randomised" in w and "version=rand" in w for w in record["warnings"])
+    proc = robust("attack", "attack=autoattack", "attack.version=rand", "attack.eot_iter=3", "attack.n_iter=10", "attack.eval_draws=5",
+                  "eps=[0,0.1]", "data.n_test=40", "train.epochs=1", "++model.test_noise=0.1")
+    assert proc.returncode == 0, proc.stderr
