@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import tempfile
@@ -53,8 +54,19 @@ def write_text(path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def _json_safe(obj):
+    """NaN and +-inf are not JSON (JSON.parse rejects them): write null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return write_text(path, json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_csv(path, rows) -> Path:

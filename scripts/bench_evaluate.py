@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Our AutoAttack (standard) vs torchattacks' AutoAttack, same model, images, eps, n_iter and queries, side by side.
+
+Prints, per round and method: seconds, model evaluations (forward examples and backward examples, counted by hooks)
+and robust accuracy; then min and median seconds and the speed ratio. Rounds interleave the two methods (the
+machine may be shared); run at --threads 1 for a stable ratio.
+
+    .venv/bin/python scripts/bench_evaluate.py --checkpoint outputs/checkpoints/<key>/model.pt [--model fc200_200_10]
+        [--n 1000] [--eps 0.1] [--rounds 2] [--threads 1] [--mnist-root DIR]
+Without --checkpoint it trains fc200_200_10 on MNIST for 3 epochs first (about a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_attack import DEFAULT_MNIST, load  # noqa: E402
+
+from robust_cli.attacks import AutoAttack  # noqa: E402
+
+
+def train_default(model_name, mnist_root):
+    """3 epochs of the default recipe through the CLI; returns the checkpoint path."""
+    import subprocess
+
+    out = ROOT / "outputs"
+    args = [sys.executable, "-m", "robust_cli", "train", f"model={model_name}", "dataset=mnist", f"data.root={mnist_root}",
+            "data.download=false", "train.epochs=3", f"outputs_root={out}"]
+    subprocess.run(args, check=True, cwd=ROOT)
+    return sorted((out / "checkpoints").glob(f"{model_name}-mnist-none-s0-*/model.pt"), key=lambda p: p.stat().st_mtime)[-1]
+
+
+class Counter:
+    """Examples through forward and backward passes of the model."""
+
+    def __init__(self, model):
+        self.forward = self.backward = 0
+        model.register_forward_hook(lambda m, i, o: self._fwd(i[0]))
+        model.register_full_backward_hook(lambda m, gi, go: self._bwd(go[0]))
+
+    def _fwd(self, x):
+        self.forward += len(x)
+
+    def _bwd(self, g):
+        self.backward += len(g)
+
+    def reset(self):
+        self.forward = self.backward = 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="fc200_200_10")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--n-queries", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--mnist-root", default=DEFAULT_MNIST)
+    args = ap.parse_args()
+    import torchattacks
+
+    torch.set_num_threads(args.threads)
+    checkpoint = args.checkpoint or train_default(args.model, args.mnist_root)
+    model, data = load(args.model, args.mnist_root, checkpoint, torch.device("cpu"))
+    x, y = data.test_x[: args.n], data.test_y[: args.n]
+    counter = Counter(model)
+
+    def ours():
+        aa = AutoAttack(n_queries=args.n_queries)
+        return torch.cat([aa(model, x[s:s + args.batch_size], y[s:s + args.batch_size], args.eps) for s in range(0, len(x), args.batch_size)])
+
+    def theirs():
+        aa = torchattacks.AutoAttack(model, eps=args.eps, n_classes=10, seed=0)
+        _set_torchattacks(aa, args.n_queries)
+        return torch.cat([aa(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])
+
+    results = {"robust": [], "torchattacks": []}
+    for r in range(args.rounds):
+        for name, fn in (("robust", ours), ("torchattacks", theirs)) if r % 2 == 0 else (("torchattacks", theirs), ("robust", ours)):
+            torch.manual_seed(r)
+            counter.reset()
+            start = time.perf_counter()
+            adv = fn()
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                acc = float((model(adv).argmax(1) == y).double().mean())
+            results[name].append((seconds, counter.forward, counter.backward, acc))
+            print(f"round {r} {name:12s} {seconds:8.1f} s  forward {counter.forward:>10,}  backward {counter.backward:>10,}  robust accuracy {acc:.4f}", flush=True)
+    print(f"\n{args.model}, n={len(y)}, linf eps={args.eps}, threads={args.threads}, n_iter=100, square queries={args.n_queries}")
+    for name, rows in results.items():
+        secs = [r[0] for r in rows]
+        print(f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy {rows[0][3]:.4f}  "
+              f"forward {rows[0][1]:,}  backward {rows[0][2]:,}")
+    ratio_min = min(r[0] for r in results["torchattacks"]) / min(r[0] for r in results["robust"])
+    ratio_med = statistics.median(r[0] for r in results["torchattacks"]) / statistics.median(r[0] for r in results["robust"])
+    print(f"speed ratio torchattacks / robust: min {ratio_min:.2f}x, median {ratio_med:.2f}x (target >= 1.5)")
+
+
+def _set_torchattacks(aa, n_queries):
+    """torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at the paper's settings: it ships 10
+    steps for APGD and FAB; set 100, and Square's queries."""
+    for attack in aa._autoattack.attacks:
+        if type(attack).__name__ == "Square":
+            attack.n_queries = n_queries
+        else:
+            attack.steps = 100
+
+
+if __name__ == "__main__":
+    main()
