@@ -70,20 +70,51 @@ def _reorder(args: list[str]) -> list[str]:
     return flags + overrides
 
 
-def _precheck(command: str, overrides: list[str]) -> None:
-    """Compose once before Hydra runs, to turn a bad override into one line and exit code 2."""
+def _quote(value: str) -> str:
+    """A Hydra override value: quoted (with escapes) unless it is plain path characters."""
+    import re
+
+    if re.fullmatch(r"[\w/.\-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _precheck(command: str, overrides: list[str]) -> str:
+    """Compose once before Hydra runs, to turn a bad override into one line and exit code 2; returns the run
+    directory Hydra would use."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=command):
-            compose(config_name=command, overrides=overrides)
+            cfg = compose(config_name=command, overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # resolves ${hydra.runtime.choices.*} in the run directory name
+            return str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split("Config search path")[0].split())
         raise UserError(message) from None
     except ValueError as exc:  # e.g. group=null: Hydra's defaults list refuses it with a bare ValueError
         raise UserError(f"{exc} (to drop a config group, write ~group, e.g. '~hydra/callbacks')") from None
+
+
+def claim_run_dir(run_dir: str) -> Path:
+    """Create the run directory exclusively; on a collision (two runs started in the same second) add -1, -2, ...
+
+    mkdir is atomic, so two processes can never get the same directory (their files would overwrite each other)."""
+    base = Path(run_dir)
+    candidate, i = base, 0
+    while True:
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            i += 1
+            candidate = base.with_name(f"{base.name}-{i}")
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory '{candidate}' ({exc.strerror}); set outputs_root= to a writable folder") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     sweeping = any(a in ("-m", "--multirun") for a in rest)
     try:
         if not sweeping and not any(a in ("-h", "--help", "--hydra-help") for a in rest):
-            _precheck(command, plain)
+            run_dir = _precheck(command, plain)
+            inspecting = any(a in ("-c", "--cfg", "-i", "--info") or a.startswith("--cfg=") for a in rest)
+            writes = getattr(importlib.import_module(f"robust_cli.commands.{command}"), "WRITES_RUN_DIR", True)
+            if writes and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain) and "COMP_LINE" not in os.environ:
+                rest.append(f"hydra.run.dir={_quote(str(claim_run_dir(run_dir)))}")
         _check_launcher(plain)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
