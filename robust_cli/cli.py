@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -228,6 +229,14 @@ def validate_common(cfg) -> None:
         dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the same clean-up as for Ctrl-C runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_command(command: str, cfg):
     """Run one job: validate, execute, record run.json; user errors become one line and exit code 2."""
     from hydra.core.hydra_config import HydraConfig
@@ -255,6 +264,8 @@ def run_command(command: str, cfg):
         "end_time": None,
         "multirun_job": hydra_cfg.job.num if multirun else None,
     }
+    # SIGTERM (SLURM's time-out and pre-emption) is handled like Ctrl-C: status interrupted, checkpoint kept
+    signal.signal(signal.SIGTERM, _raise_terminated)
     module = importlib.import_module(f"robust_cli.commands.{command}")
     run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) else None
     ctx = None
@@ -282,8 +293,15 @@ def run_command(command: str, cfg):
         if not multirun:
             _finish(record, run_json, ctx)
             sys.exit(2)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        record.update(status="interrupted", error=repr(exc))
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        record.update(status="interrupted", error=how)
+        _finish(record, run_json, ctx)
+        saved = "the last finished epoch is kept: rerun the same command with resume=true" if command == "train" else "rerun the same command"
+        print(f"interrupted ({how}): {run_json or run_dir} says status=interrupted; {saved}", file=sys.stderr, flush=True)
+        sys.exit(143 if how == "SIGTERM" else 130)
+    except SystemExit:
+        record.update(status="interrupted", error="SystemExit")
         _finish(record, run_json, ctx)
         raise
     except Exception as exc:

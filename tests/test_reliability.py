@@ -23,3 +23,22 @@ def test_outputs_root_that_is_a_file_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "afile" in lines[0] and "Traceback" not in proc.stderr
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_sigterm_marks_the_run_interrupted_in_one_line(tmp_path):
+    import json
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train", "train.epochs=200"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "outputs").glob("checkpoints/*/last.pt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (SIGTERM)") and "resume=true" in err
+    record = json.loads(next((tmp_path / "outputs" / "train").glob("*/*/run.json")).read_text())
+    assert record["status"] == "interrupted"
+    assert list((tmp_path / "outputs").glob("checkpoints/*/last.pt"))  # the checkpoint is kept
