@@ -38,8 +38,7 @@ def row(check, eps, bad, detail, status_bad="warn"):
 
 
 def _curve(model, attack, x, y, clean_pred, epsilons, bs, device):
-    outs = ev.accuracy_curve(model, attack, x, y, epsilons, clean_pred, None, bs, device)
-    return {o.eps: ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds) for o in outs}
+    return {r["eps"]: r for r in ev.curve_rows(model, attack, x, y, clean_pred, epsilons, bs, device)}
 
 
 def _more_effort(attack: Attack) -> Attack:

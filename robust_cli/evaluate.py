@@ -169,6 +169,12 @@ def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, 
     return outcomes
 
 
+def curve_rows(model, attack, x, y, clean_pred, eps_list, batch_size=256, device=None) -> list[dict]:
+    """curve.csv rows of a budgeted attack run alone on every example (references, ensemble members)."""
+    outcomes = accuracy_curve(model, attack, x, y, eps_list, clean_pred, None, batch_size, device)
+    return [curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, perturbation_sizes(x, o.x_adv), o.seconds) for o in outcomes]
+
+
 def minimal_distances(y, clean_pred, success, sizes) -> dict:
     """Per-example distances of a minimal attack: 0 where already misclassified, +inf where the attack failed."""
     clean_wrong = clean_pred != y

@@ -53,31 +53,37 @@ class APGD(Attack):
     def name(self) -> str:
         return f"apgd_{self.loss}"
 
+    def runs(self, clean_logits, target):
+        """The targets of the successive runs (each run `restarts` times): the caller's target (None: untargeted)."""
+        return [target]
+
     def perturb(self, model, x, y, eps, target):
-        self._check_classes(model, x)
+        with torch.no_grad():
+            clean_logits = model(x)
+        self._check_classes(clean_logits.shape[1])
         best = x.clone()
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        fooled = self.is_success(clean_logits, y, target)  # already adversarial: x itself is the answer
         best_loss = torch.full((len(x),), -math.inf, device=x.device)
-        for _ in range(self.restarts):
-            todo = (~fooled).nonzero().squeeze(1)
-            if len(todo) == 0:
-                break
-            t = None if target is None else target[todo]
-            x_r, fooled_r, loss_r = self.single_run(model, x[todo], y[todo], norms.per_example_slice(eps, todo), t)
-            better = fooled_r | (loss_r > best_loss[todo])
-            best[todo[better]] = x_r[better]
-            best_loss[todo[better]] = loss_r[better]
-            fooled[todo[fooled_r]] = True
+        for run_target in self.runs(clean_logits, target):
+            for _ in range(self.restarts):  # each example keeps its worst case: fooled first, then the highest loss
+                todo = (~fooled).nonzero().squeeze(1)
+                if len(todo) == 0:
+                    return best
+                t = None if run_target is None else run_target[todo]
+                x_r, fooled_r, loss_r = self.single_run(model, x[todo], y[todo], norms.per_example_slice(eps, todo), t)
+                better = fooled_r | (loss_r > best_loss[todo])
+                best[todo[better]] = x_r[better]
+                best_loss[todo[better]] = loss_r[better]
+                fooled[todo[fooled_r]] = True
         return best
 
-    def _check_classes(self, model, x):
-        """The DLR loss needs >= 3 classes (its denominator is Z_pi1 - Z_pi3): fall back to the margin and say so."""
-        if self.loss == "dlr":
-            with torch.no_grad():
-                k = model(x[:1]).shape[1]
-            if k < 3:
-                self.loss = "margin"
-                self.note(f"apgd: {k} classes are too few for the DLR loss; it uses the logit margin instead")
+    min_dlr_classes = 3  # the DLR denominator Z_pi1 - Z_pi3 needs a third logit
+
+    def _check_classes(self, classes: int):
+        """Too few classes for the DLR loss: fall back to the logit margin and say so."""
+        if self.loss == "dlr" and classes < self.min_dlr_classes:
+            self.loss = "margin"
+            self.note(f"{self.name}: {classes} classes are too few for the DLR loss; it uses the logit margin instead")
 
     def is_success(self, logits, y, target):
         return self.is_adversarial(logits, y, target)
@@ -96,7 +102,7 @@ class APGD(Attack):
         marks = set(checkpoints(self.n_iter)[1:])
         last_mark = 0
         increases = torch.zeros(n, device=x.device)
-        loss_at_mark, eta_at_mark = best_loss.clone(), eta.flatten(1)[:, 0].clone()
+        loss_at_mark = best_loss.clone()
         reduced_at_mark = torch.ones(n, dtype=torch.bool, device=x.device)
         x_prev = x_adv.clone()
         prev_loss = loss
@@ -146,40 +152,19 @@ class APGDT(APGD):
         super().__init__(loss=loss, **kwargs)
         self.n_target_classes = _positive_int("n_target_classes", n_target_classes)
 
+    min_dlr_classes = 4  # targeted DLR's denominator needs the 4th logit
+
     @property
     def name(self) -> str:
         return "apgd_t"
 
-    def _check_classes(self, model, x):
-        pass
-
     def is_success(self, logits, y, target):
         return logits.argmax(dim=1) != y  # untargeted success whatever the steering target
 
-    def targets_for(self, logits, k: int) -> list[torch.Tensor]:
-        order = logits.argsort(dim=1, descending=True)
-        return [order[:, j] for j in range(1, 1 + min(k, logits.shape[1] - 1))]
-
-    def perturb(self, model, x, y, eps, target):
-        with torch.no_grad():
-            clean_logits = model(x)
+    def runs(self, clean_logits, target):
+        """One target per run: the classes ranked 2nd, 3rd, ... by the clean model."""
         classes = clean_logits.shape[1]
-        if self.loss == "dlr" and classes < 4:  # targeted DLR's denominator needs the 4th logit
-            self.loss = "margin"
-            self.note(f"apgd_t: {classes} classes are too few for the targeted DLR loss; it uses the targeted logit margin instead")
         if self.n_target_classes > classes - 1:
             self.note(f"apgd_t: {classes} classes give {classes - 1} target class(es), not {self.n_target_classes}")
-        best = x.clone()
-        fooled = clean_logits.argmax(dim=1) != y
-        best_loss = torch.full((len(x),), -math.inf, device=x.device)
-        for tgt in self.targets_for(clean_logits, self.n_target_classes):
-            for _ in range(self.restarts):
-                todo = (~fooled).nonzero().squeeze(1)
-                if len(todo) == 0:
-                    return best
-                x_r, fooled_r, loss_r = self.single_run(model, x[todo], y[todo], norms.per_example_slice(eps, todo), tgt[todo])
-                better = fooled_r | (loss_r > best_loss[todo])
-                best[todo[better]] = x_r[better]
-                best_loss[todo[better]] = loss_r[better]
-                fooled[todo[fooled_r]] = True
-        return best
+        order = clean_logits.argsort(dim=1, descending=True)
+        return [order[:, j] for j in range(1, 1 + min(self.n_target_classes, classes - 1))]

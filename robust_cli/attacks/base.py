@@ -99,7 +99,7 @@ class Attack:
         if vote not in VOTES:
             raise UserError(f"vote must be majority or worst, got {vote!r}")
         self.eval_draws, self.vote = int(eval_draws), vote
-        self.notes: list[str] = []  # what the attack changed on its own (e.g. a loss the model has too few classes for)
+        self._notes: list[str] = []
         if eot_iter is None or int(eot_iter) != eot_iter or int(eot_iter) < 1:
             raise UserError(f"eot_iter must be an integer >= 1 (gradient averaged over that many passes), got {eot_iter!r}")
         self.eot_iter = int(eot_iter)
@@ -116,9 +116,14 @@ class Attack:
     def name(self) -> str:
         return type(self).__name__.lower()
 
+    @property
+    def notes(self) -> list[str]:
+        """What the attack changed on its own (e.g. a loss the model has too few classes for), once each."""
+        return self._notes
+
     def note(self, message: str) -> None:
-        if message not in self.notes:
-            self.notes.append(message)
+        if message not in self._notes:
+            self._notes.append(message)
 
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

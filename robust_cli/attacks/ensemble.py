@@ -113,7 +113,3 @@ class AutoAttack(Attack):
     @property
     def notes(self) -> list[str]:
         return [n for m in self.members for n in m.notes]
-
-    @notes.setter
-    def notes(self, value):  # the base class initialises it; an ensemble's notes are its members'
-        pass

@@ -30,6 +30,17 @@ def p_at(iteration: int, n_queries: int, p_init: float) -> float:
     return p_init / 2 ** sum(i > h for h in _HALVINGS)
 
 
+def _window(n, h, w, sh, sw, device):
+    """A random sh x sw window per example: its rows (n, sh), columns (n, sw) and mask (n, 1, h, w)."""
+    vh = torch.randint(0, h - sh + 1, (n,), device=device)
+    vw = torch.randint(0, w - sw + 1, (n,), device=device)
+    rows = vh[:, None] + torch.arange(sh, device=device)
+    cols = vw[:, None] + torch.arange(sw, device=device)
+    mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
+    mask[torch.arange(n, device=device)[:, None, None], 0, rows[:, :, None], cols[:, None, :]] = True
+    return rows, cols, mask
+
+
 def _rectangles(rows: int, cols: int, device) -> torch.Tensor:
     """Concentric rectangles of weight 1/(r+1)^2 around the centre (the paper's pseudo-Gaussian)."""
     delta = torch.zeros(rows, cols, device=device)
@@ -62,13 +73,11 @@ class Square(Attack):
             raise UserError(f"square p_init must be in (0, 1], got {p_init!r}")
         self.p_init = p_init
         self.restarts = _positive_int("restarts", restarts)
+        self.loss = "margin"  # the base class's logit margin, ascended there, lowered here
 
     def margin(self, logits, y, target):
         """Loss to lower; < 0 exactly when the example is adversarial."""
-        label = y if target is None else target
-        own = logits.gather(1, label[:, None]).squeeze(1)
-        other = logits.scatter(1, label[:, None], float("-inf")).amax(dim=1)
-        return own - other if target is None else other - own
+        return -self.attack_loss(logits, y, target)
 
     @torch.no_grad()
     def perturb(self, model, x, y, eps, target):
@@ -89,7 +98,7 @@ class Square(Attack):
 
     def single_run(self, model, x, y, eps, target):
         n, c, h, w = x.shape
-        eps_b = norms.per_example(eps, x)
+        eps_b = torch.ones(n, 1, 1, 1, device=x.device, dtype=x.dtype) * norms.per_example(eps, x)  # (n, 1, 1, 1)
         if self.norm == "linf":
             stripes = torch.randint(0, 2, (n, c, 1, w), device=x.device).to(x.dtype) * 2 - 1
             x_best = norms.clip_box(x + eps_b * stripes, self.bounds)
@@ -100,9 +109,7 @@ class Square(Attack):
             active = (margin > 0).nonzero().squeeze(1)
             if len(active) == 0:
                 break
-            xa, xb, ya = x[active], x_best[active], y[active]
-            ea = norms.per_example_slice(eps, active) if isinstance(eps, torch.Tensor) else eps
-            ea_b = norms.per_example(ea, xa)
+            xa, xb, ya, ea_b = x[active], x_best[active], y[active], eps_b[active]
             p = p_at(i, self.n_queries, self.p_init)
             if self.norm == "linf":
                 candidate = self._linf_step(xa, xb, ea_b, p)
@@ -118,19 +125,12 @@ class Square(Attack):
 
     # ----------------------------------------------------------------------------------- linf (Algorithm 2)
     def _linf_step(self, x, x_best, eps_b, p):
+        """eps_b: (n, 1, 1, 1). The window gets one random +-eps per channel."""
         n, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), max(h, w))
-        sh, sw = min(s, h), min(s, w)
-        delta = x_best - x
-        vh = torch.randint(0, h - sh + 1, (n,), device=x.device)
-        vw = torch.randint(0, w - sw + 1, (n,), device=x.device)
-        rows = vh[:, None] + torch.arange(sh, device=x.device)  # (n, sh)
-        cols = vw[:, None] + torch.arange(sw, device=x.device)
-        window = torch.zeros(n, 1, h, w, dtype=torch.bool, device=x.device)
-        window[torch.arange(n, device=x.device)[:, None, None], 0, rows[:, :, None], cols[:, None, :]] = True
-        eps_full = eps_b if isinstance(eps_b, torch.Tensor) else torch.full((n, 1, 1, 1), eps_b, device=x.device, dtype=x.dtype)
+        _, _, window = _window(n, h, w, min(s, h), min(s, w), x.device)
         sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
-        delta = torch.where(window, sign * eps_full, delta)
+        delta = torch.where(window, sign * eps_b, x_best - x)
         return norms.clip_box(x + delta, self.bounds)
 
     # ----------------------------------------------------------------------------------- l2 (Algorithm 3)
@@ -154,36 +154,26 @@ class Square(Attack):
             s += 1
         sh, sw = min(s, h), min(s, w)
         delta = x_best - x
-        eps_full = (eps_b if isinstance(eps_b, torch.Tensor) else torch.full((n, 1, 1, 1), eps_b, device=x.device, dtype=x.dtype)).reshape(n, 1, 1, 1)
         ar = torch.arange(n, device=x.device)[:, None, None]
-
-        def window_at():
-            vh = torch.randint(0, h - sh + 1, (n,), device=x.device)
-            vw = torch.randint(0, w - sw + 1, (n,), device=x.device)
-            return vh[:, None] + torch.arange(sh, device=x.device), vw[:, None] + torch.arange(sw, device=x.device)
-
-        r1, c1 = window_at()
-        r2, c2 = window_at()
-        mask1 = torch.zeros(n, 1, h, w, dtype=x.dtype, device=x.device)
-        mask1[ar, 0, r1[:, :, None], c1[:, None, :]] = 1
-        mask2 = torch.zeros_like(mask1)
-        mask2[ar, 0, r2[:, :, None], c2[:, None, :]] = 1
+        r1, c1, mask1 = _window(n, h, w, sh, sw, x.device)
+        _, _, mask2 = _window(n, h, w, sh, sw, x.device)
+        mask1, mask2 = mask1.to(x.dtype), mask2.to(x.dtype)
         both = torch.maximum(mask1, mask2)
         norm_total = delta.flatten(1).norm(dim=1).reshape(n, 1, 1, 1)
         norm_windows = (delta * both).square().sum(dim=(2, 3), keepdim=True).sqrt()  # per channel
         # the new window: a fresh meta pattern with random sign per channel plus the old window's direction
-        old = delta[ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None],
-                    r1[:, None, :, None], c1[:, None, None, :]]  # (n, c, sh, sw)
+        in_window1 = (ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None],
+                      r1[:, None, :, None], c1[:, None, None, :])  # indexes delta's (n, c, sh, sw) window 1
+        old = delta[in_window1]
         old_norm = old.square().sum(dim=(2, 3), keepdim=True).sqrt()
         pattern = meta_pattern(s, x.device).to(x.dtype)[:sh, :sw]
         sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
         new = pattern * sign + old / (old_norm + 1e-12)
-        budget = ((eps_full ** 2 - norm_total ** 2).clamp_min(0) / c + norm_windows ** 2).sqrt()
+        budget = ((eps_b ** 2 - norm_total ** 2).clamp_min(0) / c + norm_windows ** 2).sqrt()
         new = new / new.square().sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
         delta = delta * (1 - mask2)  # window 2 gives its budget to window 1
-        delta[ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None],
-              r1[:, None, :, None], c1[:, None, None, :]] = new
-        delta = delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(n, 1, 1, 1) * eps_full
+        delta[in_window1] = new
+        delta = delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(n, 1, 1, 1) * eps_b
         candidate = norms.clip_box(x + delta, self.bounds)
         # rounding may push the norm a hair over eps: project back
-        return norms.projector(x, eps_full.reshape(n), "l2", self.bounds)(candidate)
+        return norms.projector(x, eps_b.reshape(n), "l2", self.bounds)(candidate)

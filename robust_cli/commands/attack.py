@@ -88,8 +88,7 @@ def run(cfg, ctx):
             examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names)
         if names and getattr(attack, "report_each", False):  # every member alone on every example
             for member in attack.members:
-                for o in ev.accuracy_curve(model, member, x, y, epsilons, clean_pred, None, bs, device):
-                    rows.append(ev.curve_row(member, o.eps, y, clean_pred, o.pred, o.success, ev.perturbation_sizes(x, o.x_adv), o.seconds))
+                rows += ev.curve_rows(model, member, x, y, clean_pred, epsilons, bs, device)
         shown = outcomes[-1]
         if cfg.search.mode == "binary":
             with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
