@@ -29,6 +29,36 @@ class CollectOnMultirunEnd(Callback):
             store.console.print(f"[bold yellow]warning:[/] collecting {sweep_dir} failed ({type(exc).__name__}: {exc}); run `robust collect {sweep_dir}`")
 
 
+class SweepStatus(Callback):
+    """Counts the sweep's jobs that did not complete, so that `robust` exits non-zero after all of them ran.
+
+    A failing job returns normally to keep the sweep going (hydra#1927); its run.json says what happened. Configured
+    in common.yaml under hydra.callbacks, not in the hydra/callbacks group, so that ~hydra/callbacks keeps it."""
+
+    not_completed: list[tuple[str, str]] = []  # (run directory, status), read by cli.main once the sweep returns
+    jobs = 0
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+
+        from robust_cli import store
+        from robust_cli.collect import find_run_dirs
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        runs, orphans = find_run_dirs([sweep_dir])
+        SweepStatus.jobs = len(runs) + len(orphans)
+        for run_dir in runs:
+            try:
+                status = store.run_status(json.loads((run_dir / "run.json").read_text()), run_dir)
+            except (OSError, ValueError):
+                status = "unreadable"
+            if status != "completed":
+                SweepStatus.not_completed.append((str(run_dir), status))
+        SweepStatus.not_completed += [(str(o), "missing") for o in orphans]
+
+
 class CheckScale(Callback):
     """Experiment presets pick their sizes with `scale=<name>` from their `scales` table; an unknown name would
     surface as an interpolation traceback from deep inside the sweeper, so stop first with one line (exit 2)."""

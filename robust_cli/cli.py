@@ -151,6 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sys.argv = [argv[0], *rest]
     _hydra_app(command)()
+    if sweeping:
+        from robust_cli.callbacks import SweepStatus
+
+        if SweepStatus.not_completed:
+            first, status = SweepStatus.not_completed[0]
+            print(f"error: {len(SweepStatus.not_completed)} of {SweepStatus.jobs} sweep jobs did not complete (first: {first}, {status}); "
+                  "their run.json says why, and the sweep's collected/failed_runs.csv lists them", file=sys.stderr)
+            sys.exit(1)
 
 
 # launcher option -> (plugin module, install command): a missing plugin is one line, not Hydra's "Unknown plugin class"
@@ -243,7 +251,7 @@ def run_command(command: str, cfg):
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
-    from robust_cli import store
+    from robust_cli import registry, store
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -259,6 +267,7 @@ def run_command(command: str, cfg):
         "git_commit": _git_commit(),
         "versions": {"robust": robust_cli.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
         "host": platform.node(),
+        "pid": os.getpid(),
         "device": None,
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "end_time": None,
@@ -269,6 +278,7 @@ def run_command(command: str, cfg):
     module = importlib.import_module(f"robust_cli.commands.{command}")
     run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) else None
     ctx = None
+    beat = store.Heartbeat(run_dir) if run_json is not None else None
     try:
         record["config"] = OmegaConf.to_container(cfg, resolve=True)
         device = resolve_device(cfg.get("device", "auto"))
@@ -278,6 +288,7 @@ def run_command(command: str, cfg):
                 raise UserError(f"threads must be a positive integer or null, got {threads!r}")
             torch.set_num_threads(threads)
         record["device"] = str(device)
+        record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
         if getattr(module, "NEEDS_COMMON_VALIDATION", True):
             validate_common(cfg)
         if hasattr(module, "validate"):
@@ -285,37 +296,38 @@ def run_command(command: str, cfg):
         ctx = store.RunContext(cfg, run_dir, device, record)
         if run_json is not None:
             store.write_json(run_json, record)
+            beat.start()
         module.run(cfg, ctx)
         record["status"] = "completed"
     except UserError as exc:
         record.update(status="user_error", error=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if not multirun:
-            _finish(record, run_json, ctx)
+            _finish(record, run_json, ctx, beat)
             sys.exit(2)
     except KeyboardInterrupt as exc:
         how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         record.update(status="interrupted", error=how)
-        _finish(record, run_json, ctx)
+        _finish(record, run_json, ctx, beat)
         saved = "the last finished epoch is kept: rerun the same command with resume=true" if command == "train" else "rerun the same command"
         print(f"interrupted ({how}): {run_json or run_dir} says status=interrupted; {saved}", file=sys.stderr, flush=True)
         sys.exit(143 if how == "SIGTERM" else 130)
     except SystemExit:
         record.update(status="interrupted", error="SystemExit")
-        _finish(record, run_json, ctx)
+        _finish(record, run_json, ctx, beat)
         raise
     except Exception as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         if not multirun:
-            _finish(record, run_json, ctx)
+            _finish(record, run_json, ctx, beat)
             raise
         # one failing job must not kill the sweep (hydra#1927): record it and return normally
         store.console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/] {type(exc).__name__}: {exc} (see {run_json})")
-    _finish(record, run_json, ctx)
+    _finish(record, run_json, ctx, beat)
     return record["status"]
 
 
-def _finish(record, run_json, ctx) -> None:
+def _finish(record, run_json, ctx, beat) -> None:
     from rich.table import Table
 
     from robust_cli import store

@@ -84,7 +84,7 @@ def _parse_value(text: str):
 def run_columns(record: dict, run_dir: Path) -> dict:
     """The config values that tell this run apart from its neighbours in a sweep."""
     config = record.get("config") or {}
-    cols = {"run": str(run_dir), "command": record.get("command"), "status": record.get("status")}
+    cols = {"run": str(run_dir), "command": record.get("command"), "status": store.run_status(record, run_dir)}
     cols.update({g: v for g, v in (record.get("choices") or {}).items() if g in CHOICE_COLUMNS and v})
     if "seed" in config:
         cols["seed"] = config["seed"]
@@ -133,8 +133,9 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         swept.update(dict.fromkeys(cols))
         headline = {k: v for k, v in (record.get("headline") or {}).items() if k not in cols}
         runs.append({**cols, **headline})
-        if record.get("status") != "completed":
-            failed.append({**cols, "error": record.get("error"), "overrides": " ".join(record.get("overrides") or [])})
+        if cols["status"] != "completed":
+            error = record.get("error") or ("the process is gone without a word (killed with SIGKILL, out of memory, or its node lost)" if cols["status"] == "died" else None)
+            failed.append({**cols, "error": error, "overrides": " ".join(record.get("overrides") or [])})
             continue
         for kind in KINDS:
             path = run_dir / f"{kind}.csv"

@@ -1,31 +1,34 @@
-"""Run directories, atomic files, checkpoints and the fingerprint registry.
+"""Atomic files and the run context (directory, device, warnings, headline, progress) every command gets.
 
-A finished training run publishes its checkpoint at `<outputs_root>/checkpoints/<key>/model.pt`, where <key> names
-model, dataset, defense, seed and a hash of everything that changes the trained weights. Later commands find
-"the model for this config" there; `checkpoint=PATH` overrides. While training, `last.pt` beside it holds the
-latest epoch (for `resume=true`), and `lock` keeps two jobs from training the same key at once.
+The checkpoint registry is `registry.py`; the training loop is `train.py`. This module imports neither.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
 import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from robust_cli.errors import UserError
 
 console = Console(stderr=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; results on shared storage must be readable as the user's umask allows (0644 by default)
+FILE_MODE = 0o666 & ~_current_umask()
 
 
 # ----------------------------------------------------------------------------------------------- atomic files
@@ -38,6 +41,7 @@ def atomic_write(path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -82,95 +86,73 @@ def save_torch(path, obj) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def load_checkpoint(path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint '{path}' does not exist; check the path or drop checkpoint= to use this config's own") from None
-    except Exception as exc:
-        raise UserError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is corrupt or not a robust checkpoint: retrain it") from None
-
-
-# ----------------------------------------------------------------------------------------------- fingerprints
-def training_identity(cfg) -> dict:
-    """The part of a config that decides the trained weights (not the device, paths or evaluation settings)."""
-    # resolve each node inside the full config: an interpolation such as model.k: ${k} points outside the node
-    resolved = lambda node: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node  # noqa: E731
-    keep = {k: resolved(cfg[k]) for k in ("model", "dataset", "defense", "train", "seed")}
-    if isinstance(keep["model"], dict):  # test-time noise changes the evaluation, not the trained weights
-        keep["model"] = {k: v for k, v in keep["model"].items() if k != "test_noise"}
-    keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
-    return keep
-
-
 def choice(cfg, group: str) -> str:
     """The option name chosen for a config group (e.g. 'fc200_200_10'), recorded by the CLI in `cfg.choices`."""
     choices = cfg.get("choices") or {}
     return str(choices.get(group) or "custom")
 
 
-def checkpoint_key(cfg) -> str:
-    digest = hashlib.sha256(json.dumps(training_identity(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{choice(cfg, 'model')}-{choice(cfg, 'dataset')}-{choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
+
+# ----------------------------------------------------------------------------------------------- heartbeat
+HEARTBEAT_SECONDS = float(os.environ.get("ROBUST_HEARTBEAT_SECONDS", "30"))
 
 
-def checkpoint_dir(cfg) -> Path:
-    return Path(str(cfg.outputs_root)) / "checkpoints" / checkpoint_key(cfg)
+class Heartbeat:
+    """Rewrites `heartbeat.json` (pid, host, updated) every HEARTBEAT_SECONDS from a daemon thread while a run lives.
 
+    A run killed with SIGKILL (or its node lost) cannot say so; its run.json stays `running`. `run_status` then tells
+    it apart from a live one: on this host by its pid, elsewhere by a heartbeat older than 4 intervals."""
 
-def published_checkpoint(cfg) -> Path:
-    """The checkpoint later commands use: `checkpoint=PATH` if given, else this config's registry entry."""
-    if cfg.get("checkpoint"):
-        return Path(str(cfg.checkpoint))
-    return checkpoint_dir(cfg) / "model.pt"
+    def __init__(self, directory: Path):
+        import socket
+        import threading
 
+        self.path = Path(directory) / "heartbeat.json"
+        self.beat = {"pid": os.getpid(), "host": socket.gethostname(), "interval_s": HEARTBEAT_SECONDS}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="robust-heartbeat", daemon=True)
 
-@contextlib.contextmanager
-def training_lock(directory: Path, poll_seconds: float = 2.0):
-    """Hold `directory/lock` (atomic O_EXCL create). Waits while another live process holds it; clears stale ones."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    announced = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
-        except FileExistsError:
-            if _lock_is_stale(lock):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
-                continue
-            if not announced:
-                console.print(f"[yellow]waiting for another job training {directory.name}[/]")
-                announced = True
-            time.sleep(poll_seconds)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
+    def _write(self) -> None:
+        import time
 
-
-def _lock_is_stale(lock: Path) -> bool:
-    try:
-        owner = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        # a lock being written right now has no content yet; only an old unreadable one is stale
         with contextlib.suppress(OSError):
-            return time.time() - lock.stat().st_mtime > 60
-        return False
-    if owner.get("host") != socket.gethostname():
-        return False  # cannot check a process on another node; the lock is released when that job ends
+            write_json(self.path, {**self.beat, "updated": time.time()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self._write()
+
+    def start(self) -> None:
+        self._write()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def run_status(record: dict, run_dir: Path) -> str:
+    """run.json's status, except that a `running` run whose process is gone is `died`."""
+    import socket
+    import time
+
+    status = record.get("status")
+    if status != "running":
+        return status
     try:
-        os.kill(int(owner["pid"]), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
+        beat = json.loads((Path(run_dir) / "heartbeat.json").read_text())
+    except (OSError, ValueError):
+        return status  # written by a version without heartbeats, or starting right now: cannot tell
+    if beat.get("host") == socket.gethostname():
+        try:
+            os.kill(int(beat["pid"]), 0)
+        except ProcessLookupError:
+            return "died"
+        except (PermissionError, KeyError, ValueError, TypeError):
+            pass
+    age = time.time() - float(beat.get("updated") or 0)
+    return "died" if age > 4 * float(beat.get("interval_s") or HEARTBEAT_SECONDS) + 10 else status
 
 
 # ----------------------------------------------------------------------------------------------- run context
@@ -215,29 +197,3 @@ class RunContext:
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and os.environ.get("ROBUST_PROGRESS") != "1") as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
-
-
-def load_trained_model(cfg, ctx: RunContext):
-    """(model in eval mode on ctx.device, data, checkpoint path) for this config; trains it first if missing."""
-    from robust_cli.data import load_data
-    from robust_cli.models import build_model
-    from robust_cli.train import check_checkpoint_matches, train
-
-    data = load_data(cfg)
-    path = published_checkpoint(cfg)
-    if not path.is_file():
-        if cfg.get("checkpoint"):
-            raise UserError(f"checkpoint '{path}' does not exist; check the path or drop checkpoint= to use this config's own")
-        if not cfg.get("train_if_missing", True):
-            raise UserError(f"no trained checkpoint for this config at '{path}'; run `robust train` with the same overrides or set train_if_missing=true")
-        with training_lock(path.parent):
-            if not path.is_file():  # another job may have trained it while we waited
-                console.print(f"[cyan]no checkpoint for this config: training it first ({path.parent.name})[/]")
-                train(cfg, data, ctx.device, run_dir=None)
-    state = load_checkpoint(path)
-    model = build_model(cfg, data.meta)
-    check_checkpoint_matches(state, model, path)
-    model.load_state_dict(state["state_dict"])
-    model.to(ctx.device).eval()
-    ctx.record["checkpoint"] = str(path)
-    return model, data, path

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import robust_cli
-from robust_cli import store
-from robust_cli.data import DataBundle, iterate_batches
+from robust_cli import registry, store
+from robust_cli.data import DataBundle, iterate_batches, load_data
 from robust_cli.errors import UserError
 from robust_cli.models import build_model
 
@@ -71,15 +71,6 @@ def evaluate(model, x, y, device, batch_size=1000):
     return loss_sum / max(len(y), 1), correct / max(len(y), 1)
 
 
-def check_checkpoint_matches(state: dict, model, path) -> None:
-    """A checkpoint must fit the model the config builds: same parameter names and shapes."""
-    have = {k: tuple(v.shape) for k, v in state.get("state_dict", {}).items()}
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if have != want:
-        diff = sorted(set(have.items()) ^ set(want.items()))[:2]
-        raise UserError(f"checkpoint '{path}' does not match the configured model (first differences: {diff}); pick the model= it was trained with")
-
-
 def _rng_state(shuffle_gen):
     state = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state()}
     if torch.cuda.is_available():
@@ -96,8 +87,8 @@ def _set_rng_state(state, shuffle_gen):
 
 def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None) -> dict:
     """Train the config's model under its defense; publish the checkpoint in the registry; return a summary."""
-    registry = store.checkpoint_dir(cfg)
-    last_path = registry / "last.pt"
+    entry = registry.checkpoint_dir(cfg)
+    last_path = entry / "last.pt"
     torch.manual_seed(int(cfg.seed))
     shuffle_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     model = build_model(cfg, data.meta).to(device)
@@ -106,17 +97,25 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
     log, start_epoch = [], 1
 
     if cfg.get("resume") and last_path.is_file():
-        state = store.load_checkpoint(last_path)
-        check_checkpoint_matches(state, model, last_path)
+        state = registry.load_checkpoint(last_path)
+        registry.check_checkpoint_matches(state, model, last_path, cfg)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], shuffle_gen)
         log, start_epoch = list(state["log"]), int(state["epoch"]) + 1
-        store.console.print(f"[cyan]resuming {registry.name} after epoch {state['epoch']}[/]")
+        store.console.print(f"[cyan]resuming {entry.name} after epoch {state['epoch']}[/]")
+    elif last_path.is_file():  # an interrupted run of this key: say that it is being replaced, and how to keep it
+        epoch = _epoch_of(last_path)
+        message = f"resume=true but the interrupted training of {entry.name} cannot be read; training from scratch" if cfg.get("resume") else (
+            f"an interrupted training of {entry.name} stopped after epoch {epoch}; training from scratch (resume=true continues it)")
+        _say(ctx, message)
+    elif cfg.get("resume"):
+        _say(ctx, f"resume=true but there is nothing to resume for {entry.name}: training from scratch")
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    environment = {**registry.environment(), "device": str(device)}
     epochs, bs = int(cfg.train.epochs), int(cfg.train.batch_size)
     steps_per_epoch = math.ceil(len(data.train_y) / bs)
     write_targets = [last_path] + ([Path(run_dir) / "model.pt"] if run_dir else [])
@@ -125,7 +124,7 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
         state = {
             "state_dict": model.state_dict(),
             "config": config,
-            "identity": store.training_identity(cfg),
+            "identity": registry.training_identity(cfg),
             "epoch": epoch,
             "epochs": epochs,
             "complete": complete,
@@ -134,10 +133,11 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
             "rng": _rng_state(shuffle_gen),
             "log": log,
             "versions": {"robust": robust_cli.__version__, "torch": str(torch.__version__)},
+            "environment": environment,
         }
         for target in write_targets:
             store.save_torch(target, state)
-        for target_dir in {registry, *([Path(run_dir)] if run_dir else [])}:
+        for target_dir in {entry, *([Path(run_dir)] if run_dir else [])}:
             store.write_csv(target_dir / "train_log.csv", log)
 
     remaining = max(epochs - start_epoch + 1, 0)
@@ -183,11 +183,11 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
                 raise SystemExit(3)
 
     if start_epoch > epochs:  # resume of an already complete run: nothing to train, republish
-        store.console.print(f"[cyan]{registry.name} already trained for {epochs} epochs[/]")
-    store.write_text(registry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    _publish(last_path, registry / "model.pt")
+        store.console.print(f"[cyan]{entry.name} already trained for {epochs} epochs[/]")
+    store.write_text(entry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    _publish(last_path, entry / "model.pt")
     final = log[-1] if log else {}
-    return {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(registry / "model.pt")}
+    return {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(entry / "model.pt")}
 
 
 def _publish(source: Path, target: Path) -> None:
@@ -210,3 +210,72 @@ class _null_progress:
 
     def __exit__(self, *exc):
         return False
+
+
+def _epoch_of(path: Path):
+    try:
+        return registry.load_checkpoint(path).get("epoch")
+    except UserError:
+        return None
+
+
+def _say(ctx, message: str) -> None:
+    if ctx is not None:
+        ctx.warn(message)
+    else:
+        store.console.print(f"[yellow]{message}[/]")
+
+
+def summary_of(state: dict, path: Path) -> dict:
+    final = (state.get("log") or [{}])[-1]
+    return {"epochs": state.get("epochs"), "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(path)}
+
+
+def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None) -> dict:
+    """`robust train`: the registry's finished checkpoint for this key if there is one (unless retrain=true, which
+    first moves it to a numbered version), else train. Holds the key's lock throughout."""
+    entry = registry.checkpoint_dir(cfg)
+    published = entry / "model.pt"
+    with registry.training_lock(entry):
+        registry.clean_stale_temporaries(entry)  # a kill -9 leaves them; nobody else can be writing while we hold the lock
+        if published.is_file() and not cfg.get("retrain"):
+            state = registry.load_checkpoint(published)
+            summary = summary_of(state, published)
+            _say(ctx, f"{entry.name} is already trained (test accuracy {summary['test_accuracy']:.4f}): reusing {published}; "
+                      "retrain=true trains it again and keeps this one as a numbered version")
+            if run_dir is not None:
+                import shutil
+
+                shutil.copyfile(published, Path(run_dir) / "model.pt")
+                store.write_csv(Path(run_dir) / "train_log.csv", state.get("log") or [])
+            summary["reused"] = True
+            return summary
+        if published.is_file():
+            version = registry.archive_published(entry)
+            _say(ctx, f"retrain=true: the previous checkpoint of {entry.name} is kept as {entry / f'model.v{version}.pt'}")
+        summary = train(cfg, data, device, run_dir=run_dir, ctx=ctx)
+        summary["reused"] = False
+        return summary
+
+
+def load_trained_model(cfg, ctx):
+    """(model in eval mode on ctx.device, data, checkpoint path) for this config; trains it first if missing."""
+    data = load_data(cfg)
+    path = registry.published_checkpoint(cfg)
+    if not path.is_file():
+        if cfg.get("checkpoint"):
+            registry.load_checkpoint(path)  # raises the one-line error that fits (missing file, a directory)
+        if not cfg.get("train_if_missing", True):
+            raise UserError(f"no trained checkpoint for this config at '{path}'; run `robust train` with the same overrides or set train_if_missing=true")
+        with registry.training_lock(path.parent):
+            if not path.is_file():  # another job may have trained it while we waited
+                registry.clean_stale_temporaries(path.parent)
+                store.console.print(f"[cyan]no checkpoint for this config: training it first ({path.parent.name})[/]")
+                train(cfg, data, ctx.device, run_dir=None)
+    state = registry.load_checkpoint(path)
+    model = build_model(cfg, data.meta)
+    registry.check_checkpoint_matches(state, model, path, cfg)
+    model.load_state_dict(state["state_dict"])
+    model.to(ctx.device).eval()
+    ctx.record["checkpoint"] = str(path)
+    return model, data, path

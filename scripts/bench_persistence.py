@@ -31,6 +31,7 @@ def load(args):
     from omegaconf import open_dict
 
     from robust_cli import store
+    from robust_cli.train import load_trained_model
     from robust_cli.cli import CONF_DIR, resolve_device
     from robust_cli.evaluate import choose_targets, predict, run_attack
 
@@ -42,7 +43,7 @@ def load(args):
         cfg.choices = {"model": args.model, "dataset": "mnist", "defense": "none"}
     device = resolve_device(args.device)
     ctx = store.RunContext(cfg, Path(tempfile.mkdtemp()), device, {})
-    model, data, _ = store.load_trained_model(cfg, ctx)
+    model, data, _ = load_trained_model(cfg, ctx)
     pred = predict(model, data.test_x, device=device)
     gen = torch.Generator().manual_seed(args.seed)
     correct = (pred == data.test_y).nonzero().squeeze(1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from robust_cli import store
+from robust_cli import registry, store
 from robust_cli.cli import CONF_DIR
 from robust_cli.data import DatasetMeta, build_dataset, load_data, stratified_subset
 from robust_cli.errors import UserError
@@ -189,9 +189,9 @@ def test_atomic_write_crash_keeps_the_old_file(tmp_path):
 
 
 def test_checkpoint_key_ignores_device_and_paths():
-    a = store.checkpoint_key(compose_cfg("device=cpu", "data.root=/x"))
-    b = store.checkpoint_key(compose_cfg("device=auto", "data.root=/y", "data.n_test=10"))
-    c = store.checkpoint_key(compose_cfg("train.lr=0.01"))
+    a = registry.checkpoint_key(compose_cfg("device=cpu", "data.root=/x"))
+    b = registry.checkpoint_key(compose_cfg("device=auto", "data.root=/y", "data.n_test=10"))
+    c = registry.checkpoint_key(compose_cfg("train.lr=0.01"))
     assert a == b and a != c
 
 

@@ -10,6 +10,7 @@ from omegaconf import ListConfig, OmegaConf
 from robust_cli import audit
 from robust_cli import evaluate as ev
 from robust_cli import store
+from robust_cli.train import load_trained_model
 from robust_cli.errors import UserError
 
 
@@ -64,7 +65,7 @@ def validate(cfg):
 
 # ----------------------------------------------------------------------------------------------- run
 def run(cfg, ctx):
-    model, data, checkpoint = store.load_trained_model(cfg, ctx)
+    model, data, checkpoint = load_trained_model(cfg, ctx)
     x, y = data.test_x, data.test_y
     bounded = bool(x.min() >= 0 and x.max() <= 1)
     attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)

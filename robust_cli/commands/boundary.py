@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from robust_cli import store
+from robust_cli.train import load_trained_model
 from robust_cli.boundary import boundary_dimension, boundary_point, project_to_boundary, sample_around
 from robust_cli.errors import UserError
 
@@ -87,7 +88,7 @@ def _model_and_data(cfg, ctx):
     probe = build_model(cfg, build_dataset(cfg).meta)
     if next(probe.parameters(), None) is None:
         return probe.to(ctx.device).eval(), load_data(cfg)
-    model, data, _ = store.load_trained_model(cfg, ctx)
+    model, data, _ = load_trained_model(cfg, ctx)
     return model, data
 
 

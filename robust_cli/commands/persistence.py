@@ -15,6 +15,7 @@ import torch
 
 from robust_cli import evaluate as ev
 from robust_cli import store
+from robust_cli.train import load_trained_model
 from robust_cli.errors import UserError
 from robust_cli.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
 
@@ -93,7 +94,7 @@ def _persist(model, x, indices, cfg, ctx, description):
 def run(cfg, ctx):
     from robust_cli.commands.attack import build_attack
 
-    model, data, checkpoint = store.load_trained_model(cfg, ctx)
+    model, data, checkpoint = load_trained_model(cfg, ctx)
     device, gamma, method = ctx.device, float(cfg.gamma), cfg.persistence.method
     bounded = bool(data.test_x.min() >= 0 and data.test_x.max() <= 1)
     attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)

@@ -4,11 +4,13 @@ from hydra.utils import instantiate
 from robust_cli import store
 from robust_cli.data import load_data
 from robust_cli.errors import UserError
-from robust_cli.train import train, validate_training
+from robust_cli.train import train_or_reuse, validate_training
 
 
 def validate(cfg):
     validate_training(cfg)
+    if cfg.get("resume") and cfg.get("retrain"):
+        raise UserError("resume=true and retrain=true contradict each other: resume continues the interrupted training, retrain starts again")
     try:
         instantiate(cfg.defense)
     except Exception as exc:  # a bad defense parameter is the user's to fix
@@ -18,9 +20,7 @@ def validate(cfg):
 
 def run(cfg, ctx):
     data = load_data(cfg)
-    registry = store.checkpoint_dir(cfg)
-    with store.training_lock(registry):
-        summary = train(cfg, data, ctx.device, run_dir=ctx.dir, ctx=ctx)
+    summary = train_or_reuse(cfg, data, ctx.device, run_dir=ctx.dir, ctx=ctx)
     ctx.headline(
         model=store.choice(cfg, "model"),
         dataset=store.choice(cfg, "dataset"),
@@ -29,4 +29,5 @@ def run(cfg, ctx):
         train_accuracy=summary["train_accuracy"],
         test_accuracy=summary["test_accuracy"],
         checkpoint=summary["checkpoint"],
+        reused=summary["reused"],
     )
