@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -73,8 +74,6 @@ def _reorder(args: list[str]) -> list[str]:
 
 def _quote(value: str) -> str:
     """A Hydra override value: quoted (with escapes) unless it is plain path characters."""
-    import re
-
     if re.fullmatch(r"[\w/.\-]+", value):
         return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -92,12 +91,70 @@ def _precheck(command: str, overrides: list[str]) -> str:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=command):
             cfg = compose(config_name=command, overrides=overrides, return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)  # resolves ${hydra.runtime.choices.*} in the run directory name
+            added = [o.lstrip("+").partition("=")[0] for o in overrides if o.startswith("+") and o.lstrip("+").split(".")[0] in STRICT_NODES]
+            if added:  # `+train.epoch=3` would add a key nothing reads: compare with the config without the additions
+                reference = compose(config_name=command, overrides=[o for o in overrides if not o.startswith("+") or o.lstrip("+").split(".")[0] not in STRICT_NODES])
+                for key in added:
+                    _check_known_key(reference, key, added=True)
             return str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split("Config search path")[0].split())
+        unknown = re.match(r"Could not override '([\w.]+)'", message)
+        if unknown and unknown.group(1).split(".")[0] in STRICT_NODES:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=command):
+                reference = compose(config_name=command, overrides=[o for o in overrides if not o.startswith(unknown.group(1) + "=")])
+            _check_known_key(reference, unknown.group(1), added=False)
         raise UserError(message) from None
     except ValueError as exc:  # e.g. group=null: Hydra's defaults list refuses it with a bare ValueError
         raise UserError(f"{exc} (to drop a config group, write ~group, e.g. '~hydra/callbacks')") from None
+
+
+# config nodes whose keys are read by name: a key added there with `+` that nothing reads is a typo, not a setting
+STRICT_NODES = ("train", "data", "attack", "defense", "persistence")
+
+
+def _accepted_parameters(target: str) -> set[str]:
+    """Keyword parameters of a `_target_` class, through its base classes (an attack's eot_iter is the base's)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001 - an unresolvable target is reported when it is instantiated
+        return set()
+    names = set()
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {n for n, p in inspect.signature(init).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self"}
+
+
+def _check_known_key(reference, key: str, added: bool) -> None:
+    """Raise a one-line UserError when `key` is not a setting of its node (with the closest known ones)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    parts = key.split(".")
+    parent = OmegaConf.select(reference, ".".join(parts[:-1])) if len(parts) > 1 else None
+    if parent is None or not OmegaConf.is_dict(parent):
+        return  # a new sub-tree, or a list: nothing to compare with
+    known = set(parent.keys())
+    if parts[-1] in known:
+        return
+    target = parent.get("_target_")
+    parameters = _accepted_parameters(target) if target else set()
+    if parts[-1] in parameters:
+        if not added:
+            raise UserError(f"{key} is a parameter of {target.rsplit('.', 1)[-1]} that its YAML does not set: write +{key}=...")
+        return
+    candidates = sorted((known | parameters) - {"_target_"})
+    close = difflib.get_close_matches(parts[-1], candidates, n=1)
+    hint = f"did you mean {'.'.join(parts[:-1] + close[:1])}? " if close else ""
+    node = ".".join(parts[:-1])
+    raise UserError(f"unknown key {key}: {hint}{node} has {', '.join(candidates)}" if candidates else f"unknown key {key}: {node} takes no settings here")
 
 
 def claim_run_dir(run_dir: str) -> Path:
@@ -118,21 +175,72 @@ def claim_run_dir(run_dir: str) -> Path:
             raise UserError(f"cannot create the run directory '{candidate}' ({exc.strerror}); set outputs_root= to a writable folder") from None
 
 
+BASH_COMPLETION = r"""# robust: tab completion of commands, then of each command's Hydra overrides
+_robust_completion() {
+    local choices
+    choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE robust -sc query=bash 2>/dev/null)
+    COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "${COMP_WORDS[COMP_CWORD]}"))
+}
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o nospace -o default -F _robust_completion robust
+"""
+
+
+def shell_completion(args: list[str]) -> int:
+    """`robust [command] -sc install=bash | uninstall=bash | query=bash`: Hydra's completion, with the command word.
+
+    The installed function asks `robust -sc query=bash` with the line typed so far (COMP_LINE): the first word
+    completes to a command, the rest to that command's config keys and group options (Hydra's own query)."""
+    i = next(i for i, a in enumerate(args) if a in ("-sc", "--shell-completion"))
+    request = args[i + 1] if i + 1 < len(args) else ""
+    action, _, shell = request.partition("=")
+    if shell not in ("bash", "zsh") or action not in ("install", "uninstall", "query"):
+        raise UserError(f"shell completion takes install=bash, uninstall=bash or query=bash (zsh: the same after `autoload -U bashcompinit && bashcompinit`), got {request!r}")
+    if action == "install":
+        print(BASH_COMPLETION, end="")
+        return 0
+    if action == "uninstall":
+        print("complete -r robust 2>/dev/null; unset -f _robust_completion")
+        return 0
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    completing_command = len(words) < 2 or (len(words) == 2 and not line.endswith(" "))
+    if completing_command:
+        print(" ".join(COMMANDS))
+        return 0
+    command = words[1]
+    if command not in COMMANDS or command == "collect":  # collect takes paths: the shell's file completion
+        return 0
+    os.environ["COMP_LINE"] = line.replace(f" {command}", "", 1)
+    sys.argv = ["robust", "-sc", "query=bash"]
+    _hydra_app(command)()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-sc", "--shell-completion") for a in argv[1:]):
+        try:
+            sys.exit(shell_completion(argv[1:]))
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         sys.exit(0 if len(argv) >= 2 else 2)
     command, rest = argv[1], argv[2:]
     if command not in COMMANDS:
-        print(f"robust: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"error: unknown command '{command}'{hint}\nusage: robust <command> [key=value ...] [--multirun]   commands: {', '.join(COMMANDS)}\n"
+              "robust --help lists what each command does, the config groups and examples", file=sys.stderr)
         sys.exit(2)
     if command == "collect":
         from robust_cli.commands import collect
 
         sys.exit(collect.main(rest))
-    if "COMP_LINE" in os.environ:  # shell completion: drop the command word and hand over to Hydra
-        os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {command}", "", 1)
     rest = _reorder(rest)
     if rest and rest[0] in ("-h", "--help"):
         print(f"robust {command}: {COMMANDS[command]}\n")
@@ -143,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = _precheck(command, plain)
             inspecting = any(a in ("-c", "--cfg", "-i", "--info") or a.startswith("--cfg=") for a in rest)
             writes = getattr(importlib.import_module(f"robust_cli.commands.{command}"), "WRITES_RUN_DIR", True)
-            if writes and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain) and "COMP_LINE" not in os.environ:
+            if writes and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
                 rest.append(f"hydra.run.dir={_quote(str(claim_run_dir(run_dir)))}")
         _check_launcher(plain)
     except UserError as exc:
@@ -341,6 +449,6 @@ def _finish(record, run_json, ctx, beat) -> None:
         table.add_column("value", overflow="fold")
         for key, value in ctx.headline_values.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-        store.console.print(table)
+        store.results.print(table)
         # on its own line, unwrapped, so it can be copied
-        store.console.print(f"run directory: {ctx.dir}", soft_wrap=True, highlight=False)
+        store.results.print(f"run directory: {ctx.dir}", soft_wrap=True, highlight=False)

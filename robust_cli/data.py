@@ -102,10 +102,19 @@ class Gaussians2D(Dataset):
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        data = f.read()
+    """One IDX file (gzipped or not); a truncated or foreign file is a one-line error naming it."""
+    fix = "delete it and copy (or download) the file again"
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise UserError(f"'{path}' cannot be read ({exc}); it is truncated or not gzip: {fix}") from None
+    if len(data) < 4:
+        raise UserError(f"'{path}' has {len(data)} bytes, not an IDX file: {fix}")
     _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else None
+    if dtype_code != 0x08 or dims is None or len(data) - 4 - 4 * ndim != int(np.prod(dims)):
+        raise UserError(f"'{path}' is not a complete IDX file of bytes (header says {dims}, {len(data)} bytes found): {fix}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 

@@ -18,7 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from robust_cli.errors import UserError
 
+# progress, warnings and logs go to stderr; the results a script captures (final table, run directory) to stdout.
+# Piped, rich lays both out at 80 columns (COLUMNS overrides).
 console = Console(stderr=True)
+results = Console()
 
 
 def _current_umask() -> int:

@@ -114,6 +114,11 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
     elif cfg.get("resume"):
         _say(ctx, f"resume=true but there is nothing to resume for {entry.name}: training from scratch")
 
+    counts = torch.bincount(data.train_y.cpu(), minlength=data.meta.num_classes)
+    if int(counts.min()) < 5:  # a subset or a validation split this large leaves a class almost untrained
+        cls = int(counts.argmin())
+        _say(ctx, f"class {cls} has {int(counts[cls])} training examples (data.n_train={cfg.data.n_train}, data.val_fraction={cfg.data.val_fraction}); "
+                  "fewer than 5 per class trains a model that cannot learn it: raise data.n_train or lower data.val_fraction")
     config = OmegaConf.to_container(cfg, resolve=True)
     environment = {**registry.environment(), "device": str(device)}
     epochs, bs = int(cfg.train.epochs), int(cfg.train.batch_size)

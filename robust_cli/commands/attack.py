@@ -71,6 +71,8 @@ def run(cfg, ctx):
     attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)
     if not bounded:
         ctx.warn(f"{data.meta.name} inputs are not in [0, 1]: attacking without a box constraint")
+    if getattr(attack, "iterative", False) and getattr(attack, "steps", None) == 0:
+        ctx.warn(f"attack.steps=0: {attack.name} takes no gradient step and returns its random start (the noise baseline); set attack.steps >= 1 to attack")
     torch.manual_seed(int(cfg.seed))  # after any training, so the attack's randomness depends on the seed only
     device, bs, epsilons = ctx.device, int(cfg.batch_size), eps_list(cfg)
     n_batches = math.ceil(len(y) / bs)
@@ -177,7 +179,7 @@ def _print_audit(audit_rows):
     for r in audit_rows:
         eps = "" if r["eps"] == "" else f"{r['eps']:g}"
         table.add_row(r["check"], eps, f"[{style[r['status']]}]{r['status']}[/]", r["detail"])
-    store.console.print(table)
+    store.results.print(table)
 
 
 # ----------------------------------------------------------------------------------------------- figures

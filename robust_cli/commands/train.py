@@ -9,6 +9,9 @@ from robust_cli.train import train_or_reuse, validate_training
 
 def validate(cfg):
     validate_training(cfg)
+    if cfg.get("checkpoint"):
+        raise UserError(f"robust train does not read checkpoint= (got '{cfg.checkpoint}'): it trains this config's registry entry, "
+                        "and resume=true continues that entry's interrupted run; drop checkpoint=")
     if cfg.get("resume") and cfg.get("retrain"):
         raise UserError("resume=true and retrain=true contradict each other: resume continues the interrupted training, retrain starts again")
     try:
