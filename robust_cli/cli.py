@@ -79,9 +79,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _precheck(command: str, overrides: list[str]) -> str:
+def _precheck(command: str, overrides: list[str]):
     """Compose once before Hydra runs, to turn a bad override into one line and exit code 2; returns the run
-    directory Hydra would use."""
+    directory Hydra would use and the composed config."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
@@ -96,7 +96,7 @@ def _precheck(command: str, overrides: list[str]) -> str:
                 reference = compose(config_name=command, overrides=[o for o in overrides if not o.startswith("+") or o.lstrip("+").split(".")[0] not in STRICT_NODES])
                 for key in added:
                     _check_known_key(reference, key, added=True)
-            return str(cfg.hydra.run.dir)
+            return str(cfg.hydra.run.dir), cfg
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split("Config search path")[0].split())
         unknown = re.match(r"Could not override '([\w.]+)'", message)
@@ -248,10 +248,16 @@ def main(argv: list[str] | None = None) -> None:
     sweeping = any(a in ("-m", "--multirun") for a in rest)
     try:
         if not sweeping and not any(a in ("-h", "--help", "--hydra-help") for a in rest):
-            run_dir = _precheck(command, plain)
+            run_dir, cfg = _precheck(command, plain)
             inspecting = any(a in ("-c", "--cfg", "-i", "--info") or a.startswith("--cfg=") for a in rest)
-            writes = getattr(importlib.import_module(f"robust_cli.commands.{command}"), "WRITES_RUN_DIR", True)
-            if writes and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
+            module = importlib.import_module(f"robust_cli.commands.{command}")
+            if not inspecting:  # bad values are refused before a run directory exists: nothing is written
+                from omegaconf import open_dict
+
+                with open_dict(cfg):
+                    cfg.choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS if cfg.hydra.runtime.choices.get(g)}
+                validate_job(module, cfg)
+            if getattr(module, "WRITES_RUN_DIR", True) and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
                 rest.append(f"hydra.run.dir={_quote(str(claim_run_dir(run_dir)))}")
         _check_launcher(plain)
     except UserError as exc:
@@ -345,6 +351,21 @@ def validate_common(cfg) -> None:
         dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
 
 
+def validate_job(module, cfg) -> torch.device:
+    """Every check of a job's values that needs no data: device, threads, common keys, the command's own."""
+    device = resolve_device(cfg.get("device", "auto"))
+    threads = cfg.get("threads")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise UserError(f"threads must be a positive integer or null, got {threads!r}")
+        torch.set_num_threads(threads)
+    if getattr(module, "NEEDS_COMMON_VALIDATION", True):
+        validate_common(cfg)
+    if hasattr(module, "validate"):
+        module.validate(cfg)
+    return device
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that the same clean-up as for Ctrl-C runs."""
 
@@ -389,18 +410,9 @@ def run_command(command: str, cfg):
     beat = store.Heartbeat(run_dir) if run_json is not None else None
     try:
         record["config"] = OmegaConf.to_container(cfg, resolve=True)
-        device = resolve_device(cfg.get("device", "auto"))
-        threads = cfg.get("threads")
-        if threads is not None:
-            if not isinstance(threads, int) or threads < 1:
-                raise UserError(f"threads must be a positive integer or null, got {threads!r}")
-            torch.set_num_threads(threads)
+        device = validate_job(module, cfg)  # again: sweep jobs were not prechecked
         record["device"] = str(device)
         record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
-        if getattr(module, "NEEDS_COMMON_VALIDATION", True):
-            validate_common(cfg)
-        if hasattr(module, "validate"):
-            module.validate(cfg)
         ctx = store.RunContext(cfg, run_dir, device, record)
         if run_json is not None:
             store.write_json(run_json, record)

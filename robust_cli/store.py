@@ -178,6 +178,17 @@ class RunContext:
     def save_figure(self, name, fig) -> Path:
         import matplotlib.pyplot as plt
 
+        # every figure says what it shows: model, dataset, defense (and attack), under its own title
+        what = fig.get_suptitle()
+        fig.suptitle(f"{what}\n{self.description()}" if what else self.description(), fontsize=9)
+        from matplotlib.layout_engine import PlaceHolderLayoutEngine, TightLayoutEngine
+
+        if fig.get_layout_engine() is None or isinstance(fig.get_layout_engine(), (TightLayoutEngine, PlaceHolderLayoutEngine)):
+            import warnings
+
+            with warnings.catch_warnings():  # "not compatible with tight_layout" for odd axes: the figure is still fine
+                warnings.simplefilter("ignore")
+                fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format=Path(name).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -185,6 +196,13 @@ class RunContext:
 
     def save_torch(self, name, obj) -> Path:
         return save_torch(self.path(name), obj)
+
+    def description(self) -> str:
+        """'model fc200_200_10, dataset mnist, defense tulip, attack pgd': the line every figure carries."""
+        parts = [f"{group} {choice(self.cfg, group)}" for group in ("model", "dataset", "defense") if group in self.cfg]
+        if "attack" in self.cfg and (self.cfg.get("choices") or {}).get("attack"):
+            parts.append(f"attack {choice(self.cfg, 'attack')}")
+        return ", ".join(parts)
 
     def warn(self, message: str) -> None:
         console.print(f"[bold yellow]warning:[/] {message}")

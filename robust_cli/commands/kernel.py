@@ -262,12 +262,15 @@ def _plot_kernel_map(ctx, data, path, probes, names, trace):
             continue
         if train_x.shape[1:] == (2,):
             sc = ax.scatter(train_x[:, 0], train_x[:, 1], c=trace[j], s=4, cmap="viridis")
-            ax.scatter([probes[j, 0]], [probes[j, 1]], marker="*", s=160, color="red", edgecolor="black")
-            fig.colorbar(sc, ax=ax, shrink=0.8)
+            ax.scatter([probes[j, 0]], [probes[j, 1]], marker="*", s=160, color="red", edgecolor="black", label="probe")
+            fig.colorbar(sc, ax=ax, shrink=0.8, label="kernel value to the probe")
+            ax.set(xlabel="x1", ylabel="x2")
+            ax.legend(fontsize=7, loc="upper right")
         else:
             order = torch.argsort(train_y, stable=True)
-            ax.scatter(range(len(order)), trace[j, order], c=train_y[order], s=3, cmap="tab10")
-            ax.set(xlabel="training point (sorted by label)", ylabel="kernel value")
+            sc = ax.scatter(range(len(order)), trace[j, order], c=train_y[order], s=3, cmap="tab10")
+            fig.colorbar(sc, ax=ax, shrink=0.8, label="training label")
+            ax.set(xlabel="training point (sorted by label)", ylabel="kernel value to the probe")
         ax.set_title(f"{names[j]}: sum = {float(trace[j].sum()):.3g}", fontsize=9)
     fig.suptitle("discrete path kernel value to every training point")
     ctx.save_figure("kernel_map.png", fig)

@@ -199,14 +199,16 @@ def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, p
                                  "target": int(target[i]) if target is not None else -1, "sigma": sigma, "class": c,
                                  "frequency": freq[0, s, c].item()})
             ax = axes[row, col]
-            for c in range(freq.shape[2]):
-                special = {int(y[i]): ("black", f"natural class {int(y[i])}"), int(adv_pred[i]): ("red", f"adversarial class {int(adv_pred[i])}")}
+            other_labelled = False
+            for c in range(freq.shape[2]):  # each panel's own legend: every row is a different pair of points
+                special = {int(y[i]): ("black", f"class {int(y[i])} (true label)"), int(adv_pred[i]): ("red", f"class {int(adv_pred[i])} (adversarial prediction)")}
                 color, name = special.get(c, (None, None))
+                if color is None and not other_labelled:
+                    name, other_labelled = "other classes", True
                 ax.plot(sigmas, freq[0, :, c].numpy(), color=color or "0.7", lw=2 if color else 0.8, label=name)
             ax.set(title=f"{kind} #{int(chosen[i])} (predicted {int(labels[0])})", xlabel="sigma", ylabel="fraction of samples", ylim=(-0.02, 1.02))
-            ax.axhline(float(cfg.gamma), color="0.5", ls=":", lw=0.8)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8)
+            ax.axhline(float(cfg.gamma), color="0.5", ls=":", lw=0.8, label=f"gamma = {float(cfg.gamma):g}")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     ctx.write_csv("stability.csv", rows)
     ctx.save_figure("stability.png", fig)
