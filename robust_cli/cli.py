@@ -246,10 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"robust {command}: {COMMANDS[command]}\n")
     plain = [a for a in rest if "=" in a and not a.startswith("-")]
     sweeping = any(a in ("-m", "--multirun") for a in rest)
+    helping = any(a in ("-h", "--help", "--hydra-help") for a in rest)
+    inspecting = any(a in ("-c", "--cfg", "-i", "--info") or a.startswith("--cfg=") for a in rest)
     try:
-        if not sweeping and not any(a in ("-h", "--help", "--hydra-help") for a in rest):
+        _check_launcher(plain)
+        if not sweeping and not helping:
             run_dir, cfg = _precheck(command, plain)
-            inspecting = any(a in ("-c", "--cfg", "-i", "--info") or a.startswith("--cfg=") for a in rest)
             module = importlib.import_module(f"robust_cli.commands.{command}")
             if not inspecting:  # bad values are refused before a run directory exists: nothing is written
                 from omegaconf import open_dict
@@ -259,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
                 validate_job(module, cfg)
             if getattr(module, "WRITES_RUN_DIR", True) and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
                 rest.append(f"hydra.run.dir={_quote(str(claim_run_dir(run_dir)))}")
-        _check_launcher(plain)
+        elif sweeping and not helping and not inspecting and not any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in plain):
+            # two sweeps started in the same second would share (and overwrite) one sweep directory: claim it
+            root = next((a.partition("=")[2] for a in plain if a.lstrip("+").startswith("outputs_root=")), "outputs")
+            sweep_dir = Path(root) / command / "multirun" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+            rest.append(f"hydra.sweep.dir={_quote(str(claim_run_dir(str(sweep_dir))))}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -331,6 +337,14 @@ def resolve_device(spec: str) -> torch.device:
     raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
+def parse_shard(spec) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N: the I-th of N parts of the test set (SLURM_ARRAY_TASK_ID counts from 0)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise UserError(f"data.shard must be I/N with 0 <= I < N (e.g. data.shard=0/4 ... data.shard=3/4), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def validate_common(cfg) -> None:
     from robust_cli.data import build_dataset
 
@@ -340,6 +354,8 @@ def validate_common(cfg) -> None:
         value = cfg.data[key]
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"data.{key} must be a positive integer or null, got {value!r}")
+    if cfg.data.get("shard") is not None:
+        parse_shard(cfg.data.shard)
     if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
     if "dataset" in cfg:
@@ -361,6 +377,8 @@ def validate_job(module, cfg) -> torch.device:
         torch.set_num_threads(threads)
     if getattr(module, "NEEDS_COMMON_VALIDATION", True):
         validate_common(cfg)
+    if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
+        raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
     if hasattr(module, "validate"):
         module.validate(cfg)
     return device

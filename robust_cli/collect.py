@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from robust_cli import store
 from robust_cli.errors import UserError
@@ -122,7 +123,7 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
     out = Path(out) if out is not None else (paths[0] / "collected" if len(paths) == 1 else Path("collected"))
 
     pieces = {k: [] for k in KINDS}
-    runs, failed, seen_logs, swept = [], [], set(), {}
+    runs, failed, seen_logs, swept, shards = [], [], set(), {}, {}
     for run_dir in run_dirs:
         try:
             record = json.loads((run_dir / "run.json").read_text())
@@ -137,6 +138,8 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
             error = record.get("error") or ("the process is gone without a word (killed with SIGKILL, out of memory, or its node lost)" if cols["status"] == "died" else None)
             failed.append({**cols, "error": error, "overrides": " ".join(record.get("overrides") or [])})
             continue
+        if record.get("shard"):
+            shards.setdefault(_shard_group(record), []).append((record, run_dir, cols))
         for kind in KINDS:
             path = run_dir / f"{kind}.csv"
             if kind == "train_log" and not path.is_file() and record.get("checkpoint"):
@@ -154,6 +157,11 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         failed.append({"run": str(orphan), "status": "missing", "error": "no run.json: the job died before it started (see its .hydra/ and log)"})
 
     frames = {k: pd.concat(v, ignore_index=True) for k, v in pieces.items() if v}
+    merged = [merge_shards(group) for group in shards.values()]
+    for name in ("merged_curve", "merged_examples"):
+        parts = [m[name] for m in merged if m is not None]
+        if parts:
+            frames[name] = pd.concat(parts, ignore_index=True)
     collection = Collection(out=out, frames=frames, runs=pd.DataFrame(runs),
                             failed=pd.DataFrame(failed) if failed else pd.DataFrame(columns=["run", "status", "error"]), swept=list(swept))
     collection.tables = paper_tables(collection, table)
@@ -162,6 +170,52 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         if figures:
             collection.files += draw_figures(collection)
     return collection
+
+
+# ----------------------------------------------------------------------------------------------- shards
+def _shard_group(record: dict) -> str:
+    """Runs that differ only in data.shard (and resume) are parts of one evaluation."""
+    config = json.loads(json.dumps(record.get("config") or {}))
+    config.get("data", {}).pop("shard", None)
+    config.pop("resume", None)
+    return json.dumps(config, sort_keys=True)
+
+
+def merge_shards(group) -> dict | None:
+    """One evaluation from its shards' examples.csv: the curve computed as the unsharded run computes it (seconds: the
+    shards' sum). None, with a line on the console, while shards are missing."""
+    from types import SimpleNamespace
+
+    from robust_cli import evaluate as ev
+    from robust_cli.cli import parse_shard
+
+    parts = {parse_shard(record["shard"]["spec"]): (record, run_dir, cols) for record, run_dir, cols in group}
+    counts = {n for _, n in parts}
+    have = sorted(i for i, _ in parts)
+    if len(counts) != 1 or have != list(range(next(iter(counts)))):
+        store.console.print(f"[yellow]shards {have} of {sorted(counts)} found for one evaluation: merged_curve needs all of them[/]")
+        return None
+    ordered = [parts[key] for key in sorted(parts)]
+    examples = pd.concat([pd.read_csv(run_dir / "examples.csv") for _, run_dir, _ in ordered], ignore_index=True)
+    curves = pd.concat([pd.read_csv(run_dir / "curve.csv") for _, run_dir, _ in ordered], ignore_index=True)
+    first = curves.iloc[0]
+    attack = SimpleNamespace(name=first["attack"], norm=first["norm"], targeted=False if first["targeted"] in (False, "false") else first["targeted"])
+    main = curves[curves.attack == first["attack"]]
+    seconds = main.groupby("eps")["seconds"].sum()
+    rows = []
+    for eps, frame in examples.groupby("eps", sort=True):
+        frame = frame.sort_values("index")
+        y, clean, pred = (torch.tensor(frame[c].to_numpy()) for c in ("label", "clean_pred", "adv_pred"))
+        success = torch.tensor(frame["success"].to_numpy(dtype=bool))
+        sizes = {k: torch.tensor(frame[k].to_numpy(dtype="float64")) for k in ev.SIZE_COLUMNS}
+        if math.isinf(eps):  # a minimal attack: the curve is read off the distances, as in the run
+            dist = ev.minimal_distances(y, clean, success, sizes)[attack.norm]
+            radii = sorted(e for e in main.eps.unique() if math.isfinite(e))
+            rows += ev.curve_from_distances(attack, dist, y, clean, radii, sizes, float(seconds[eps]))
+        rows.append(ev.curve_row(attack, eps, y, clean, pred, success, sizes, float(seconds[eps])))
+    label = {k: v for k, v in ordered[0][2].items() if k not in ("run", "data.shard", "status")}
+    label["shards"] = len(ordered)
+    return {"merged_curve": _with_columns(pd.DataFrame(rows), label), "merged_examples": _with_columns(examples.sort_values(["eps", "index"]), label)}
 
 
 def _write(c: Collection, fmt: str) -> None:

@@ -8,9 +8,12 @@ Data stay on the CPU and move to the device one batch at a time.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,13 +64,76 @@ def choose_targets(attack, model, x, y, batch_size=1000, device=None):
     return torch.cat([attack.choose_target(model, x[s].to(device), y[s].to(device)).cpu() for s in _batches(len(x), batch_size)])
 
 
-def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, device=None, advance=None, info=None):
+@dataclass
+class BatchPlan:
+    """How a long evaluation runs its batches so that it can be resumed and split (`robust attack`).
+
+    Each batch is seeded from (seed, eps, its index in the whole test set), so a resumed run or a shard draws exactly
+    what the uninterrupted, unsharded run draws for the same examples. With `directory`, each finished batch
+    (x_adv, judged labels, ensemble member, seconds) is written there atomically; `resume` reads them back."""
+
+    seed: int
+    first_batch: int = 0  # index of this shard's first batch in the whole test set
+    directory: Path | None = None
+    resume: bool = False
+
+    def batch_seed(self, eps, batch: int, what: str = "attack") -> int:
+        digest = hashlib.sha256(f"{self.seed}|{float(eps)!r}|{self.first_batch + batch}|{what}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def _file(self, eps, batch: int) -> Path:
+        return Path(self.directory) / f"eps={float(eps)!r}_batch={self.first_batch + batch:06d}.pt"
+
+    def load(self, eps, batch: int):
+        if self.directory is None or not self.resume:
+            return None
+        path = self._file(eps, batch)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        except Exception:  # noqa: BLE001 - a file cut by a kill (cannot happen with atomic writes, but cheap to allow)
+            return None
+
+    def save(self, eps, batch: int, result: dict) -> None:
+        if self.directory is not None:
+            from robust_cli import store
+
+            store.save_torch(self._file(eps, batch), result)
+            self.saved = getattr(self, "saved", 0) + 1
+            if os.environ.get("ROBUST_STOP_AFTER_BATCHES") == str(self.saved):  # test hook: a kill between batches
+                raise SystemExit(3)
+
+    def discard(self) -> None:
+        """Remove the kept batches once the run's results are written (they are in adversarial.pt and the CSVs)."""
+        if self.directory is not None and Path(self.directory).is_dir():
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def finished(self) -> int:
+        return len(list(Path(self.directory).glob("eps=*_batch=*.pt"))) if self.directory is not None and Path(self.directory).is_dir() else 0
+
+
+def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, device=None, advance=None, info=None, plan=None):
     """x_adv for the whole set, batch by batch; eps a number or a (N,) tensor; eps == 0 returns x itself.
 
-    info (a dict) receives `broken_by` for an ensemble: per example the index of the member that broke it first."""
+    info (a dict) receives `broken_by` for an ensemble: per example the index of the member that broke it first.
+    With a BatchPlan each batch is seeded by its own index, judged right away (info["pred"]), kept for a resume,
+    and info["cached_seconds"] sums the compute time of the batches read back."""
     device = device or model_device(model)
-    out, broken = [], []
-    for s in _batches(len(x), batch_size):
+    out, broken, preds, cached_seconds = [], [], [], 0.0
+    for b, s in enumerate(_batches(len(x), batch_size)):
+        done = plan.load(eps, b) if plan is not None else None
+        if done is not None:
+            out.append(done["x_adv"])
+            broken.append(done["broken_by"])
+            preds.append(done["pred"])
+            cached_seconds += float(done["seconds"])
+            if advance is not None:
+                advance(1)
+            continue
+        started = time.perf_counter()
+        if plan is not None:
+            torch.manual_seed(plan.batch_seed(eps, b))
         xb = x[s].to(device)
         eps_b = eps[s] if isinstance(eps, torch.Tensor) and eps.dim() > 0 else eps
         if attack.kind == "budgeted" and not isinstance(eps_b, torch.Tensor) and float(eps_b) == 0:
@@ -76,12 +142,21 @@ def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, devic
         else:
             tb = target[s].to(device) if target is not None else None
             out.append(attack(model, xb, y[s].to(device), eps_b, target=tb).cpu())
-            if getattr(attack, "last_broken_by", None) is not None:
-                broken.append(attack.last_broken_by.cpu())
+            broken.append(attack.last_broken_by.cpu() if getattr(attack, "last_broken_by", None) is not None else torch.full((len(xb),), -1, dtype=torch.long))
+        if plan is not None:
+            torch.manual_seed(plan.batch_seed(eps, b, "judge"))  # randomised models: the vote's draws, per batch too
+            preds.append(judge(model, attack, out[-1], y[s], device))
+            if out[-1].is_cuda:
+                torch.cuda.synchronize()
+            plan.save(eps, b, {"x_adv": out[-1], "broken_by": broken[-1], "pred": preds[-1], "seconds": time.perf_counter() - started})
         if advance is not None:
             advance(1)
-    if info is not None and hasattr(attack, "members"):
-        info["broken_by"] = torch.cat(broken)
+    if info is not None:
+        if hasattr(attack, "members"):
+            info["broken_by"] = torch.cat(broken)
+        if plan is not None:
+            info["pred"] = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+            info["cached_seconds"] = cached_seconds
     return torch.cat(out)
 
 
@@ -153,18 +228,18 @@ def example_rows(eps, y, clean_pred, pred, target, success, sizes, broken_by=Non
     return rows
 
 
-def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, batch_size=256, device=None, advance=None):
-    """One Outcome per eps for a budgeted attack (targets shared by all eps)."""
+def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, batch_size=256, device=None, advance=None, plan=None):
+    """One Outcome per eps for a budgeted attack (targets shared by all eps); `plan`: see BatchPlan."""
     clean_pred = predict(model, x, device=device) if clean_pred is None else clean_pred
     outcomes = []
     for eps in eps_list:
         start = time.perf_counter()
         info = {}
-        x_adv = run_attack(model, attack, x, y, eps, target, batch_size, device, advance, info)
+        x_adv = run_attack(model, attack, x, y, eps, target, batch_size, device, advance, info, plan)
         if x_adv.is_cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        pred = judge(model, attack, x_adv, y, device)
+        seconds = time.perf_counter() - start + info.get("cached_seconds", 0.0)
+        pred = info["pred"] if "pred" in info else judge(model, attack, x_adv, y, device)
         outcomes.append(Outcome(float(eps), x_adv, pred, success_mask(pred, y, target), seconds, info.get("broken_by")))
     return outcomes
 

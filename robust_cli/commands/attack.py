@@ -1,7 +1,10 @@
 """`robust attack`: attack this config's trained model; curve, per-example sizes, distances, figures, warnings."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -10,8 +13,10 @@ from omegaconf import ListConfig, OmegaConf
 from robust_cli import audit
 from robust_cli import evaluate as ev
 from robust_cli import store
-from robust_cli.train import load_trained_model
 from robust_cli.errors import UserError
+from robust_cli.train import load_trained_model
+
+SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test set; robust collect merges the parts
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -75,20 +80,27 @@ def run(cfg, ctx):
         ctx.warn(f"attack.steps=0: {attack.name} takes no gradient step and returns its random start (the noise baseline); set attack.steps >= 1 to attack")
     torch.manual_seed(int(cfg.seed))  # after any training, so the attack's randomness depends on the seed only
     device, bs, epsilons = ctx.device, int(cfg.batch_size), eps_list(cfg)
-    n_batches = math.ceil(len(y) / bs)
 
     clean_pred = ev.predict(model, x, device=device)
-    target = ev.choose_targets(attack, model, x, y, device=device)
+    target = ev.choose_targets(attack, model, x, y, device=device)  # on the whole test set: the same for every shard
+    start, stop, first_batch = shard_range(cfg, len(y), bs)
+    if (start, stop) != (0, len(y)):
+        x, y, clean_pred = x[start:stop], y[start:stop], clean_pred[start:stop]
+        target = target[start:stop] if target is not None else None
+        ctx.record["shard"] = {"spec": str(cfg.data.shard), "start": start, "stop": stop, "of": len(data.test_y)}
+    n_batches = math.ceil(len(y) / bs)
+    plan = _batch_plan(cfg, ctx, checkpoint, first_batch, n_batches * (len(epsilons) if attack.kind == "budgeted" else 1))
     rows, examples, distances_rows, tensors = [], [], None, {}
     summary = {}
     if attack.kind == "budgeted":
         with ctx.progress(n_batches * len(epsilons), f"{attack.name} over {len(epsilons)} eps") as advance:
-            outcomes = ev.accuracy_curve(model, attack, x, y, epsilons, clean_pred, target, bs, device, advance)
+            outcomes = ev.accuracy_curve(model, attack, x, y, epsilons, clean_pred, target, bs, device, advance, plan)
+        torch.manual_seed(plan.batch_seed(0, 0, "after the curve"))  # what follows draws the same after a resume
         names = getattr(attack, "member_names", None)
         for o in outcomes:
             sizes = ev.perturbation_sizes(x, o.x_adv)
             rows.append(ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, sizes, o.seconds))
-            examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names)
+            examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names, index_offset=start)
         if names and getattr(attack, "report_each", False):  # every member alone on every example
             for member in attack.members:
                 rows += ev.curve_rows(model, member, x, y, clean_pred, epsilons, bs, device)
@@ -109,13 +121,13 @@ def run(cfg, ctx):
             _print_audit(audit_rows)
     else:
         with ctx.progress(n_batches, f"{attack.name} (minimal)") as advance:
-            (o,) = ev.accuracy_curve(model, attack, x, y, [math.inf], clean_pred, target, bs, device, advance)
+            (o,) = ev.accuracy_curve(model, attack, x, y, [math.inf], clean_pred, target, bs, device, advance, plan)
         sizes = ev.perturbation_sizes(x, o.x_adv)
         dist = ev.minimal_distances(y, clean_pred, o.success, sizes)
         key = attack.norm  # robust accuracy at radius eps in the attack's own norm
         rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds)
         rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds))
-        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes)
+        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, index_offset=start)
         distances_rows = _distance_rows(y, dist[key], sizes, clean_pred, dist)
         summary = ev.distance_summary(dist[key], y, clean_pred)
         outcomes = [o]
@@ -151,6 +163,48 @@ def run(cfg, ctx):
         headline.update({f"{k}_{attack.norm if attack.kind == 'minimal' else 'eps'}": v for k, v in summary.items()})
     headline["seconds"] = sum(o.seconds for o in outcomes)
     ctx.headline(**headline)
+    plan.discard()  # the results are in the run directory now
+
+
+def shard_range(cfg, n: int, batch_size: int) -> tuple[int, int, int]:
+    """(start, stop, first batch) of this run's part of the n test examples: whole batches, so that the batches (and
+    their seeds) are those of the unsharded run."""
+    if cfg.data.get("shard") is None:
+        return 0, n, 0
+    from robust_cli.cli import parse_shard
+
+    index, parts = parse_shard(cfg.data.shard)
+    n_batches = math.ceil(n / batch_size)
+    if parts > n_batches:
+        raise UserError(f"data.shard={cfg.data.shard}: the {n} test examples make only {n_batches} batches of batch_size={batch_size}; use at most {n_batches} shards or a smaller batch_size")
+    first, last = index * n_batches // parts, (index + 1) * n_batches // parts
+    return first * batch_size, min(last * batch_size, n), first
+
+
+def evaluation_key(cfg, checkpoint) -> str:
+    """Names everything that decides the per-batch results: checkpoint (path and file), data, attack, seed, batches."""
+    path = Path(checkpoint)
+    stat = path.stat()
+    identity = {"checkpoint": [str(path.resolve()), stat.st_size, stat.st_mtime_ns], "attack": OmegaConf.to_container(cfg.attack, resolve=True),
+                "model": OmegaConf.to_container(cfg.model, resolve=True), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+                "n_test": cfg.data.n_test, "seed": int(cfg.seed), "batch_size": int(cfg.batch_size)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{store.choice(cfg, 'attack')}-{store.choice(cfg, 'model')}-{store.choice(cfg, 'dataset')}-{store.choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
+
+
+def _batch_plan(cfg, ctx, checkpoint, first_batch: int, total: int) -> ev.BatchPlan:
+    """Per-batch results under <outputs_root>/evaluations/<key>/ while the run lasts; resume=true reads them back."""
+    directory = Path(str(cfg.outputs_root)) / "evaluations" / evaluation_key(cfg, checkpoint)
+    plan = ev.BatchPlan(seed=int(cfg.seed), first_batch=first_batch, directory=directory, resume=bool(cfg.get("resume")))
+    done = plan.finished()
+    if plan.resume and done:
+        store.console.print(f"[cyan]resuming the evaluation {directory.name}: {done} finished batches are read back[/]")
+    elif plan.resume:
+        ctx.warn(f"resume=true but there is no interrupted evaluation of this config ({directory.name}): starting from the first batch")
+    elif done:
+        ctx.warn(f"an interrupted evaluation of this config left {done} finished batches in {directory}; starting again (resume=true continues it)")
+    ctx.record["evaluation_state"] = str(directory)
+    return plan
 
 
 def _distance_rows(y, primary, sizes, clean_pred, dist=None):
