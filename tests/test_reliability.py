@@ -24,6 +24,20 @@ def one_error_line(proc):
     return lines[0]
 
 
+def refused_in_process(args, tmp_path, monkeypatch, capsys) -> str:
+    """Run `robust ARGS` in this process (fast) for input refused before any work: exit 2, one line, nothing written."""
+    from robust_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["robust", *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert not (tmp_path / "outputs").exists()  # nothing written
+    return lines[0]
+
+
 def registry_entry(root: Path) -> Path:
     entries = list((root / "outputs" / "checkpoints").iterdir())
     assert len(entries) == 1, entries
@@ -96,12 +110,11 @@ def test_train_reuses_a_finished_checkpoint_and_retrain_keeps_the_old_one(robust
     assert record["headline"]["reused"] is True and (runs[-1] / "model.pt").read_bytes() == first
     assert record["environment"]["threads"] >= 1 and record["environment"]["torch"] == str(torch.__version__)
 
+    (entry / "model.v1.pt").write_bytes(b"an older version")  # numbering continues after the versions kept
     robust("train", *TINY, "retrain=true", "seed=0", check=True)
-    assert (entry / "model.v1.pt").read_bytes() == first and (entry / "train_log.v1.csv").is_file()
+    assert (entry / "model.v2.pt").read_bytes() == first and (entry / "train_log.v2.csv").is_file()
     state = torch.load(entry / "model.pt", weights_only=True)
     assert state["complete"] and state["environment"]["threads"] >= 1 and state["environment"]["device"] == "cpu"
-    robust("train", *TINY, "retrain=true", check=True)
-    assert sorted(p.name for p in entry.glob("model.v*.pt")) == ["model.v1.pt", "model.v2.pt"]
 
 
 def test_a_sweep_job_and_a_single_run_give_the_same_weights_at_the_same_thread_count(robust, tmp_path):
@@ -156,23 +169,25 @@ def test_heartbeat_of_a_run_on_another_host_goes_stale(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- one-line errors
 @pytest.mark.parametrize("args, says", [
-    (("+train.epoch=3",), "did you mean train.epochs?"),
-    (("train.epoch=3",), "did you mean train.epochs?"),
-    (("++data.n_tarin=5",), "did you mean data.n_train?"),
-    (("+defense.foo=1",), "unknown key defense.foo"),
-    (("checkpoint=nowhere.pt",), "does not read checkpoint="),
-    (("resume=true", "retrain=true"), "contradict"),
+    (("train", "+train.epoch=3"), "did you mean train.epochs?"),
+    (("train", "train.epoch=3"), "did you mean train.epochs?"),
+    (("train", "++data.n_tarin=5"), "did you mean data.n_train?"),
+    (("train", "+defense.foo=1"), "unknown key defense.foo"),
+    (("train", "checkpoint=nowhere.pt"), "does not read checkpoint="),
+    (("train", "resume=true", "retrain=true"), "contradict"),
+    (("attack", "attack.eot_iter=3"), "write +attack.eot_iter"),
+    (("attack", "+attack.stepz=3"), "did you mean attack.steps?"),
+    (("attack", "data.shard=3/3"), "0 <= I < N"),
+    (("attack", "data.shard=half"), "I/N"),
+    (("attack", "data.shard=0/8", "data.n_test=200", "batch_size=32"), "make only 7 batches"),
+    (("train", "data.shard=0/2"), "robust attack only"),
 ])
-def test_train_refuses_bad_input_in_one_line_before_any_work(robust, tmp_path, args, says):
-    line = one_error_line(robust("train", *args))
-    assert says in line
-    assert not (tmp_path / "outputs").exists()  # nothing written
+def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, says):
+    assert says in refused_in_process(args, tmp_path, monkeypatch, capsys)
 
 
-def test_attack_parameters_of_the_class_are_accepted_with_plus_and_typos_are_not(robust, tmp_path):
+def test_attack_parameters_of_the_class_are_accepted_with_plus(robust):
     assert robust("attack", "+attack.eot_iter=3", "--cfg", "job").returncode == 0
-    assert "write +attack.eot_iter" in one_error_line(robust("attack", "attack.eot_iter=3"))
-    assert "did you mean attack.steps?" in one_error_line(robust("attack", "+attack.stepz=3"))
 
 
 def test_truncated_idx_file_is_one_line_naming_it(robust, tmp_path):
@@ -203,17 +218,21 @@ def test_warnings_for_nothing_to_resume_tiny_classes_and_zero_steps(robust, tmp_
 
 
 def test_checkpoint_messages_say_what_is_wrong(robust, tmp_path):
+    from robust_cli import registry
+    from robust_cli.errors import UserError
+
     robust("train", *TINY, check=True)
     entry = registry_entry(tmp_path)
-    assert "is a directory" in one_error_line(robust("attack", f"checkpoint={entry}", "audit=false"))
     other = one_error_line(robust("attack", f"checkpoint={entry / 'model.pt'}", "dataset=gaussians2d", "audit=false"))
     assert "trained on dataset=digits" in other and "add dataset=digits" in other
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     broken = robust("attack", "checkpoint=broken.pt", "audit=false")
     assert "cannot be read" in one_error_line(broken) and "Warning" not in broken.stderr
+    for path, says in ((entry, "is a directory"), (tmp_path / "missing.pt", "does not exist")):
+        with pytest.raises(UserError, match=says):
+            registry.load_checkpoint(path)
     info = robust("info", "checkpoint=missing.pt", check=True)
     assert "refuses it" in info.stdout and "train it first" not in info.stdout
-    assert "does not exist" in one_error_line(robust("attack", "checkpoint=missing.pt"))
 
 
 def test_unknown_command_is_a_short_usage(robust):
@@ -230,35 +249,35 @@ def test_shell_completion_install_works_before_or_after_the_command(robust, pref
     assert proc.returncode == 0 and "complete -o nospace -o default -F _robust_completion robust" in proc.stdout
 
 
-@pytest.mark.parametrize("line, expect", [("robust tr", "train"), ("robust train defense=tu", "defense=tulip"),
-                                          ("robust attack attack.st", "attack.steps="), ("robust persistence model=fc1", "model=fc100_100_10")])
-def test_completion_in_a_real_bash(robust, tmp_path, line, expect):
+def test_completion_in_a_real_bash(robust, tmp_path):
+    cases = [("robust tr", "train"), ("robust train defense=tu", "defense=tulip"), ("robust attack attack.st", "attack.steps="),
+             ("robust persistence model=fc1", "model=fc100_100_10")]
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "robust").write_text(f"#!/bin/sh\nexec {sys.executable} -m robust_cli \"$@\"\n")
     (bindir / "robust").chmod(0o755)
-    script = robust("-sc", "install=bash").stdout
-    words = line.split()
-    bash = (f'{script}\nCOMP_LINE="{line}"; COMP_POINT={len(line)}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}\n'
-            '_robust_completion; printf "%s\\n" "${COMPREPLY[@]}"')
+    bash = robust("-sc", "install=bash").stdout
+    for line, _ in cases:
+        words = line.split()
+        bash += (f'\nCOMP_LINE="{line}"; COMP_POINT={len(line)}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}\n'
+                 '_robust_completion; echo "${COMPREPLY[*]}"')
     out = subprocess.run(["bash", "-c", bash], capture_output=True, text=True, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, cwd=tmp_path)
-    assert expect in out.stdout.split(), out.stdout + out.stderr
+    replies = out.stdout.splitlines()
+    assert len(replies) == len(cases), out.stdout + out.stderr
+    for (line, expect), reply in zip(cases, replies):
+        assert expect in reply.split(), (line, reply)
 
 
 # ----------------------------------------------------------------------------------------------- files and output
-def test_result_files_respect_the_umask(tmp_path):
+def test_files_respect_the_umask_and_results_go_to_stdout(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "robust_cli", "train", *TINY], cwd=tmp_path, capture_output=True, text=True,
                           preexec_fn=lambda: os.umask(0o002))
     assert proc.returncode == 0, proc.stderr
     run = next((tmp_path / "outputs" / "train").glob("*/*"))
     for name in ("run.json", "model.pt", "train_log.csv"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o664, name
-
-
-def test_results_go_to_stdout_and_progress_to_stderr(robust):
-    proc = robust("train", *TINY, check=True)
-    assert "run directory:" in proc.stdout and "test_accuracy" in proc.stdout
-    assert "run directory:" not in proc.stderr
+    assert "run directory:" in proc.stdout and "test_accuracy" in proc.stdout  # results on stdout ...
+    assert "run directory:" not in proc.stderr  # ... progress and warnings on stderr
 
 
 def test_every_figure_names_model_dataset_defense_and_attack(tmp_path):

@@ -58,6 +58,8 @@ def validate(cfg):
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
     attack = build_attack(cfg)
+    if cfg.data.get("shard") is not None and cfg.data.n_test is not None:  # too many shards for the batches: before training
+        shard_range(cfg, int(cfg.data.n_test), int(cfg.batch_size))
     mode = cfg.search.get("mode", "none") if cfg.get("search") else "none"
     if mode not in ("none", "binary"):
         raise UserError(f"search must be none or binary, got {mode!r}")
