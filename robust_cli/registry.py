@@ -116,15 +116,18 @@ def training_lock(directory: Path, poll_seconds: float = 2.0):
             os.unlink(lock)
 
 
-def lock_owner(directory: Path) -> dict | None:
-    """{pid, host, since} of the live process training this registry entry, or None."""
+def lock_state(directory: Path) -> tuple[str, dict] | None:
+    """("live" | "stale", {pid, host, since}) of the lock on this registry entry, or None without a lock.
+
+    A stale lock is what a training killed with SIGKILL leaves (a clean exit, Ctrl-C or SIGTERM removes it)."""
     lock = Path(directory) / "lock"
-    if not lock.is_file() or _lock_is_stale(lock):
+    if not lock.is_file():
         return None
     try:
-        return json.loads(lock.read_text())
+        owner = json.loads(lock.read_text())
     except (OSError, ValueError):
-        return None
+        owner = {}
+    return ("stale" if _lock_is_stale(lock) else "live"), owner
 
 
 def _lock_is_stale(lock: Path) -> bool:

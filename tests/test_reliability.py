@@ -150,7 +150,7 @@ def test_kill_9_is_reported_died_and_its_temporaries_are_cleaned_at_the_next_sta
     failed = pd.read_csv(tmp_path / "outputs/train/collected/failed_runs.csv")
     assert "SIGKILL" in failed.error.item()
     info = robust("info", "train.epochs=200", check=True)
-    assert "interrupted or died" in info.stdout and "resume=true" in info.stdout
+    assert "died (pid" in info.stdout and "is gone" in info.stdout and "resume=true" in info.stdout
     epoch = torch.load(entry / "last.pt", weights_only=True)["epoch"]
     resumed = robust("train", "train.epochs=200", "resume=true", env={"ROBUST_STOP_AFTER_EPOCH": str(epoch + 1)})
     assert f"resuming {entry.name} after epoch {epoch}" in resumed.stderr

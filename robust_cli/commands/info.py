@@ -11,7 +11,7 @@ def run(cfg, ctx):
     out = Console()
     out.print(OmegaConf.to_yaml(cfg, resolve=True), highlight=False, markup=False)
     path = registry.published_checkpoint(cfg)
-    training = registry.lock_owner(path.parent) if not cfg.get("checkpoint") else None
+    lock = registry.lock_state(path.parent) if not cfg.get("checkpoint") else None
     if path.is_file():
         state = registry.load_checkpoint(path)
         status = f"exists (epoch {state.get('epoch')} of {state.get('epochs')})"
@@ -22,10 +22,12 @@ def run(cfg, ctx):
         status = "not a file: checkpoint= names a directory, so every command refuses it; point it at a .pt file"
     elif cfg.get("checkpoint"):
         status = "missing: checkpoint= names no file here, so every command refuses it; fix the path or drop checkpoint="
-    elif training is not None:
-        status = f"being trained now by pid {training['pid']} on {training['host']}"
+    elif lock is not None and lock[0] == "live":
+        status = f"being trained now by pid {lock[1].get('pid')} on {lock[1].get('host')}"
     elif (path.parent / "last.pt").is_file():
-        status = "not finished: its training was interrupted or died (robust train resume=true continues it)"
+        epoch = registry.load_checkpoint(path.parent / "last.pt").get("epoch")
+        how = f"died (pid {lock[1].get('pid')} on {lock[1].get('host')} is gone)" if lock is not None else "was interrupted"
+        status = f"not finished: its training {how} after epoch {epoch}; robust train resume=true continues it"
     else:
         status = "missing: " + ("commands train it first (train_if_missing=true)" if cfg.train_if_missing else "run robust train with these overrides")
     out.print(f"checkpoint: {path}\nstatus: {status}", highlight=False)
