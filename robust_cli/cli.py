@@ -38,6 +38,7 @@ COMMANDS = {
     "persistence": "gamma-persistence of natural vs adversarial points (Bell)",
     "kernel": "exact discrete-path-kernel representation of a gradient-trained net",
     "boundary": "decision-boundary points, projections and local dimension",
+    "certify": "randomized-smoothing certificates (Cohen) beside persistence and attacks",
     "collect": "merge the CSVs of many runs into one table per kind",
     "info": "print the composed config and the checkpoint it would use",
 }
