@@ -85,8 +85,10 @@ def test_sigterm_marks_the_run_interrupted_in_one_line(tmp_path):
 
 
 def test_sigint_is_one_line_with_the_resume_hint(tmp_path):
+    # a pytest-xdist worker ignores SIGINT, and a child inherits that: give the child the default (a shell's) handler
     proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train", "train.epochs=200"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "outputs").glob("checkpoints/*/last.pt")):
         time.sleep(0.2)
