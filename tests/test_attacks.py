@@ -213,6 +213,24 @@ def test_deepfool_equals_hyperplane_distance_on_linear_model():
         assert (model(x_adv).argmax(dim=1) != y).all()
 
 
+def test_cw_is_never_farther_than_deepfool_and_usually_closer(trained_mlp):
+    """Issue 15: the default CW (warm-started from DeepFool) finds, per example, a distance <= DeepFool's * 1.01."""
+    model, x, y = trained_mlp
+    ok = model(x).argmax(1) == y
+    x, y = x[ok][:120], y[ok][:120]
+    torch.manual_seed(0)
+    deepfool = DeepFool()(model, x, y)
+    cw = CW(steps=100, binary_search_steps=5)(model, x, y)
+    fooled_df, fooled_cw = model(deepfool).argmax(1) != y, model(cw).argmax(1) != y
+    assert (fooled_cw | ~fooled_df).all()  # CW succeeds wherever DeepFool does
+    d_df = torch.where(fooled_df, (deepfool - x).flatten(1).norm(dim=1), torch.tensor(float("inf")))
+    d_cw = torch.where(fooled_cw, (cw - x).flatten(1).norm(dim=1), torch.tensor(float("inf")))
+    assert float((d_cw <= d_df * 1.01).double().mean()) >= 0.99
+    cold = CW(steps=100, binary_search_steps=5, warm_start=False)(model, x, y)  # the authors' start, for contrast
+    d_cold = torch.where(model(cold).argmax(1) != y, (cold - x).flatten(1).norm(dim=1), torch.tensor(float("inf")))
+    assert (d_cw <= d_cold * (1 + 1e-6)).float().mean() > (d_cold <= d_df * 1.01).float().mean()
+
+
 def test_minimal_attacks_never_beat_the_closed_form():
     """No attack can succeed closer than the exact distance; CW (binary search over c) must come close to it
     instead of returning the unchanged input."""
@@ -222,7 +240,7 @@ def test_minimal_attacks_never_beat_the_closed_form():
     y = model(x).argmax(dim=1)
     d = hyperplane_distance(model, x, y)
     torch.manual_seed(0)
-    cw = CW(c=0.1, steps=100, lr=0.05, binary_search_steps=6, bounds=None)(model, x, y)
+    cw = CW(c=0.1, steps=100, lr=0.05, binary_search_steps=6, bounds=None, warm_start=False)(model, x, y)  # the search alone
     dist = (cw - x).norm(dim=1)
     ok = model(cw).argmax(dim=1) != y
     assert ok.all(), "CW failed on a linear model"

@@ -15,19 +15,25 @@ class CW(Attack):
     has been seen, then bisection), as in the authors' code. Each example keeps its smallest successful x' over all
     steps and all c; one that never succeeds is returned unchanged (the caller then records failure, +inf).
     Early abort (authors' code): stop a c when the loss has not dropped by 0.01 % over a tenth of the steps.
-    Defaults are the authors' except steps (10000 there; 1000 here so a CPU run stays short).
+    Defaults are the authors' except steps (10000 there; 1000 here so a CPU run stays short) and `warm_start`.
+
+    warm_start (untargeted): DeepFool's point (50 steps) is the first best candidate of every example, and each
+    search step's Adam starts there. With a finite schedule CW alone can end farther out than DeepFool (measured on
+    MNIST fc200: worst 1.18 vs 0.71); started from DeepFool it can only shorten DeepFool's perturbation.
+    `warm_start: false` is the authors' attack from x.
     """
 
     kind = "minimal"
     norm = "l2"
 
     def __init__(self, c: float = 1e-3, kappa: float = 0.0, steps: int = 1000, lr: float = 0.01,
-                 binary_search_steps: int = 9, abort_early: bool = True, **kwargs):
+                 binary_search_steps: int = 9, abort_early: bool = True, warm_start: bool = True, **kwargs):
         super().__init__(**kwargs)
         if not (float(c) > 0 and float(kappa) >= 0 and int(steps) >= 1 and float(lr) > 0 and int(binary_search_steps) >= 1):
             raise UserError(f"cw needs c > 0, kappa >= 0, steps >= 1, lr > 0, binary_search_steps >= 1 (got {c}, {kappa}, {steps}, {lr}, {binary_search_steps})")
         self.c, self.kappa, self.steps, self.lr = float(c), float(kappa), int(steps), float(lr)
         self.binary_search_steps, self.abort_early = int(binary_search_steps), bool(abort_early)
+        self.warm_start = bool(warm_start) and self.targeted is None
 
     # change of variables between the box and R^n
     def _to_box(self, w):
@@ -60,6 +66,16 @@ class CW(Attack):
         best_adv = x.clone()
         with torch.no_grad():  # x itself already adversarial: distance 0, exactly
             best_l2[self.is_adversarial(model(x), y, target)] = 0.0
+        if self.warm_start:
+            from robust_cli.attacks.deepfool import DeepFool
+
+            start = DeepFool(bounds=self.bounds, model_mode=self.model_mode).perturb(model, x, y, None, None).detach()
+            with torch.no_grad():
+                ok = self.is_adversarial(model(start), y, target) & (best_l2 > 0)
+                l2sq = (start - x).flatten(1).pow(2).sum(dim=1)
+                best_l2 = torch.where(ok, l2sq, best_l2)
+                best_adv[ok] = start[ok]
+                w0[ok] = self._from_box(start[ok])
         for _ in range(self.binary_search_steps):
             w = w0.clone().requires_grad_(True)
             optimizer = torch.optim.Adam([w], lr=self.lr)
