@@ -138,3 +138,35 @@ def test_certify_refuses_a_budgeted_attack_for_the_sandwich(tmp_path, monkeypatc
 
     assert "minimal L2 attack" in refused_in_process(("certify", "attack=pgd"), tmp_path, monkeypatch, capsys)
     assert "sigma must be numbers > 0" in refused_in_process(("certify", "sigma=[0]"), tmp_path, monkeypatch, capsys)
+
+
+def test_a_sandwich_violation_outside_the_orthant_is_explained(tmp_path):
+    """Outside the orthant near its apex, g keeps class 0 past f's boundary: the certified radius exceeds the
+    attacked distance, and the check finds g still saying class 0 at the attacked point (explained, not a failure)."""
+    from omegaconf import OmegaConf
+
+    from robust_cli import store
+    from robust_cli.commands.certify import _sandwich
+    from robust_cli.geometry_objects import Orthant
+
+    class Shifted(torch.nn.Module):  # the orthant's apex at the centre of the [0, 1] box
+        def __init__(self):
+            super().__init__()
+            self.orthant = Orthant((6,), k=3)
+
+        def forward(self, x):
+            return self.orthant(x.double() - 0.5).float()
+
+    model = Shifted()
+    x = torch.tensor([[0.4, 0.8, 0.8, 0.5, 0.5, 0.5], [0.45, 0.7, 0.9, 0.5, 0.5, 0.5]])
+    y = model(x).argmax(1)
+    assert (y == 0).all()  # outside
+    cfg = OmegaConf.create({"attack": {"_target_": "robust_cli.attacks.DeepFool"}, "seed": 0, "batch_size": 64, "n0": 100, "n": 20_000,
+                            "alpha": 0.001, "persistence": False, "gamma": 0.7, "choices": {}, "model": {}, "dataset": {}, "defense": {}})
+    ctx = store.RunContext(cfg, tmp_path, torch.device("cpu"), {})
+    cert = certify(model, x, 0.3, n0=100, n=20_000)
+    assert (cert.predicted == 0).all()
+    unexplained = _sandwich(cfg, ctx, model, x, y, y, {0.3: {"predicted": cert.predicted, "radius": cert.radius}})
+    rows = pd.read_csv(tmp_path / "sandwich.csv")
+    assert (~rows.holds.astype(bool)).all() and rows.explained.astype(bool).all() and unexplained == 0
+    assert ctx.record["checks"][0]["status"] == "ok" and "2 explained" in ctx.record["checks"][0]["detail"]
