@@ -198,6 +198,6 @@ def _sandwich_figure(ctx, rows, attack_name):
         ax.scatter([r["certified_radius"] for r in pts], [r["attacked_distance"] for r in pts], s=8, label=f"sigma = {sigma:g}")
     top = max([r["attacked_distance"] for r in shown] + [r["certified_radius"] for r in shown] + [1e-3])
     ax.plot([0, top], [0, top], color="0.3", lw=0.8, ls="--", label="certified = attacked")
-    ax.set(xlabel="certified L2 radius (smoothed)", ylabel=f"{attack_name} L2 distance (base)", title="points must lie above the diagonal")
+    ax.set(xlabel="certified L2 radius (smoothed)", ylabel=f"{attack_name} L2 distance (base)", title="certified radius vs attacked distance (below the diagonal: see explained)")
     ax.legend(fontsize=8)
     ctx.save_figure("sandwich.png", fig)
