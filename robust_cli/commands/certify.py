@@ -52,7 +52,7 @@ def validate(cfg):
     if "attack" in cfg:
         attack = _attack(cfg)
         if attack.kind != "minimal" or attack.norm != "l2":
-            raise UserError(f"the sandwich needs a minimal L2 attack (deepfool, cw, lbfgs), got {attack.name} ({attack.kind}, {attack.norm})")
+            raise UserError(f"the sandwich needs a minimal L2 attack (deepfool, cw, lbfgs, or fab_t with attack.norm=l2 attack.minimal=true), got {attack.name} ({attack.kind}, {attack.norm})")
 
 
 def _attack(cfg):
