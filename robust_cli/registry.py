@@ -24,7 +24,14 @@ from robust_cli import store
 from robust_cli.errors import UserError
 
 
+WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where other codebases put the weights
+
+
 def load_checkpoint(path) -> dict:
+    """A checkpoint as robust's dict (`state_dict` plus, for robust's own, config, epoch, log, ...).
+
+    Accepts robust's format, a bare state dict, a {'state_dict' | 'model' | 'net' | 'model_state_dict': ...} wrapper,
+    DataParallel's `module.` prefixes, in .pt/.pth (always weights_only=True: loading runs no code) or .safetensors."""
     import torch
 
     path = Path(path)
@@ -33,15 +40,70 @@ def load_checkpoint(path) -> dict:
         raise UserError(f"checkpoint '{path}' is a directory, not a checkpoint file; point checkpoint= at a .pt file{inside}")
     if not path.exists():
         raise UserError(f"checkpoint '{path}' does not exist; check the path or drop checkpoint= to use this config's own")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"checkpoint '{path}' is a safetensors file: pip install safetensors") from None
+        try:
+            return {"state_dict": _strip_prefix(load_file(str(path)))}
+        except Exception as exc:  # noqa: BLE001 - a damaged file is the user's to replace
+            raise UserError(f"checkpoint '{path}' cannot be read as safetensors ({type(exc).__name__}): it is damaged or not safetensors") from None
     try:
         with warnings.catch_warnings():  # torch warns in two lines before raising on a bad file: the error below says it
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is corrupt or not a robust checkpoint: retrain it") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise UserError(f"checkpoint '{path}' is not a robust checkpoint (no state_dict); train it with robust train")
-    return state
+        if _pickle_imports_code(path):
+            raise UserError(f"checkpoint '{path}' is a pickle that stores Python objects, not only tensors: loading it would run code from the "
+                            "file, so it is refused; where it was made, save the weights alone: torch.save(model.state_dict(), 'weights.pt')") from None
+        raise UserError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is corrupt or not a checkpoint: retrain it or copy it again") from None
+    return _as_robust_checkpoint(state, path)
+
+
+def _pickle_imports_code(path: Path) -> bool:
+    """Whether the file is a well-formed pickle (bare, or torch's zip with data.pkl) that imports a global: what
+    weights_only refuses. Read with pickletools, which parses opcodes and runs nothing."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ") for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - not a pickle at all: the caller says it cannot be read
+        return False
+
+
+def _is_state_dict(obj) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _strip_prefix(state_dict: dict) -> dict:
+    """DataParallel / DistributedDataParallel save every key as `module.<name>`."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _as_robust_checkpoint(state, path) -> dict:
+    if isinstance(state, dict) and _is_state_dict(state.get("state_dict")) and "identity" in state:
+        return state  # robust's own
+    if _is_state_dict(state):
+        return {"state_dict": _strip_prefix(state)}
+    if isinstance(state, dict):
+        for key in WRAPPER_KEYS:
+            if _is_state_dict(state.get(key)):
+                return {**{k: v for k, v in state.items() if k != key}, "state_dict": _strip_prefix(state[key])}
+    found = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
+    raise UserError(f"checkpoint '{path}' holds no state dict (found: {found}); expected tensors by parameter name, or one of them under "
+                    f"{', '.join(WRAPPER_KEYS)}")
 
 
 def check_checkpoint_matches(state: dict, model, path, cfg=None) -> None:
@@ -50,13 +112,21 @@ def check_checkpoint_matches(state: dict, model, path, cfg=None) -> None:
     wanted = store.choice(cfg, "dataset") if cfg is not None else None
     if trained and wanted and wanted != "custom" and trained != wanted:
         raise UserError(f"checkpoint '{path}' was trained on dataset={trained}, but this run uses dataset={wanted}; add dataset={trained} (or train one for {wanted})")
-    have = {k: tuple(v.shape) for k, v in state.get("state_dict", {}).items()}
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights, own = state.get("state_dict", {}), model.state_dict()
+    for name in ("mean", "std"):  # normalisation buffers come from the dataset: weights from elsewhere do not carry them
+        if name in own and name not in weights:
+            weights[name] = own[name]
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    want = {k: tuple(v.shape) for k, v in own.items()}
     if have != want:
-        diff = sorted(set(have.items()) ^ set(want.items()))[:2]
+        missing = [k for k in want if k not in have][:2]
+        unexpected = [k for k in have if k not in want][:2]
+        shapes = [f"{k} {list(have[k])} here {list(want[k])}" for k in want if k in have and have[k] != want[k]][:2]
+        found = "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                                             f"shape {', '.join(shapes)}" if shapes else "") if part)
         model_name = (state.get("config") or {}).get("choices", {}).get("model") if isinstance(state.get("config"), dict) else None
         hint = f"it was trained with model={model_name}" if model_name else "pick the model= it was trained with"
-        raise UserError(f"checkpoint '{path}' does not match the configured model (first differences: {diff}); {hint}")
+        raise UserError(f"checkpoint '{path}' does not match the configured model ({found}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
