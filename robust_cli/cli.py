@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                 from omegaconf import open_dict
 
                 with open_dict(cfg):
-                    cfg.choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS if cfg.hydra.runtime.choices.get(g)}
+                    cfg.choices = chosen_options(cfg.hydra.runtime.choices)
                 validate_job(module, cfg)
             if getattr(module, "WRITES_RUN_DIR", True) and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
                 rest.append(f"hydra.run.dir={_quote(str(claim_run_dir(run_dir)))}")
@@ -368,6 +368,11 @@ def validate_common(cfg) -> None:
         dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
 
 
+def chosen_options(hydra_choices) -> dict:
+    """{group: option} of the config groups that were chosen, as recorded in cfg.choices and run.json."""
+    return {g: hydra_choices.get(g) for g in GROUPS if hydra_choices.get(g)}
+
+
 def validate_job(module, cfg) -> torch.device:
     """Every check of a job's values that needs no data: device, threads, common keys, the command's own."""
     device = resolve_device(cfg.get("device", "auto"))
@@ -405,7 +410,7 @@ def run_command(command: str, cfg):
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     with open_dict(cfg):  # the chosen option names: for checkpoint keys, tags and `collect`
-        cfg.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS if hydra_cfg.runtime.choices.get(g)}
+        cfg.choices = chosen_options(hydra_cfg.runtime.choices)
     record = {
         "command": command,
         "status": "running",

@@ -76,6 +76,7 @@ class BatchPlan:
     first_batch: int = 0  # index of this shard's first batch in the whole test set
     directory: Path | None = None
     resume: bool = False
+    saved: int = 0  # batches written by this run (for the test hook below)
 
     def batch_seed(self, eps, batch: int, what: str = "attack") -> int:
         digest = hashlib.sha256(f"{self.seed}|{float(eps)!r}|{self.first_batch + batch}|{what}".encode()).digest()
@@ -98,7 +99,7 @@ class BatchPlan:
             from robust_cli import store
 
             store.save_torch(self._file(eps, batch), result)
-            self.saved = getattr(self, "saved", 0) + 1
+            self.saved += 1
             if os.environ.get("ROBUST_STOP_AFTER_BATCHES") == str(self.saved):  # test hook: a kill between batches
                 raise SystemExit(3)
 

@@ -82,13 +82,13 @@ def run(cfg, ctx):
         radius = torch.cat([c.radius for c, _ in parts])
         p_low = torch.cat([c.p_a_lower for c, _ in parts])
         evaluations = torch.cat([c.evaluations for c, _ in parts])
+        smoothed = torch.cat([s for _, s in parts]) if cfg.predict else None
         results[sigma] = {"predicted": predicted, "radius": radius}
         for i in range(len(y)):
             row = {"index": i, "label": int(y[i]), "sigma": sigma, "predicted": "abstain" if predicted[i] == ABSTAIN else int(predicted[i]),
                    "base_pred": int(base_pred[i]), "p_a_lower": float(p_low[i]), "radius": float(radius[i]),
                    "correct": bool(predicted[i] == y[i]), "evaluations": int(evaluations[i]), "seconds": seconds[i]}
-            if cfg.predict:
-                smoothed = torch.cat([s for _, s in parts])
+            if smoothed is not None:
                 row["predict"] = "abstain" if smoothed[i] == ABSTAIN else int(smoothed[i])
             rows.append(row)
     ctx.write_csv("certify.csv", rows)
