@@ -52,8 +52,8 @@ def _more_effort(attack: Attack) -> Attack:
 
 # ----------------------------------------------------------------------------------------------- model checks
 @torch.no_grad()
-def model_checks(model, x, device) -> list[dict]:
-    xb = x[:256].to(device)
+def model_checks(model, x, device, bs=256) -> list[dict]:
+    xb = x[: min(256, bs)].to(device)
     was_training = any(m.training for m in model.modules())
     rows = [row("train_mode", "", was_training, "the model was in train mode; attacks evaluate it in eval mode" if was_training else "eval mode")]
     with model_mode(model, "eval"):
@@ -90,7 +90,7 @@ def gradient_check(model, attack, x, y, clean_pred, eps, device, bs) -> dict:
 # ----------------------------------------------------------------------------------------------- the audit
 def run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded) -> list[dict]:
     """All checks for a budgeted attack's curve (`rows`, `outcomes` per eps); returns the audit.csv rows."""
-    out = model_checks(model, x, device)
+    out = model_checks(model, x, device, bs)
     by_eps = {r["eps"]: r for r in rows if r["attack"] == attack.name}
     ordered = sorted(by_eps.values(), key=lambda r: r["eps"])
     for a, b in zip(ordered, ordered[1:]):

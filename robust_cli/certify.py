@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import beta, binomtest, norm
 
+from robust_cli.engine import BatchSize
 from robust_cli.errors import UserError
 from robust_cli.persistence import PAGE, _mix, _Sampler
 
@@ -45,8 +46,8 @@ def _check(sigma, n, alpha, batch_size):
         raise UserError(f"the number of draws must be an integer >= 1, got {n!r}")
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise UserError(f"alpha must be in (0, 1), got {alpha!r}; Cohen et al. use 0.001")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size != "auto" and not isinstance(batch_size, BatchSize) and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UserError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
 
 
 def _counts(sampler: _Sampler, sigma: float, n: int, num_classes: int) -> torch.Tensor:

@@ -260,7 +260,13 @@ def main(argv: list[str] | None = None) -> None:
                 with open_dict(cfg):
                     cfg.choices = chosen_options(cfg.hydra.runtime.choices)
                 validate_job(module, cfg)
-            if getattr(module, "WRITES_RUN_DIR", True) and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
+            from robust_cli.engine import ranks_from_environment
+
+            if not ranks_from_environment().main:  # torchrun / SLURM tasks: rank 0 alone has a run directory
+                import tempfile
+
+                rest += [f"hydra.run.dir={_quote(tempfile.mkdtemp(prefix='robust-rank-'))}", "hydra.output_subdir=null"]
+            elif getattr(module, "WRITES_RUN_DIR", True) and not inspecting and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in plain):
                 rest.append(f"hydra.run.dir={_quote(str(claim_run_dir(run_dir)))}")
         elif sweeping and not helping and not inspecting and not any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in plain):
             # two sweeps started in the same second would share (and overwrite) one sweep directory: claim it
@@ -323,7 +329,12 @@ def _git_commit() -> str | None:
 def resolve_device(spec: str) -> torch.device:
     spec = str(spec)
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from robust_cli.engine import ranks_from_environment
+
+        local = ranks_from_environment().local_rank  # one GPU per process under torchrun / SLURM tasks
+        return torch.device(f"cuda:{local % torch.cuda.device_count()}")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
@@ -381,8 +392,17 @@ def validate_job(module, cfg) -> torch.device:
         if not isinstance(threads, int) or threads < 1:
             raise UserError(f"threads must be a positive integer or null, got {threads!r}")
         torch.set_num_threads(threads)
+    if "precision" in cfg:  # precision, compile, channels_last: one line now, not after training
+        from robust_cli.engine import engine_from
+
+        engine_from(cfg, device)
     if getattr(module, "NEEDS_COMMON_VALIDATION", True):
         validate_common(cfg)
+    from robust_cli.engine import ranks_from_environment
+
+    if ranks_from_environment().distributed and not getattr(module, "DISTRIBUTED", False):
+        raise UserError("only robust train runs as several processes (torchrun, SLURM tasks); split an evaluation by examples "
+                        "instead: one job per GPU with data.shard=I/N, merged by robust collect")
     if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
         raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
     if hasattr(module, "validate"):
@@ -429,7 +449,10 @@ def run_command(command: str, cfg):
     # SIGTERM (SLURM's time-out and pre-emption) is handled like Ctrl-C: status interrupted, checkpoint kept
     signal.signal(signal.SIGTERM, _raise_terminated)
     module = importlib.import_module(f"robust_cli.commands.{command}")
-    run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) else None
+    from robust_cli.engine import ranks_from_environment
+
+    main_rank = ranks_from_environment().main
+    run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) and main_rank else None
     ctx = None
     beat = store.Heartbeat(run_dir) if run_json is not None else None
     try:
@@ -446,6 +469,15 @@ def run_command(command: str, cfg):
     except UserError as exc:
         record.update(status="user_error", error=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if not multirun:
+            _finish(record, run_json, ctx, beat)
+            sys.exit(2)
+    except torch.OutOfMemoryError:  # a fixed batch size that does not fit: say which setting, never a traceback
+        from robust_cli.engine import out_of_memory_line
+
+        message = out_of_memory_line(getattr(module, "BATCH_SETTINGS", "batch_size"), record.get("device"))
+        record.update(status="user_error", error=message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         if not multirun:
             _finish(record, run_json, ctx, beat)
             sys.exit(2)

@@ -202,6 +202,9 @@ def merge_shards(group) -> dict | None:
     attack = SimpleNamespace(name=first["attack"], norm=first["norm"], targeted=False if first["targeted"] in (False, "false") else first["targeted"])
     main = curves[curves.attack == first["attack"]]
     seconds = main.groupby("eps")["seconds"].sum()
+    # shards may run on different devices: one precision if they agree, else the list; rejections add up
+    precision = {eps: "+".join(sorted(set(map(str, f["precision"])))) for eps, f in main.groupby("eps")} if "precision" in main else {}
+    rejected = main.groupby("eps")["fp32_rejected"].sum() if "fp32_rejected" in main else {}
     rows = []
     for eps, frame in examples.groupby("eps", sort=True):
         frame = frame.sort_values("index")
@@ -212,7 +215,7 @@ def merge_shards(group) -> dict | None:
             dist = ev.minimal_distances(y, clean, success, sizes)[attack.norm]
             radii = sorted(e for e in main.eps.unique() if math.isfinite(e))
             rows += ev.curve_from_distances(attack, dist, y, clean, radii, sizes, float(seconds[eps]))
-        rows.append(ev.curve_row(attack, eps, y, clean, pred, success, sizes, float(seconds[eps])))
+        rows.append(ev.curve_row(attack, eps, y, clean, pred, success, sizes, float(seconds[eps]), precision.get(eps, "fp32"), int(rejected.get(eps, 0))))
     label = {k: v for k, v in ordered[0][2].items() if k not in ("run", "data.shard", "status")}
     label["shards"] = len(ordered)
     return {"merged_curve": _with_columns(pd.DataFrame(rows), label), "merged_examples": _with_columns(examples.sort_values(["eps", "index"]), label)}

@@ -40,7 +40,8 @@ class DataBundle:
 class Dataset:
     """Base: metadata from the YAML; subclasses implement `_load(root, download)`."""
 
-    def __init__(self, name, shape, num_classes, class_names=None, mean=None, std=None):
+    def __init__(self, name, shape, num_classes, class_names=None, mean=None, std=None, augment="none"):
+        self.default_augment = str(augment)  # what data.augment=auto trains with
         names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.meta = DatasetMeta(
             name=name,
@@ -237,10 +238,61 @@ def load_data(cfg) -> DataBundle:
     return bundle
 
 
+AUGMENTS = ("none", "crop_flip")
+
+
+def resolve_augment(cfg, dataset=None) -> str:
+    """data.augment, with auto = the dataset's default (crop_flip for CIFAR, none elsewhere)."""
+    value = str(cfg.data.get("augment", "none"))
+    if value == "auto":
+        value = (dataset or build_dataset(cfg)).default_augment
+    if value not in AUGMENTS:
+        raise UserError(f"data.augment must be auto, {' or '.join(AUGMENTS)}, got {value!r}")
+    return value
+
+
+def check_augment(augment: str, shape) -> None:
+    if augment == "crop_flip" and len(shape) != 3:
+        raise UserError(f"data.augment=crop_flip needs images (C, H, W); this dataset has shape {tuple(shape)}: set data.augment=none")
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded image (torchvision's RandomCrop(size, padding)) and a horizontal flip with
+    probability 1/2, per image, as one gather on x's device. The draws come from `generator` on the CPU, so the
+    same seed gives the same batches on every device."""
+    b, _, h, w = x.shape
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H) rows of the padded image
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # a flip reads the crop's columns backwards
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def place_on_device(bundle: DataBundle, device: torch.device, fraction: float = 0.5) -> bool:
+    """Move the bundle's tensors to a CUDA device once when they take less than `fraction` of its free memory
+    (MNIST, CIFAR): batches are then index gathers there. Returns whether they moved."""
+    if device.type != "cuda":
+        return False
+    tensors = [t for t in (bundle.train_x, bundle.train_y, bundle.test_x, bundle.test_y, bundle.val_x, bundle.val_y) if t is not None]
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(t.numel() * t.element_size() for t in tensors) > fraction * free:
+        return False
+    for name in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y"):
+        value = getattr(bundle, name)
+        if value is not None:
+            setattr(bundle, name, value.to(device))
+    return True
+
+
 def iterate_batches(x, y, batch_size, device=None, generator=None):
-    """Yield (xb, yb) on `device`; shuffled when a generator is given (epoch order is then seeded)."""
+    """Yield (xb, yb) on `device`; shuffled when a generator is given (epoch order is then seeded, drawn on the CPU
+    whatever the device, so that it is the same everywhere)."""
     n = len(y)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
+    order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
         xb, yb = x[idx], y[idx]

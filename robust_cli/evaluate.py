@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from robust_cli.attacks import model_mode, vote_labels
+from robust_cli.engine import BatchSize, FastModel, chunked, exact
 
 SIZE_COLUMNS = ("l2", "linf", "distortion", "l0")
 
@@ -42,13 +43,16 @@ def _batches(n, batch_size):
 
 
 @torch.no_grad()
-def predict(model, x, batch_size=1000, device=None, y=None, draws=1, vote="majority") -> torch.Tensor:
+def predict(model, x, batch_size=1000, device=None, y=None, draws=1, vote="majority", precise=True) -> torch.Tensor:
     """Labels predicted in eval mode (the caller's mode is restored), on the CPU; over `draws` forward passes by
-    `vote` for randomised models (see `attacks.vote_labels`)."""
+    `vote` for randomised models (see `attacks.vote_labels`). `precise`: by the fp32 eager model behind a FastModel
+    (what every reported number uses), else by the model as the attack ran it."""
+    model = exact(model) if precise else model
     device = device or model_device(model)
-    with model_mode(model, "eval"):
-        return torch.cat([vote_labels(model, x[s].to(device), None if y is None else y[s].to(device), draws, vote).cpu()
-                          for s in _batches(len(x), batch_size)])
+    rows = torch.arange(len(x))
+    with model_mode(model, "eval"):  # chunks halve on out-of-memory: labels do not depend on them
+        return chunked(lambda r: vote_labels(model, x[r].to(device), None if y is None else y[r].to(device), draws, vote).cpu(),
+                       rows, BatchSize.halving(batch_size, "data.eval_batch_size", device))
 
 
 def judge(model, attack, x, y, device=None) -> torch.Tensor:
@@ -77,6 +81,7 @@ class BatchPlan:
     directory: Path | None = None
     resume: bool = False
     saved: int = 0  # batches written by this run (for the test hook below)
+    batch_size: int | None = None  # recorded beside the batches, so that a resume with batch_size=auto reuses it
 
     def batch_seed(self, eps, batch: int, what: str = "attack") -> int:
         digest = hashlib.sha256(f"{self.seed}|{float(eps)!r}|{self.first_batch + batch}|{what}".encode()).digest()
@@ -98,10 +103,24 @@ class BatchPlan:
         if self.directory is not None:
             from robust_cli import store
 
+            if self.batch_size is not None and self.saved_batch_size() != self.batch_size:
+                store.write_text(Path(self.directory) / "batch_size.txt", f"{self.batch_size}\n")
             store.save_torch(self._file(eps, batch), result)
             self.saved += 1
             if os.environ.get("ROBUST_STOP_AFTER_BATCHES") == str(self.saved):  # test hook: a kill between batches
                 raise SystemExit(3)
+
+    def saved_batch_size(self) -> int | None:
+        path = Path(self.directory) / "batch_size.txt" if self.directory is not None else None
+        try:
+            return int(path.read_text()) if path is not None and path.is_file() else None
+        except ValueError:
+            return None
+
+    def restart(self, batch_size: int) -> None:
+        """Start over at another batch size (the kept batches were cut at the old one)."""
+        self.discard()
+        self.batch_size = batch_size
 
     def discard(self) -> None:
         """Remove the kept batches once the run's results are written (they are in adversarial.pt and the CSVs)."""
@@ -177,6 +196,8 @@ class Outcome:
     success: torch.Tensor
     seconds: float
     broken_by: torch.Tensor | None = None  # ensembles: index of the member that broke each example first, -1 none
+    precision: str = "fp32"  # the precision the attack ran at (success is always judged in fp32)
+    fp32_rejected: int = 0  # examples the reduced-precision model misclassified but the fp32 model did not
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -191,7 +212,7 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return low, high
 
 
-def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds) -> dict:
+def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds, precision="fp32", fp32_rejected=0) -> dict:
     clean_ok = clean_pred == y
     robust_ok = clean_ok & (outcome_pred == y)  # already misclassified counts as an error
     fooled = success & clean_ok
@@ -212,6 +233,8 @@ def curve_row(attack, eps, y, clean_pred, outcome_pred, success, sizes, seconds)
         "mean_linf": mean(sizes["linf"]),
         "mean_distortion": mean(sizes["distortion"]),
         "seconds": float(seconds),
+        "precision": precision,  # of the attack's forward/backward passes; success is judged by the fp32 model
+        "fp32_rejected": int(fp32_rejected),  # adversarial for the reduced-precision model only: counted robust
     }
 
 
@@ -241,14 +264,19 @@ def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, 
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start + info.get("cached_seconds", 0.0)
         pred = info["pred"] if "pred" in info else judge(model, attack, x_adv, y, device)
-        outcomes.append(Outcome(float(eps), x_adv, pred, success_mask(pred, y, target), seconds, info.get("broken_by")))
+        precision, rejected = "fp32", 0
+        if isinstance(model, FastModel) and model.precision != "fp32":
+            precision = model.precision
+            fast_pred = predict(model, x_adv, device=device, precise=False)
+            rejected = int((success_mask(fast_pred, y, target) & ~success_mask(pred, y, target)).sum())
+        outcomes.append(Outcome(float(eps), x_adv, pred, success_mask(pred, y, target), seconds, info.get("broken_by"), precision, rejected))
     return outcomes
 
 
 def curve_rows(model, attack, x, y, clean_pred, eps_list, batch_size=256, device=None) -> list[dict]:
     """curve.csv rows of a budgeted attack run alone on every example (references, ensemble members)."""
     outcomes = accuracy_curve(model, attack, x, y, eps_list, clean_pred, None, batch_size, device)
-    return [curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, perturbation_sizes(x, o.x_adv), o.seconds) for o in outcomes]
+    return [curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, perturbation_sizes(x, o.x_adv), o.seconds, o.precision, o.fp32_rejected) for o in outcomes]
 
 
 def minimal_distances(y, clean_pred, success, sizes) -> dict:

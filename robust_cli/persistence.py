@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import beta, norm
 
+from robust_cli.engine import AUTO_SAMPLE_START, BatchSize, chunked
 from robust_cli.errors import UserError
 
 PAGE = 16  # rays per seeded page of draws
@@ -96,8 +97,8 @@ def _check_common(gamma, clip, distribution, batch_size):
         raise UserError(f"gamma must be in (0, 1), got {gamma!r}")
     if distribution not in DISTRIBUTIONS:
         raise UserError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(batch_size, BatchSize) and batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
 
 
 class _Sampler:
@@ -107,7 +108,9 @@ class _Sampler:
         self.classifier, self.x = classifier, x
         self.shape, self.dim = tuple(x.shape[1:]), int(math.prod(x.shape[1:]))
         self.clip, self.distribution, self.antithetic = clip, distribution, antithetic
-        self.seed, self.batch_size = int(seed), batch_size
+        self.seed = int(seed)
+        # an integer or auto (halve on out-of-memory): only the grouping of model calls, never the draws, depends on it
+        self.batch = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size, "batch_size", x.device, start=AUTO_SAMPLE_START)
         # seed index of each point: index_offset + position, or the given per-point indices
         self.indices = [int(index_offset) + i for i in range(len(x))] if isinstance(index_offset, int) else [int(i) for i in index_offset]
         if len(self.indices) != len(x):
@@ -115,11 +118,18 @@ class _Sampler:
         self.evaluations = torch.zeros(len(x), dtype=torch.int64)
         self.num_classes = None
 
+    @property
+    def batch_size(self) -> int:
+        return self.batch.size
+
     def _forward(self, batch):
-        out = self.classifier(batch)
-        if out.dim() == 2:
-            self.num_classes = out.shape[1]
-        return _labels(out)
+        def labels(part):
+            out = self.classifier(part)
+            if out.dim() == 2:
+                self.num_classes = out.shape[1]
+            return _labels(out)
+
+        return chunked(labels, batch, self.batch)
 
     def center_labels(self) -> torch.Tensor:
         with torch.no_grad(), _eval_mode(self.classifier):

@@ -138,6 +138,12 @@ def training_identity(cfg) -> dict:
     if isinstance(keep["model"], dict):  # test-time noise changes the evaluation, not the trained weights
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "test_noise"}
     keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
+    if "dataset" in cfg:
+        from robust_cli.data import resolve_augment
+
+        augment = resolve_augment(cfg)
+        if augment != "none":  # only then: the keys of models trained without augmentation stay what they were
+            keep["data"]["augment"] = augment
     return keep
 
 

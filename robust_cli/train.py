@@ -5,6 +5,7 @@ RNG states and the log so far, so `resume=true` continues exactly where an inter
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -17,12 +18,14 @@ from omegaconf import OmegaConf
 
 import robust_cli
 from robust_cli import registry, store
-from robust_cli.data import DataBundle, iterate_batches, load_data
+from robust_cli.data import DataBundle, check_augment, crop_flip, iterate_batches, load_data, place_on_device, resolve_augment
+from robust_cli.engine import Ranks, average_gradients, broadcast_object, broadcast_parameters, engine_from
 from robust_cli.errors import UserError
 from robust_cli.models import build_model
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULERS = ("none", "step", "cosine")
+SCHEDULERS = ("none", "step", "cosine", "cyclic")
+CYCLIC_PEAK = 0.4  # Wong et al. 2020: linear from 0 up to train.lr at 2/5 of the epochs, then down to 0, per step
 
 
 def validate_training(cfg) -> None:
@@ -42,7 +45,8 @@ def validate_training(cfg) -> None:
             raise UserError(message)
 
 
-def make_optimizer(cfg, model):
+def make_optimizer(cfg, model, steps_per_epoch: int = 1):
+    """(optimizer, scheduler, per_step): per_step schedulers (cyclic) step after every batch, the others per epoch."""
     t = cfg.train
     if t.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=bool(t.nesterov) and t.momentum > 0, weight_decay=t.weight_decay)
@@ -52,9 +56,17 @@ def make_optimizer(cfg, model):
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.lr_step, gamma=t.lr_gamma)
     elif t.scheduler == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    elif t.scheduler == "cyclic":
+        total, peak = t.epochs * steps_per_epoch, CYCLIC_PEAK * t.epochs * steps_per_epoch
+
+        def triangle(k):  # step k (0-based) trains at the lr of its end, as Wong et al.'s interpolation does
+            s = k + 1
+            return s / peak if s <= peak else max(0.0, (total - s) / (total - peak))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, triangle)
     else:
         sched = None
-    return opt, sched
+    return opt, sched, t.scheduler == "cyclic"
 
 
 @torch.no_grad()
@@ -71,30 +83,46 @@ def evaluate(model, x, y, device, batch_size=1000):
     return loss_sum / max(len(y), 1), correct / max(len(y), 1)
 
 
-def _rng_state(shuffle_gen):
-    state = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state()}
+def _rng_state(shuffle_gen, augment_gen):
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle_gen.get_state(), "augment": augment_gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state, shuffle_gen):
+def _set_rng_state(state, shuffle_gen, augment_gen):
     torch.set_rng_state(state["torch"])
     shuffle_gen.set_state(state["shuffle"])
+    if "augment" in state:
+        augment_gen.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None) -> dict:
-    """Train the config's model under its defense; publish the checkpoint in the registry; return a summary."""
+def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:
+    """Train the config's model under its defense; publish the checkpoint in the registry; return a summary.
+
+    With several processes (`ranks`, torchrun or SLURM tasks) each takes its part of every batch of train.batch_size
+    and the gradients are averaged, so the update is that of one process on the whole batch; rank 0 alone writes."""
     entry = registry.checkpoint_dir(cfg)
     last_path = entry / "last.pt"
     torch.manual_seed(int(cfg.seed))
-    shuffle_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    shuffle_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)  # the same order on every rank and every device
+    augment_gen = torch.Generator().manual_seed(int(cfg.seed) + 3)
+    augment = resolve_augment(cfg)
+    check_augment(augment, data.meta.shape)
     model = build_model(cfg, data.meta).to(device)
+    if cfg.get("sync_batchnorm") and ranks.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    engine = engine_from(cfg, device, ctx.warn if ctx is not None else None)
+    fast = engine.fast(model)  # the defense's forward and backward passes; the weights are model's
+    scaler = torch.amp.GradScaler(device.type, enabled=engine.precision == "fp16")  # fp16 gradients underflow otherwise
     defense = instantiate(cfg.defense)
-    optimizer, scheduler = make_optimizer(cfg, model)
+    epochs, bs = int(cfg.train.epochs), int(cfg.train.batch_size)
+    steps_per_epoch = math.ceil(len(data.train_y) / bs)
+    optimizer, scheduler, per_step = make_optimizer(cfg, model, steps_per_epoch)
     log, start_epoch = [], 1
+    on_device = place_on_device(data, device)
 
     if cfg.get("resume") and last_path.is_file():
         state = registry.load_checkpoint(last_path)
@@ -103,29 +131,35 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], shuffle_gen)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], shuffle_gen, augment_gen)
         log, start_epoch = list(state["log"]), int(state["epoch"]) + 1
         store.console.print(f"[cyan]resuming {entry.name} after epoch {state['epoch']}[/]")
-    elif last_path.is_file():  # an interrupted run of this key: say that it is being replaced, and how to keep it
+    elif last_path.is_file() and ranks.main:  # an interrupted run of this key: say that it is being replaced, and how to keep it
         epoch = _epoch_of(last_path)
         message = f"resume=true but the interrupted training of {entry.name} cannot be read; training from scratch" if cfg.get("resume") else (
             f"an interrupted training of {entry.name} stopped after epoch {epoch}; training from scratch (resume=true continues it)")
         _say(ctx, message)
-    elif cfg.get("resume"):
+    elif cfg.get("resume") and ranks.main:
         _say(ctx, f"resume=true but there is nothing to resume for {entry.name}: training from scratch")
+    if ranks.distributed:
+        broadcast_parameters(model)
+        torch.manual_seed(int(cfg.seed) * 7919 + ranks.rank)  # each rank its own draws (attack starts, noise) for its examples
 
     counts = torch.bincount(data.train_y.cpu(), minlength=data.meta.num_classes)
-    if int(counts.min()) < 5:  # a subset or a validation split this large leaves a class almost untrained
+    if int(counts.min()) < 5 and ranks.main:  # a subset or a validation split this large leaves a class almost untrained
         cls = int(counts.argmin())
         _say(ctx, f"class {cls} has {int(counts[cls])} training examples (data.n_train={cfg.data.n_train}, data.val_fraction={cfg.data.val_fraction}); "
                   "fewer than 5 per class trains a model that cannot learn it: raise data.n_train or lower data.val_fraction")
     config = OmegaConf.to_container(cfg, resolve=True)
-    environment = {**registry.environment(), "device": str(device)}
-    epochs, bs = int(cfg.train.epochs), int(cfg.train.batch_size)
-    steps_per_epoch = math.ceil(len(data.train_y) / bs)
+    environment = {**registry.environment(), "device": str(device), **engine.describe(model), "augment": augment, "data_on_device": on_device,
+                   "processes": ranks.world}
     write_targets = [last_path] + ([Path(run_dir) / "model.pt"] if run_dir else [])
 
     def checkpoint(epoch, complete):
+        if not ranks.main:
+            return
         state = {
             "state_dict": model.state_dict(),
             "config": config,
@@ -135,7 +169,8 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
             "complete": complete,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "rng": _rng_state(shuffle_gen),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": _rng_state(shuffle_gen, augment_gen),
             "log": log,
             "versions": {"robust": robust_cli.__version__, "torch": str(torch.__version__)},
             "environment": environment,
@@ -156,24 +191,39 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
             stat_sums: dict[str, float] = {}
             seen = 0
             for step, (xb, yb) in enumerate(iterate_batches(data.train_x, data.train_y, bs, device, shuffle_gen), 1):
+                if augment == "crop_flip":  # drawn for the whole batch, so every rank draws the same
+                    xb = crop_flip(xb, augment_gen)
+                if ranks.distributed:  # this rank's part of the batch
+                    xb, yb = xb.tensor_split(ranks.world)[ranks.rank], yb.tensor_split(ranks.world)[ranks.rank]
                 optimizer.zero_grad(set_to_none=True)
-                loss, stats = defense(model, xb, yb)
+                loss, stats = defense(fast, xb, yb)
                 total = loss + model.regularization()
                 if not torch.isfinite(total):
                     raise UserError(
                         f"training diverged: loss is {total.item()} at epoch {epoch}, step {step}; the last good checkpoint "
                         f"(epoch {epoch - 1}) is kept at '{last_path}'; lower train.lr or check the defense parameters"
                     )
-                total.backward()
-                optimizer.step()
+                scaler.scale(total).backward()
+                if ranks.distributed:
+                    average_gradients(model, ranks.world)
+                scaler.step(optimizer)
+                scaler.update()
+                if per_step:
+                    scheduler.step()
                 n = len(yb)
                 seen += n
                 loss_sum += loss.detach() * n
                 for name, value in stats.items():
                     stat_sums[name] = stat_sums.get(name, 0.0) + float(value) * n
                 advance()
-            if scheduler is not None:
+            if scheduler is not None and not per_step:
                 scheduler.step()
+            if ranks.distributed:  # the epoch's loss over all ranks' parts
+                import torch.distributed as dist
+
+                totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
+                dist.all_reduce(totals)
+                loss_sum, seen = totals[0], int(totals[1].item())
             train_loss, train_acc = evaluate(model, data.train_x, data.train_y, device) if cfg.train.eval_train else (loss_sum.item() / seen, float("nan"))
             test_loss, test_acc = evaluate(model, data.test_x, data.test_y, device)
             row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
@@ -189,8 +239,9 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
 
     if start_epoch > epochs:  # resume of an already complete run: nothing to train, republish
         store.console.print(f"[cyan]{entry.name} already trained for {epochs} epochs[/]")
-    store.write_text(entry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    _publish(last_path, entry / "model.pt")
+    if ranks.main:
+        store.write_text(entry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        _publish(last_path, entry / "model.pt")
     final = log[-1] if log else {}
     return {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(entry / "model.pt")}
 
@@ -236,29 +287,32 @@ def summary_of(state: dict, path: Path) -> dict:
     return {"epochs": state.get("epochs"), "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(path)}
 
 
-def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None) -> dict:
+def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:
     """`robust train`: the registry's finished checkpoint for this key if there is one (unless retrain=true, which
-    first moves it to a numbered version), else train. Holds the key's lock throughout."""
+    first moves it to a numbered version), else train. Rank 0 holds the key's lock throughout and decides for all."""
     entry = registry.checkpoint_dir(cfg)
     published = entry / "model.pt"
-    with registry.training_lock(entry):
-        registry.clean_stale_temporaries(entry)  # a kill -9 leaves them; nobody else can be writing while we hold the lock
-        if published.is_file() and not cfg.get("retrain"):
+    with registry.training_lock(entry) if ranks.main else contextlib.nullcontext():
+        if ranks.main:
+            registry.clean_stale_temporaries(entry)  # a kill -9 leaves them; nobody else can be writing while we hold the lock
+        reuse = broadcast_object(published.is_file() and not cfg.get("retrain"), ranks)
+        if reuse:
             state = registry.load_checkpoint(published)
             summary = summary_of(state, published)
-            _say(ctx, f"{entry.name} is already trained (test accuracy {summary['test_accuracy']:.4f}): reusing {published}; "
-                      "retrain=true trains it again and keeps this one as a numbered version")
-            if run_dir is not None:
+            if ranks.main:
+                _say(ctx, f"{entry.name} is already trained (test accuracy {summary['test_accuracy']:.4f}): reusing {published}; "
+                          "retrain=true trains it again and keeps this one as a numbered version")
+            if run_dir is not None and ranks.main:
                 import shutil
 
                 shutil.copyfile(published, Path(run_dir) / "model.pt")
                 store.write_csv(Path(run_dir) / "train_log.csv", state.get("log") or [])
             summary["reused"] = True
             return summary
-        if published.is_file():
+        if published.is_file() and ranks.main:
             version = registry.archive_published(entry)
             _say(ctx, f"retrain=true: the previous checkpoint of {entry.name} is kept as {entry / f'model.v{version}.pt'}")
-        summary = train(cfg, data, device, run_dir=run_dir, ctx=ctx)
+        summary = train(cfg, data, device, run_dir=run_dir, ctx=ctx, ranks=ranks)
         summary["reused"] = False
         return summary
 

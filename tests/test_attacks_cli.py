@@ -12,7 +12,7 @@ import torch
 
 ATTACK_DIR = Path(__file__).resolve().parents[1] / "robust_cli" / "conf" / "attack"
 CURVE_COLUMNS = ["attack", "norm", "targeted", "eps", "n", "clean_accuracy", "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "success_rate", "mean_l2",
-                 "mean_linf", "mean_distortion", "seconds"]
+                 "mean_linf", "mean_distortion", "seconds", "precision", "fp32_rejected"]
 EXAMPLE_COLUMNS = ["index", "eps", "label", "clean_pred", "adv_pred", "target", "success", "l2", "linf", "distortion", "l0"]
 
 

@@ -15,6 +15,7 @@ from robust_cli.attacks.apgd import APGD, APGDT
 from robust_cli.attacks.base import Attack, vote_labels
 from robust_cli.attacks.fab import FABT
 from robust_cli.attacks.square import Square
+from robust_cli.engine import exact
 from robust_cli.errors import UserError
 
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -102,7 +103,9 @@ class AutoAttack(Attack):
         return [m.name for m in self.members]
 
     def judge(self, model, x, y):
-        return vote_labels(model, x, y, self.eval_draws, self.vote)
+        # the fp32 model decides who is still robust: a reduced-precision success must not take an example out of
+        # the cascade (the later members would never try it, and the fp32 re-check would count it robust)
+        return vote_labels(exact(model), x, y, self.eval_draws, self.vote)
 
     def perturb(self, model, x, y, eps, target):
         if target is not None:

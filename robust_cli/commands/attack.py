@@ -13,6 +13,7 @@ from omegaconf import ListConfig, OmegaConf
 from robust_cli import audit
 from robust_cli import evaluate as ev
 from robust_cli import store
+from robust_cli.engine import BatchSize, engine_from, fit_batch
 from robust_cli.errors import UserError
 from robust_cli.train import load_trained_model
 
@@ -20,6 +21,8 @@ SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test 
 
 
 # ----------------------------------------------------------------------------------------------- config
+BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
+
 def eps_list(cfg) -> list[float]:
     raw = cfg.eps
     values = list(raw) if isinstance(raw, (list, tuple, ListConfig)) else [raw]
@@ -55,9 +58,10 @@ def build_attack(cfg, bounds=(0.0, 1.0)):
 
 def validate(cfg):
     eps_list(cfg)
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+    batch = BatchSize(cfg.batch_size, "batch_size", torch.device("cpu"))
     attack = build_attack(cfg)
+    if cfg.data.get("shard") is not None and batch.auto:
+        raise UserError("data.shard needs a fixed batch_size (the shards are whole batches, the same in every job): set batch_size=N, e.g. 256")
     if cfg.data.get("shard") is not None and cfg.data.n_test is not None:  # too many shards for the batches: before training
         shard_range(cfg, int(cfg.data.n_test), int(cfg.batch_size))
     mode = cfg.search.get("mode", "none") if cfg.get("search") else "none"
@@ -81,58 +85,73 @@ def run(cfg, ctx):
     if getattr(attack, "iterative", False) and getattr(attack, "steps", None) == 0:
         ctx.warn(f"attack.steps=0: {attack.name} takes no gradient step and returns its random start (the noise baseline); set attack.steps >= 1 to attack")
     torch.manual_seed(int(cfg.seed))  # after any training, so the attack's randomness depends on the seed only
-    device, bs, epsilons = ctx.device, int(cfg.batch_size), eps_list(cfg)
+    device, epsilons = ctx.device, eps_list(cfg)
+    engine = engine_from(cfg, device, ctx.warn)
+    fast = engine.fast(model)  # attacks run this one; every success is judged by the fp32 model (ev.predict)
+    ctx.record["engine"] = engine.describe(model)
 
     clean_pred = ev.predict(model, x, device=device)
     target = ev.choose_targets(attack, model, x, y, device=device)  # on the whole test set: the same for every shard
-    start, stop, first_batch = shard_range(cfg, len(y), bs)
+    batch = BatchSize(cfg.batch_size, "batch_size", device, limit=len(y))
+    start, stop, first_batch = shard_range(cfg, len(y), batch.size)
     if (start, stop) != (0, len(y)):
         x, y, clean_pred = x[start:stop], y[start:stop], clean_pred[start:stop]
         target = target[start:stop] if target is not None else None
         ctx.record["shard"] = {"spec": str(cfg.data.shard), "start": start, "stop": stop, "of": len(data.test_y)}
-    n_batches = math.ceil(len(y) / bs)
-    plan = _batch_plan(cfg, ctx, checkpoint, first_batch, n_batches * (len(epsilons) if attack.kind == "budgeted" else 1))
+    plan = _batch_plan(cfg, ctx, checkpoint, first_batch, batch)
     rows, examples, distances_rows, tensors = [], [], None, {}
     summary = {}
+    runs = len(epsilons) if attack.kind == "budgeted" else 1
+
+    def evaluate(bs):  # the whole curve at one batch size (batch_size=auto: again at half the size on out-of-memory)
+        with ctx.progress(math.ceil(len(y) / bs) * runs, f"{attack.name} over {len(epsilons)} eps" if attack.kind == "budgeted" else f"{attack.name} (minimal)") as advance:
+            return ev.accuracy_curve(fast, attack, x, y, epsilons if attack.kind == "budgeted" else [math.inf], clean_pred, target, bs, device, advance, plan)
+
+    def halved(size):
+        store.console.print(f"[yellow]out of memory: batch_size=auto continues at {size}[/]")
+        plan.restart(size)
+
+    outcomes = fit_batch(evaluate, batch, halved)
+    bs = batch.size
+    n_batches = math.ceil(len(y) / bs)
+    ctx.record["batch_size"] = batch.describe()
     if attack.kind == "budgeted":
-        with ctx.progress(n_batches * len(epsilons), f"{attack.name} over {len(epsilons)} eps") as advance:
-            outcomes = ev.accuracy_curve(model, attack, x, y, epsilons, clean_pred, target, bs, device, advance, plan)
         torch.manual_seed(plan.batch_seed(0, 0, "after the curve"))  # what follows draws the same after a resume
         names = getattr(attack, "member_names", None)
         for o in outcomes:
             sizes = ev.perturbation_sizes(x, o.x_adv)
-            rows.append(ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, sizes, o.seconds))
+            rows.append(ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, sizes, o.seconds, o.precision, o.fp32_rejected))
             examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names, index_offset=start)
         if names and getattr(attack, "report_each", False):  # every member alone on every example
             for member in attack.members:
-                rows += ev.curve_rows(model, member, x, y, clean_pred, epsilons, bs, device)
+                rows += ev.curve_rows(fast, member, x, y, clean_pred, epsilons, bs, device)
         shown = outcomes[-1]
         if cfg.search.mode == "binary":
             with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
-                found, x_found = ev.binary_search_eps(model, attack, x, y, target, float(cfg.search.tol), float(cfg.search.max_eps), bs, device, advance)
+                found, x_found = ev.binary_search_eps(fast, attack, x, y, target, float(cfg.search.tol), float(cfg.search.max_eps), bs, device, advance)
             sizes = ev.perturbation_sizes(x, x_found)
             distances_rows = _distance_rows(y, found, sizes, clean_pred)
             summary = ev.distance_summary(found, y, clean_pred)
             tensors["search_eps"] = found
         if cfg.audit and attack.name != "noise":
-            audit_rows = audit.run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded)
+            audit_rows = audit.run_audit(fast, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded)
             ctx.write_csv("audit.csv", audit_rows)
             for r in audit_rows:
                 if r["status"] != "ok":
                     ctx.warn(f"audit {r['check']}" + (f" at eps={r['eps']:g}" if r["eps"] != "" else "") + f": {r['detail']}")
             _print_audit(audit_rows)
     else:
-        with ctx.progress(n_batches, f"{attack.name} (minimal)") as advance:
-            (o,) = ev.accuracy_curve(model, attack, x, y, [math.inf], clean_pred, target, bs, device, advance, plan)
+        (o,) = outcomes
         sizes = ev.perturbation_sizes(x, o.x_adv)
         dist = ev.minimal_distances(y, clean_pred, o.success, sizes)
         key = attack.norm  # robust accuracy at radius eps in the attack's own norm
         rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds)
-        rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds))
+        rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds, o.precision, o.fp32_rejected))
+        for r in rows:
+            r["precision"] = o.precision
         examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, index_offset=start)
         distances_rows = _distance_rows(y, dist[key], sizes, clean_pred, dist)
         summary = ev.distance_summary(dist[key], y, clean_pred)
-        outcomes = [o]
         shown = o
 
     for message in getattr(attack, "notes", []):  # what the attack changed on its own (few classes, ...)
@@ -189,15 +208,19 @@ def evaluation_key(cfg, checkpoint) -> str:
     stat = path.stat()
     identity = {"checkpoint": [str(path.resolve()), stat.st_size, stat.st_mtime_ns], "attack": OmegaConf.to_container(cfg.attack, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                "n_test": cfg.data.n_test, "seed": int(cfg.seed), "batch_size": int(cfg.batch_size)}
+                "n_test": cfg.data.n_test, "seed": int(cfg.seed), "batch_size": cfg.batch_size, "precision": cfg.get("precision", "fp32")}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{store.choice(cfg, 'attack')}-{store.choice(cfg, 'model')}-{store.choice(cfg, 'dataset')}-{store.choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
 
 
-def _batch_plan(cfg, ctx, checkpoint, first_batch: int, total: int) -> ev.BatchPlan:
-    """Per-batch results under <outputs_root>/evaluations/<key>/ while the run lasts; resume=true reads them back."""
+def _batch_plan(cfg, ctx, checkpoint, first_batch: int, batch: BatchSize) -> ev.BatchPlan:
+    """Per-batch results under <outputs_root>/evaluations/<key>/ while the run lasts; resume=true reads them back
+    (batch_size=auto: at the size the interrupted run had found)."""
     directory = Path(str(cfg.outputs_root)) / "evaluations" / evaluation_key(cfg, checkpoint)
     plan = ev.BatchPlan(seed=int(cfg.seed), first_batch=first_batch, directory=directory, resume=bool(cfg.get("resume")))
+    if batch.auto and plan.resume and plan.saved_batch_size():
+        batch.size = plan.saved_batch_size()
+    plan.batch_size = batch.size
     done = plan.finished()
     if plan.resume and done:
         store.console.print(f"[cyan]resuming the evaluation {directory.name}: {done} finished batches are read back[/]")

@@ -13,12 +13,15 @@ from scipy.stats import norm
 from robust_cli import evaluate as ev
 from robust_cli import store
 from robust_cli.certify import ABSTAIN, certified_accuracy, certify, predict
+from robust_cli.engine import AUTO_SAMPLE_START, BatchSize
 from robust_cli.errors import UserError
 from robust_cli.persistence import persistence
 from robust_cli.train import load_trained_model
 
 CHUNK = 32  # points certified together between progress-bar updates (draws do not depend on it)
 
+
+BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
 
 def sigma_list(cfg) -> list[float]:
     values = list(cfg.sigma) if isinstance(cfg.sigma, (list, tuple, ListConfig)) else [cfg.sigma]
@@ -39,8 +42,9 @@ def _positive_int(value, name):
 
 def validate(cfg):
     sigma_list(cfg)
-    for key in ("n0", "n", "batch_size"):
+    for key in ("n0", "n"):
         _positive_int(cfg[key], key)
+    BatchSize(cfg.batch_size, "batch_size", torch.device("cpu"))
     if not isinstance(cfg.alpha, (int, float)) or not 0 < cfg.alpha < 1:
         raise UserError(f"alpha must be in (0, 1), got {cfg.alpha!r}; Cohen et al. use 0.001")
     if not isinstance(cfg.radius_step, (int, float)) or not cfg.radius_step > 0:
@@ -65,7 +69,9 @@ def run(cfg, ctx):
     model, data, _ = load_trained_model(cfg, ctx)
     x, y, device = data.test_x, data.test_y, ctx.device
     base_pred = ev.predict(model, x, device=device)
-    sigmas, options = sigma_list(cfg), {"seed": int(cfg.seed), "batch_size": int(cfg.batch_size)}
+    # certificates are about the fp32 model (no reduced precision here); batch_size=auto halves on out-of-memory
+    sample_batch = BatchSize(cfg.batch_size, "batch_size", device, start=AUTO_SAMPLE_START)
+    sigmas, options = sigma_list(cfg), {"seed": int(cfg.seed), "batch_size": sample_batch}
     rows, results = [], {}
     for sigma in sigmas:
         parts, seconds = [], []
@@ -112,25 +118,27 @@ def run(cfg, ctx):
             headline[f"certified_accuracy@{level:g} (sigma={sigma:g})"] = certified_accuracy(r["radius"], correct, [level])[0]
         headline[f"abstain_rate (sigma={sigma:g})"] = float((r["predicted"] == ABSTAIN).double().mean())
     if "attack" in cfg:
-        headline["sandwich_violations"] = _sandwich(cfg, ctx, model, x, y, base_pred, results)  # unexplained ones
+        headline["sandwich_violations"] = _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch)  # unexplained ones
     ctx.headline(**headline)
 
 
-def _sandwich(cfg, ctx, model, x, y, base_pred, results) -> int:
+def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> int:
     """sandwich.csv/png: per point and sigma, certified radius vs the attack's L2 distance to change the base
     prediction; returns the number of points where the certificate exceeds that distance unexplained."""
     device = ctx.device
     attack = _attack(cfg)
+    sample_batch = sample_batch or BatchSize(cfg.batch_size, "batch_size", device, start=AUTO_SAMPLE_START)
     torch.manual_seed(int(cfg.seed))
-    with ctx.progress(math.ceil(len(x) / int(cfg.batch_size)), f"{attack.name} on the base classifier") as advance:
+    bs = min(sample_batch.size, 256)  # examples per attack call
+    with ctx.progress(math.ceil(len(x) / bs), f"{attack.name} on the base classifier") as advance:
         # the label to move away from is the base prediction: the distance is to the base decision boundary
-        x_adv = ev.run_attack(model, attack, x, base_pred, math.inf, None, int(cfg.batch_size), device, advance)
+        x_adv = ev.run_attack(model, attack, x, base_pred, math.inf, None, bs, device, advance)
     moved = ev.predict(model, x_adv, device=device) != base_pred
     distance = torch.where(moved, ev.perturbation_sizes(x, x_adv)["l2"], torch.tensor(math.inf, dtype=torch.float64))
     sigma_star = None
     if cfg.persistence:
         found = [persistence(model, x[s : s + CHUNK].to(device), float(cfg.gamma), method="fast", seed=int(cfg.seed),
-                             index_offset=s).sigma for s in range(0, len(x), CHUNK)]
+                             index_offset=s, batch_size=sample_batch).sigma for s in range(0, len(x), CHUNK)]
         sigma_star = torch.cat(found).double()
     rows, violations = [], []
     for sigma, r in results.items():
@@ -152,7 +160,7 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results) -> int:
         mine = [v for v in violations if v["sigma"] == sigma]
         idx = [v["index"] for v in mine]
         at_adv = certify(model, x_adv[idx].to(device), sigma, int(cfg.n0), int(cfg.n), float(cfg.alpha), seed=int(cfg.seed) + 1,
-                         index_offset=idx, batch_size=int(cfg.batch_size))
+                         index_offset=idx, batch_size=sample_batch)
         for v, pred, p_low in zip(mine, at_adv.predicted.tolist(), at_adv.p_a_lower.tolist()):
             v["explained"] = pred == v["smoothed_pred"]
             v["p_a_lower_at_attack"] = p_low

@@ -15,8 +15,9 @@ import torch
 
 from robust_cli import evaluate as ev
 from robust_cli import store
-from robust_cli.train import load_trained_model
+from robust_cli.engine import AUTO_SAMPLE_START, BatchSize, engine_from, fit_batch
 from robust_cli.errors import UserError
+from robust_cli.train import load_trained_model
 from robust_cli.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
 
 CHUNK = 32  # points searched together between progress-bar updates
@@ -26,11 +27,14 @@ BRACKETING_KEYS = ("n_samples", "precision", "max_steps", "confidence", "interva
 COMMON_KEYS = ("clip", "distribution", "sigma_floor", "sigma_cap", "batch_size")
 
 
-def persistence_options(cfg) -> dict:
-    """Keyword arguments of the configured method, from cfg.persistence."""
+BATCH_SETTINGS = "batch_size (attacks) or persistence.batch_size (samples)"  # named by the out-of-memory error
+
+def persistence_options(cfg, sample_batch=None) -> dict:
+    """Keyword arguments of the configured method, from cfg.persistence (sample_batch: one BatchSize for the run,
+    so that a size found by batch_size=auto is remembered)."""
     p = cfg.persistence
     keys = (FAST_KEYS if p.method == "fast" else BRACKETING_KEYS) + COMMON_KEYS
-    return {k: p[k] for k in keys} | {"seed": int(cfg.seed)}
+    return {k: p[k] for k in keys} | {"seed": int(cfg.seed)} | ({"batch_size": sample_batch} if sample_batch is not None else {})
 
 
 def _positive_int(value, name, minimum=1):
@@ -44,7 +48,7 @@ def validate(cfg):
     if not isinstance(cfg.gamma, (int, float)) or not 0 < cfg.gamma < 1:
         raise UserError(f"gamma must be in (0, 1), got {cfg.gamma!r}; Bell uses gamma=0.7")
     _positive_int(cfg.n_points, "n_points")
-    _positive_int(cfg.batch_size, "batch_size")
+    BatchSize(cfg.batch_size, "batch_size", torch.device("cpu"))
     p = cfg.persistence
     if p.method not in METHODS:
         raise UserError(f"persistence.method must be one of {', '.join(METHODS)}, got {p.method!r}")
@@ -52,7 +56,7 @@ def validate(cfg):
     _positive_int(p.n_init, "persistence.n_init")
     _positive_int(p.max_steps, "persistence.max_steps")
     _positive_int(p.refine_samples, "persistence.refine_samples", 0)
-    _positive_int(p.batch_size, "persistence.batch_size")
+    BatchSize(p.batch_size, "persistence.batch_size", torch.device("cpu"))
     checks = [
         (p.n_init <= p.n_samples, f"persistence.n_init ({p.n_init}) must not exceed persistence.n_samples ({p.n_samples})"),
         (isinstance(p.precision, (int, float)) and 0 < p.precision < 1, f"persistence.precision must be in (0, 1), got {p.precision!r}"),
@@ -78,9 +82,9 @@ def validate(cfg):
 
 
 # ----------------------------------------------------------------------------------------------- run
-def _persist(model, x, indices, cfg, ctx, description):
+def _persist(model, x, indices, cfg, ctx, description, sample_batch=None):
     """Persistence of x (on the CPU) in chunks with a progress bar; draws seeded by `indices`."""
-    options, parts = persistence_options(cfg), []
+    options, parts = persistence_options(cfg, sample_batch), []
     with ctx.progress(len(x), description) as advance:
         for start in range(0, len(x), CHUNK):
             part = persistence(model, x[start : start + CHUNK].to(ctx.device), float(cfg.gamma), method=cfg.persistence.method,
@@ -96,6 +100,10 @@ def run(cfg, ctx):
 
     model, data, checkpoint = load_trained_model(cfg, ctx)
     device, gamma, method = ctx.device, float(cfg.gamma), cfg.persistence.method
+    engine = engine_from(cfg, device, ctx.warn)
+    fast = engine.fast(model)  # the attack and the noisy samples run this; clean and adversarial labels are fp32
+    ctx.record["engine"] = engine.describe(model)
+    sample_batch = BatchSize(cfg.persistence.batch_size, "persistence.batch_size", device, start=AUTO_SAMPLE_START)
     bounded = bool(data.test_x.min() >= 0 and data.test_x.max() <= 1)
     attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)
     test_pred = ev.predict(model, data.test_x, device=device)
@@ -112,8 +120,13 @@ def run(cfg, ctx):
     started = time.perf_counter()
     target = ev.choose_targets(attack, model, x, y, device=device)
     eps = float(cfg.eps) if attack.kind == "budgeted" else None
-    with ctx.progress(math.ceil(len(x) / cfg.batch_size), f"{attack.name} on {len(x)} points") as advance:
-        x_adv = ev.run_attack(model, attack, x, y, eps, target, int(cfg.batch_size), device, advance)
+    attack_batch = BatchSize(cfg.batch_size, "batch_size", device, limit=len(x))
+
+    def attack_all(bs):
+        with ctx.progress(math.ceil(len(x) / bs), f"{attack.name} on {len(x)} points") as advance:
+            return ev.run_attack(fast, attack, x, y, eps, target, bs, device, advance)
+
+    x_adv = fit_batch(attack_all, attack_batch)
     attack_seconds = time.perf_counter() - started
     adv_pred = ev.predict(model, x_adv, device=device)
     success = ev.success_mask(adv_pred, y, target)
@@ -125,9 +138,9 @@ def run(cfg, ctx):
 
     started = time.perf_counter()
     indices = list(range(len(x)))  # natural point i and its adversarial example share draws
-    nat = _persist(model, x, indices, cfg, ctx, f"persistence ({method}) natural")
+    nat = _persist(fast, x, indices, cfg, ctx, f"persistence ({method}) natural", sample_batch)
     ok = success.nonzero().squeeze(1)
-    adv_part = _persist(model, x_adv[ok], ok.tolist(), cfg, ctx, f"persistence ({method}) adversarial")
+    adv_part = _persist(fast, x_adv[ok], ok.tolist(), cfg, ctx, f"persistence ({method}) adversarial", sample_batch)
     adv = {k: torch.full((len(x),), math.nan, dtype=torch.float64) for k in ("sigma", "ci_low", "ci_high")}
     adv["evaluations"] = torch.zeros(len(x), dtype=torch.int64)
     for k in adv:
@@ -171,8 +184,8 @@ def run(cfg, ctx):
     ctx.write_csv("summary.csv", [summary])
 
     pairs = ok[: max(int(cfg.stability.points), int(cfg.line.points))]
-    _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, pairs[: int(cfg.stability.points)], data.meta.num_classes)
-    _line_outputs(cfg, ctx, model, x, x_adv, chosen, pairs[: int(cfg.line.points)])
+    _stability_outputs(cfg, ctx, fast, x, x_adv, y, adv_pred, target, chosen, pairs[: int(cfg.stability.points)], data.meta.num_classes)
+    _line_outputs(cfg, ctx, fast, x, x_adv, chosen, pairs[: int(cfg.line.points)])
     _histogram(ctx, nat["sigma"], adv["sigma"][ok], cfg)
     ctx.headline(network=summary["network"], test_acc=summary["test_acc"], avg_distortion=summary["avg_distortion"],
                  persistence_nat=mean_nat, persistence_adv=mean_adv, median_nat=median_nat, median_adv=median_adv,
@@ -187,7 +200,8 @@ def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, p
     import matplotlib.pyplot as plt
 
     sigmas = [float(cfg.sigma_grid.max) * j / int(cfg.sigma_grid.num) for j in range(1, int(cfg.sigma_grid.num) + 1)]
-    options = {k: cfg.persistence[k] for k in ("clip", "distribution", "batch_size")} | {"seed": int(cfg.seed), "num_classes": num_classes}
+    options = {k: cfg.persistence[k] for k in ("clip", "distribution")} | {"seed": int(cfg.seed), "num_classes": num_classes,
+                                                                         "batch_size": BatchSize(cfg.persistence.batch_size, "persistence.batch_size", ctx.device, start=AUTO_SAMPLE_START)}
     rows = []
     fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 3.2 * len(pairs)), squeeze=False)
     for row, i in enumerate(pairs.tolist()):

@@ -3,8 +3,13 @@ from hydra.utils import instantiate
 
 from robust_cli import store
 from robust_cli.data import load_data
+from robust_cli.engine import init_distributed, ranks_from_environment
 from robust_cli.errors import UserError
 from robust_cli.train import train_or_reuse, validate_training
+
+
+DISTRIBUTED = True  # torchrun --nproc_per_node=N -m robust_cli train ...: data-parallel over N processes
+BATCH_SETTINGS = "train.batch_size"
 
 
 def validate(cfg):
@@ -23,7 +28,19 @@ def validate(cfg):
 
 def run(cfg, ctx):
     data = load_data(cfg)
-    summary = train_or_reuse(cfg, data, ctx.device, run_dir=ctx.dir, ctx=ctx)
+    ranks = ranks_from_environment()
+    if ranks.distributed:
+        init_distributed(ranks, ctx.device)
+        if cfg.train.batch_size < ranks.world:
+            raise UserError(f"train.batch_size={cfg.train.batch_size} is split over {ranks.world} processes: it must be at least {ranks.world}")
+        ctx.record["processes"] = ranks.world
+    try:
+        summary = train_or_reuse(cfg, data, ctx.device, run_dir=ctx.dir if ranks.main else None, ctx=ctx, ranks=ranks)
+    finally:
+        if ranks.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     ctx.headline(
         model=store.choice(cfg, "model"),
         dataset=store.choice(cfg, "dataset"),
