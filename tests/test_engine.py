@@ -320,3 +320,46 @@ def test_two_gloo_processes_train_the_weights_of_one_process_with_the_combined_b
 def test_other_commands_refuse_to_run_as_several_processes(robust):
     proc = robust("attack", env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert proc.returncode == 2 and "only robust train runs as several processes" in proc.stderr and "data.shard" in proc.stderr
+
+
+@pytest.mark.parametrize("preset, defense, scheduler, epochs, lr", [("cifar10_resnet18", "none", "cosine", 30, 0.1), ("cifar10_fast_at", "fgsm_rs", "cyclic", 15, 0.2)])
+def test_cifar_presets_compose_to_their_recipes(robust, preset, defense, scheduler, epochs, lr):
+    import yaml
+
+    proc = robust("train", f"experiment={preset}", "--cfg", "job", check=True)
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["dataset"]["name"] == "cifar10" and cfg["model"]["_target_"] == "robust_cli.models.ResNet" and cfg["model"]["blocks"] == [2, 2, 2, 2]
+    t = cfg["train"]
+    assert (t["scheduler"], t["epochs"], t["lr"], t["batch_size"], t["momentum"], t["weight_decay"]) == (scheduler, epochs, lr, 128, 0.9, 5e-4)
+    assert cfg["data"]["augment"] == "crop_flip" and cfg["precision"] == "auto"
+    if defense == "fgsm_rs":  # Wong et al.: one step of 1.25 eps from a uniform random start, eps = 8/255
+        a = cfg["defense"]["attack"]
+        assert cfg["defense"]["eps"] == pytest.approx(8 / 255) and a["steps"] == 1 and a["random_start"] and a["step_size"] == pytest.approx(1.25 * 8 / 255)
+
+
+def test_fast_at_preset_trains_end_to_end_on_small_images(robust, tmp_path):
+    robust("train", "experiment=cifar10_fast_at", "dataset=digits", "model=c_4", "train.epochs=2", "data.n_train=256", "data.n_test=50", check=True)
+    log = __import__("pandas").read_csv(latest_run(tmp_path, "train") / "train_log.csv")
+    assert {"adv_loss", "perturbation_l2"} <= set(log.columns)
+    # the cyclic schedule over 2 epochs x 2 steps of 128: peak at step 1.6; epoch 1 trains first at step 1 of it,
+    # epoch 2 at step 3, on the way down
+    assert log.lr.iloc[0] == pytest.approx(0.2 / 1.6) and log.lr.iloc[1] == pytest.approx(0.2 * (4 - 3) / (4 - 1.6))
+
+
+def test_gpu_check_says_in_one_line_that_it_skips_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: scripts/gpu_check.sh runs for real")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and len(proc.stdout.strip().splitlines()) == 1 and "no CUDA device" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_its_quick_mode_on_the_cpu(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--device", "cpu", "--quick", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["what"] for r in rows} == {"train", "pgd10", "autoattack", "persistence"} and all(r["value"] > 0 for r in rows)
+    assert "| pgd10 | resnet18 | ours fp32 |" in proc.stdout
