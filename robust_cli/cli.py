@@ -349,6 +349,15 @@ def resolve_device(spec: str) -> torch.device:
     raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
+def shard_device(spec, shard=None) -> torch.device:
+    """resolve_device, except that with device=auto the shards of one multirun spread over a node's GPUs: shard I
+    runs on cuda:(I mod the number of visible GPUs), so a joblib sweep over data.shard gives each job its own GPU."""
+    device = resolve_device(spec)
+    if str(spec) == "auto" and device.type == "cuda" and shard is not None:
+        return torch.device(f"cuda:{parse_shard(shard)[0] % torch.cuda.device_count()}")
+    return device
+
+
 def parse_shard(spec) -> tuple[int, int]:
     """'I/N' -> (I, N) with 0 <= I < N: the I-th of N parts of the test set (SLURM_ARRAY_TASK_ID counts from 0)."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
@@ -386,7 +395,7 @@ def chosen_options(hydra_choices) -> dict:
 
 def validate_job(module, cfg) -> torch.device:
     """Every check of a job's values that needs no data: device, threads, common keys, the command's own."""
-    device = resolve_device(cfg.get("device", "auto"))
+    device = shard_device(cfg.get("device", "auto"), cfg.data.get("shard") if "data" in cfg else None)
     threads = cfg.get("threads")
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:

@@ -363,3 +363,14 @@ def test_bench_gpu_runs_its_quick_mode_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())
     assert {r["what"] for r in rows} == {"train", "pgd10", "autoattack", "persistence"} and all(r["value"] > 0 for r in rows)
     assert "| pgd10 | resnet18 | ours fp32 |" in proc.stdout
+
+
+def test_shards_spread_over_the_gpus_of_a_node(monkeypatch):
+    from robust_cli import cli
+
+    assert cli.shard_device("auto", "1/4") == torch.device("cpu") if not torch.cuda.is_available() else True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert [cli.shard_device("auto", f"{i}/5") for i in range(5)] == [torch.device(f"cuda:{i % 3}") for i in range(5)]
+    assert cli.shard_device("auto", None) == torch.device("cuda:0")
+    assert cli.shard_device("cuda:2", "0/5") == torch.device("cuda:2")  # an explicit device is kept
