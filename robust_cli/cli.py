@@ -41,6 +41,7 @@ COMMANDS = {
     "certify": "randomized-smoothing certificates (Cohen) beside persistence and attacks",
     "collect": "merge the CSVs of many runs into one table per kind",
     "info": "print the composed config and the checkpoint it would use",
+    "export": "write a checkpoint as safetensors (or a bare .pt) plus a JSON of its config",
 }
 GROUPS = ("model", "dataset", "defense", "attack", "search", "experiment")
 USAGE_GROUPS = GROUPS + ("hydra/launcher",)  # also listed by --help (Hydra's own launcher group is `basic`)

@@ -195,6 +195,226 @@ class Cifar(Dataset):
         return to_x(train), torch.tensor(train.targets), to_x(test), torch.tensor(test.targets)
 
 
+# ----------------------------------------------------------------------------------------------- image folders
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decode, resize (shorter side to `resize`), centre-crop (`size`) and scale to [0, 1], one image per item: run
+    in DataLoader workers, so decoding is parallel and overlaps the model's work."""
+
+    def __init__(self, paths, resize, size):
+        self.paths, self.resize, self.size = list(paths), int(resize), int(size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+
+        with Image.open(self.paths[i]) as img:
+            img = img.convert("RGB")
+            img = TF.center_crop(TF.resize(img, self.resize, antialias=True), [self.size, self.size])
+            return TF.pil_to_tensor(img).float().div_(255.0)
+
+
+class ImageFiles:
+    """Images on disk with their labels, decoded only when needed: `decode()` gives one in-memory tensor; training
+    on a set too large for memory streams it (`iterate_batches`) through a DataLoader with workers."""
+
+    def __init__(self, paths, labels, resize, size, workers=4):
+        self.paths, self.labels = list(paths), torch.as_tensor(labels, dtype=torch.long)
+        self.resize, self.size, self.workers = int(resize), int(size), int(workers)
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def shape(self):
+        return (len(self.paths), 3, self.size, self.size)
+
+    def nbytes(self) -> int:
+        return len(self.paths) * 3 * self.size * self.size * 4
+
+    def subset(self, idx) -> "ImageFiles":
+        idx = [int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)]
+        return ImageFiles([self.paths[i] for i in idx], self.labels[idx], self.resize, self.size, self.workers)
+
+    def loader(self, batch_size, order=None, pin_memory=False):
+        return torch.utils.data.DataLoader(_Decode(self.paths, self.resize, self.size), batch_size=batch_size,
+                                           sampler=order.tolist() if order is not None else None, num_workers=self.workers,
+                                           pin_memory=pin_memory, prefetch_factor=4 if self.workers > 0 else None,
+                                           persistent_workers=False)
+
+    def decode(self) -> torch.Tensor:
+        if not self.paths:
+            return torch.zeros(0, 3, self.size, self.size)
+        try:
+            return torch.cat(list(self.loader(64)))
+        except (OSError, ValueError) as exc:  # PIL: not an image, truncated file
+            raise UserError(f"an image cannot be decoded ({exc}); remove or replace it") from None
+
+
+def _images_in(folder: Path):
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFolder(Dataset):
+    """Class folders as torchvision's ImageFolder reads them: `root/<split>/<class>/<image>`, classes in sorted
+    folder order (their index is the label). Images are resized (shorter side to `resize`) and centre-cropped to
+    `image_size`. `classes`: keep only these classes' images (names or indices); labels keep their indices."""
+
+    def __init__(self, root, train_folder="train", test_folder="val", image_size=224, resize=256, classes=None, workers=4,
+                 name="imagefolder", num_classes=None, class_names=None, shape=None, **meta):
+        self.root, self.train_folder, self.test_folder = Path(str(root)), str(train_folder), str(test_folder)
+        self.image_size, self.resize, self.workers = int(image_size), int(resize), int(workers)
+        if self.resize < self.image_size:
+            raise UserError(f"dataset.resize ({self.resize}) must be at least dataset.image_size ({self.image_size}): the crop is taken from the resized image")
+        names = list(class_names) if class_names else self._class_names()
+        self.keep = classes
+        super().__init__(name=name, shape=(3, self.image_size, self.image_size), num_classes=int(num_classes or len(names) or 1), class_names=names, **meta)
+
+    def _split_dir(self, split):
+        return self.root / (self.train_folder if split == "train" else self.test_folder)
+
+    def _class_names(self):
+        for split in ("test", "train"):
+            folder = self._split_dir(split)
+            if folder.is_dir():
+                dirs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+                if dirs:
+                    return dirs
+        return []
+
+    def check_available(self, root, download):
+        test = self._split_dir("test")
+        if not test.is_dir():
+            raise UserError(f"{self.meta.name}: '{test}' not found; data.root must hold {self.test_folder}/<class>/<image> "
+                            f"(and {self.train_folder}/ to train), or set dataset.test_folder / dataset.train_folder")
+
+    def _keep_indices(self):
+        if self.keep is None:
+            return None
+        out = set()
+        for c in self.keep:
+            if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
+                out.add(int(c))
+            elif c in self.meta.class_names:
+                out.add(self.meta.class_names.index(c))
+            else:
+                raise UserError(f"dataset.classes: no class {c!r} (the classes are the folder names or their indices 0..{self.meta.num_classes - 1})")
+        return out
+
+    def _files(self, split):
+        folder = self._split_dir(split)
+        if not folder.is_dir():
+            return [], []
+        index = {n: i for i, n in enumerate(self.meta.class_names)}
+        paths, labels = [], []
+        for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if d.name not in index:
+                raise UserError(f"'{d}' is a class folder that {self.test_folder}/ does not have: both splits need the same classes")
+            for f in _images_in(d):
+                paths.append(f)
+                labels.append(index[d.name])
+        return paths, labels
+
+    def _restricted(self, paths, labels):
+        keep = self._keep_indices()
+        if keep is None:
+            return paths, labels
+        chosen = [(p, l) for p, l in zip(paths, labels) if l in keep]
+        return [p for p, _ in chosen], [l for _, l in chosen]
+
+    def load(self, root, download) -> "DataBundle":
+        self.check_available(root, download)
+        test = self._restricted(*self._files("test"))
+        if not test[0]:
+            raise UserError(f"{self.meta.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{self._split_dir('test')}'" + (" of the chosen classes" if self.keep else ""))
+        train = self._restricted(*self._files("train"))
+        files = lambda pl: ImageFiles(pl[0], pl[1], self.resize, self.image_size, self.workers)  # noqa: E731
+        return DataBundle(files(train), files(train).labels, files(test), files(test).labels, self.meta)
+
+
+class ImageNetVal(ImageFolder):
+    """ImageNet (ILSVRC 2012 classes, 1000, in sorted-wnid order as torchvision's pretrained models number them).
+
+    The validation images may be in class folders (`val/<wnid>/...`) or flat (`val/ILSVRC2012_val_*.JPEG`) with
+    Kaggle's `LOC_val_solution.csv`, or a `val_labels.txt` of `<file> <index>` lines, in data.root. The wnid order
+    comes from `LOC_synset_mapping.txt` in data.root, or from the folders when all 1000 are there."""
+
+    def __init__(self, root, **kwargs):
+        self._root = Path(str(root))
+        super().__init__(root, **kwargs)
+
+    def _wnids(self):
+        mapping = self._root / "LOC_synset_mapping.txt"
+        if mapping.is_file():
+            return [line.split()[0] for line in mapping.read_text().splitlines() if line.strip()]
+        folders = super()._class_names()
+        return folders if len(folders) == 1000 else None
+
+    def _class_names(self):
+        wnids = self._wnids()
+        if wnids is not None:
+            return wnids
+        try:  # the human names torchvision ships with its ImageNet weights, in the same order
+            import torchvision
+
+            return list(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.meta["categories"])
+        except Exception:  # noqa: BLE001
+            return [str(i) for i in range(1000)]
+
+    def _files(self, split):
+        folder = self._split_dir(split)
+        if not folder.is_dir():
+            return [], []
+        subdirs = [p for p in folder.iterdir() if p.is_dir()]
+        if subdirs:  # class folders named by wnid
+            wnids = self._wnids()
+            if wnids is None:
+                raise UserError(f"{folder}: class folders, but no LOC_synset_mapping.txt in '{self._root}' and not all 1000 folders: "
+                                "the wnid order (which index each class has) is unknown; copy LOC_synset_mapping.txt there")
+            index = {w: i for i, w in enumerate(wnids)}
+            unknown = [d.name for d in subdirs if d.name not in index]
+            if unknown:
+                raise UserError(f"{folder}: folder {unknown[0]!r} is not an ImageNet wnid of LOC_synset_mapping.txt")
+            pairs = [(f, index[d.name]) for d in sorted(subdirs) for f in _images_in(d)]
+            return [p for p, _ in pairs], [l for _, l in pairs]
+        images = _images_in(folder)
+        labels = self._flat_labels(folder)
+        missing = [f.name for f in images if f.stem not in labels and f.name not in labels]
+        if missing:
+            raise UserError(f"{folder}: no label for {missing[0]} (and {len(missing) - 1} more) in the labels file")
+        return images, [labels.get(f.stem, labels.get(f.name)) for f in images]
+
+    def _flat_labels(self, folder):
+        solution = self._root / "LOC_val_solution.csv"
+        if solution.is_file():
+            wnids = self._wnids()
+            if wnids is None:
+                raise UserError(f"'{solution}' names wnids: LOC_synset_mapping.txt must be in '{self._root}' too")
+            index = {w: i for i, w in enumerate(wnids)}
+            out = {}
+            for line in solution.read_text().splitlines()[1:]:
+                if line.strip():
+                    image, prediction = line.split(",", 1)
+                    out[image.strip()] = index[prediction.split()[0]]
+            return out
+        for name in ("val_labels.txt", "val.txt"):
+            path = self._root / name
+            if path.is_file():
+                out = {}
+                for line in path.read_text().splitlines():
+                    parts = line.split()
+                    if len(parts) >= 2:
+                        out[parts[0]] = int(parts[1])
+                return out
+        raise UserError(f"{folder}: flat validation images need labels: LOC_val_solution.csv (+ LOC_synset_mapping.txt) or val_labels.txt "
+                        f"('<file> <class index>' lines) in '{self._root}'")
+
+
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Indices of a seeded subset of size n whose class proportions match y's (largest remainder)."""
     if n >= len(y):
@@ -221,20 +441,36 @@ def load_data(cfg) -> DataBundle:
     """The dataset of a composed config, with the `data.n_train/n_test/val_fraction` subsets applied."""
     bundle = build_dataset(cfg).load(str(cfg.data.root), bool(cfg.data.download))
     seed = int(cfg.seed)
-    if cfg.data.n_train is not None:
+    if cfg.data.n_train is not None and len(bundle.train_y):
         idx = stratified_subset(bundle.train_y, int(cfg.data.n_train), seed)
-        bundle.train_x, bundle.train_y = bundle.train_x[idx], bundle.train_y[idx]
+        bundle.train_x, bundle.train_y = _take(bundle.train_x, idx), bundle.train_y[idx]
     if cfg.data.n_test is not None:
         idx = stratified_subset(bundle.test_y, int(cfg.data.n_test), seed + 1)
-        bundle.test_x, bundle.test_y = bundle.test_x[idx], bundle.test_y[idx]
+        bundle.test_x, bundle.test_y = _take(bundle.test_x, idx), bundle.test_y[idx]
     fraction = float(cfg.data.val_fraction)
     if fraction > 0:
         n_val = max(1, int(round(fraction * len(bundle.train_y))))
         val = stratified_subset(bundle.train_y, n_val, seed + 2)
         keep = torch.ones(len(bundle.train_y), dtype=torch.bool)
         keep[val] = False
-        bundle.val_x, bundle.val_y = bundle.train_x[val], bundle.train_y[val]
-        bundle.train_x, bundle.train_y = bundle.train_x[keep], bundle.train_y[keep]
+        bundle.val_x, bundle.val_y = _take(bundle.train_x, val), bundle.train_y[val]
+        bundle.train_x, bundle.train_y = _take(bundle.train_x, keep.nonzero().squeeze(1)), bundle.train_y[keep]
+    return _decode(bundle, float(cfg.data.get("memory_gb", 8)))
+
+
+def _take(x, idx):
+    return x.subset(idx) if isinstance(x, ImageFiles) else x[idx]
+
+
+def _decode(bundle: DataBundle, memory_gb: float) -> DataBundle:
+    """Image files become tensors: always the test and validation sets (attacks need them in memory), the training
+    set when it fits in data.memory_gb; a larger one stays on disk and streams through a DataLoader."""
+    if isinstance(bundle.test_x, ImageFiles):
+        bundle.test_x = bundle.test_x.decode()
+    if isinstance(bundle.val_x, ImageFiles):
+        bundle.val_x = bundle.val_x.decode()
+    if isinstance(bundle.train_x, ImageFiles) and bundle.train_x.nbytes() <= memory_gb * 2**30:
+        bundle.train_x = bundle.train_x.decode()
     return bundle
 
 
@@ -277,13 +513,13 @@ def place_on_device(bundle: DataBundle, device: torch.device, fraction: float = 
     (MNIST, CIFAR): batches are then index gathers there. Returns whether they moved."""
     if device.type != "cuda":
         return False
-    tensors = [t for t in (bundle.train_x, bundle.train_y, bundle.test_x, bundle.test_y, bundle.val_x, bundle.val_y) if t is not None]
+    tensors = [t for t in (bundle.train_x, bundle.train_y, bundle.test_x, bundle.test_y, bundle.val_x, bundle.val_y) if isinstance(t, torch.Tensor)]
     free, _ = torch.cuda.mem_get_info(device)
     if sum(t.numel() * t.element_size() for t in tensors) > fraction * free:
         return False
     for name in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y"):
         value = getattr(bundle, name)
-        if value is not None:
+        if isinstance(value, torch.Tensor):
             setattr(bundle, name, value.to(device))
     return True
 
@@ -292,6 +528,14 @@ def iterate_batches(x, y, batch_size, device=None, generator=None):
     """Yield (xb, yb) on `device`; shuffled when a generator is given (epoch order is then seeded, drawn on the CPU
     whatever the device, so that it is the same everywhere)."""
     n = len(y)
+    if isinstance(x, ImageFiles):  # too large for memory: decoded by DataLoader workers, in the same seeded order
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        cuda = device is not None and torch.device(device).type == "cuda"
+        labels = y[order] if order is not None else y
+        for b, xb in enumerate(x.loader(batch_size, order, pin_memory=cuda)):
+            yb = labels[b * batch_size : (b + 1) * batch_size]
+            yield (xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)) if device is not None else (xb, yb)
+        return
     order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)

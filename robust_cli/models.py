@@ -199,20 +199,101 @@ class Classifier(nn.Module):
         return torch.zeros((), device=first.device if first is not None else None)
 
 
-def build_model(cfg, meta) -> Classifier:
-    """Instantiate `cfg.model` for the dataset's shape and classes, wrapped with normalisation and head."""
-    from hydra.utils import instantiate
+def torchvision_model(input_shape, num_classes, arch: str):
+    """Any `torchvision.models` builder by name (vgg16, alexnet, resnet50, ...), untrained, with the dataset's
+    number of classes; pretrained weights come from `model.weights` (see `load_weights`)."""
+    import torchvision
 
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    head = model_cfg.pop("head", None)
-    normalize = model_cfg.pop("normalize", True)
-    test_noise = model_cfg.pop("test_noise", 0.0) or 0.0
-    if not isinstance(test_noise, (int, float)) or test_noise < 0:
-        raise UserError(f"model.test_noise must be a number >= 0 (std of test-time input noise), got {test_noise!r}")
-    if head not in (None, "none", "tanh"):
-        raise UserError(f"model.head must be none or tanh, got {head!r}")
+    _needs_image(f"torchvision {arch}", input_shape)
+    builders = set(torchvision.models.list_models(module=torchvision.models))
+    if arch not in builders:
+        import difflib
+
+        close = difflib.get_close_matches(arch, sorted(builders), n=3)
+        raise UserError(f"model.arch={arch!r} is not a torchvision.models classifier" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return torchvision.models.get_model(arch, weights=None, num_classes=int(num_classes))
+
+
+def timm_model(input_shape, num_classes, arch: str):
+    """A timm architecture by name (optional extra: pip install 'robust[zoo]'), untrained; weights from model.weights."""
     try:
-        net = instantiate(model_cfg, input_shape=tuple(meta.shape), num_classes=meta.num_classes)
+        import timm
+    except ImportError:
+        raise UserError("model=timm needs the timm package: pip install 'robust[zoo]' (or pip install timm)") from None
+    _needs_image(f"timm {arch}", input_shape)
+    if arch not in timm.list_models():
+        raise UserError(f"model.arch={arch!r} is not a timm model name (timm.list_models() lists them)")
+    return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), in_chans=int(input_shape[0]))
+
+
+def torchvision_weights(arch: str, name: str):
+    """(file in the torch hub cache, the weights enum) for a torchvision weights name such as IMAGENET1K_V1; the
+    file must be there already (nothing is downloaded): otherwise one line naming the file and where to put it."""
+    import os
+
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        weights = enum[name] if name != "DEFAULT" else enum.DEFAULT
+    except (KeyError, ValueError):
+        names = []
+        try:
+            names = [w.name for w in torchvision.models.get_model_weights(arch)]
+        except (KeyError, ValueError):
+            pass
+        raise UserError(f"model.weights={name!r}: not a file, and not a weights name of torchvision {arch}" + (f" ({', '.join(names)})" if names else "")) from None
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.isfile(cache):
+        raise UserError(f"model.weights={name}: {os.path.basename(weights.url)} is not in the torch hub cache; robust does not download: "
+                        f"fetch {weights.url} and put it at {cache} (or give model.weights=PATH)")
+    return cache, weights
+
+
+def load_weights(net: nn.Module, path, what: str) -> None:
+    """Weights from elsewhere into `net`: any format registry.load_checkpoint reads; a head of another size is one
+    line naming both sizes, other mismatches name the first differing keys."""
+    from robust_cli import registry
+
+    state = registry.load_checkpoint(path)["state_dict"]
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if reshaped and not missing and not unexpected and all(state[k].dim() >= 1 and own[k].dim() >= 1 and state[k].shape[1:] == own[k].shape[1:] for k in reshaped):
+        k = reshaped[0]
+        raise UserError(f"{what}: the weights in '{path}' have a {state[k].shape[0]}-class head ({k} {list(state[k].shape)}), the dataset has "
+                        f"{own[k].shape[0]} classes; use the dataset the weights were trained on (or weights for {own[k].shape[0]} classes)")
+    if missing or unexpected or reshaped:
+        found = "; ".join(p for p in (f"missing {missing[:2]}" if missing else "", f"unexpected {unexpected[:2]}" if unexpected else "",
+                                      f"shape {', '.join(f'{k} {list(state[k].shape)} here {list(own[k].shape)}' for k in reshaped[:2])}" if reshaped else "") if p)
+        raise UserError(f"{what}: the weights in '{path}' do not fit the model ({found}); check model.arch / the class and its arguments")
+    net.load_state_dict(state)
+
+
+def _instantiate(model_cfg: dict, meta):
+    """The model's `_target_` with its YAML's arguments, plus input_shape and num_classes where it takes them (a
+    user's own class, `model._target_=my_pkg.module.Net`, need not)."""
+    import inspect
+
+    from hydra.utils import get_object, instantiate
+
+    extra = {"input_shape": tuple(meta.shape), "num_classes": meta.num_classes}
+    target = model_cfg.get("_target_")
+    if not target:
+        raise UserError("model: no _target_; pick a model= option, or with model=python give model._target_=package.module.Class")
+    try:
+        obj = get_object(target)
+    except Exception as exc:  # noqa: BLE001 - not importable: the user's path or environment
+        raise UserError(f"model._target_={target}: cannot import it ({type(exc).__name__}: {exc}); the package must be importable (pip install -e it, or PYTHONPATH)") from None
+    try:
+        params = inspect.signature(obj).parameters
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        extra = {k: v for k, v in extra.items() if takes_any or k in params}
+    except (TypeError, ValueError):
+        pass
+    try:
+        net = instantiate(model_cfg, **extra)
     except UserError:
         raise
     except Exception as exc:  # hydra wraps constructor errors; surface ours, keep bugs loud
@@ -222,5 +303,54 @@ def build_model(cfg, meta) -> Classifier:
         if isinstance(cause, TypeError):
             raise UserError(f"model: {cause}") from None
         raise
-    use_norm = normalize and meta.mean is not None and len(meta.shape) == 3
-    return Classifier(net, meta.num_classes, meta.mean if use_norm else None, meta.std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise)
+    if not isinstance(net, nn.Module):
+        raise UserError(f"model._target_={target} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def build_model(cfg, meta) -> Classifier:
+    """Instantiate `cfg.model` for the dataset's shape and classes, wrapped with normalisation and head.
+
+    `model.weights` (any model): a weights file (.pt/.pth/.safetensors, a bare state dict or a wrapper), or for
+    model=torchvision a weights name (IMAGENET1K_V1) whose file is already in the torch hub cache; its
+    normalisation (mean/std) then replaces the dataset's, inside the model as always."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    head = model_cfg.pop("head", None)
+    normalize = model_cfg.pop("normalize", True)
+    test_noise = model_cfg.pop("test_noise", 0.0) or 0.0
+    weights = model_cfg.pop("weights", None)
+    if not isinstance(test_noise, (int, float)) or test_noise < 0:
+        raise UserError(f"model.test_noise must be a number >= 0 (std of test-time input noise), got {test_noise!r}")
+    if head not in (None, "none", "tanh"):
+        raise UserError(f"model.head must be none or tanh, got {head!r}")
+    net = _instantiate(model_cfg, meta)
+    mean, std = meta.mean, meta.std
+    if weights:
+        from pathlib import Path
+
+        path, enum = Path(str(weights)), None
+        if not path.is_file() and str(model_cfg.get("_target_", "")).endswith("torchvision_model") and str(weights).isupper():
+            path, enum = torchvision_weights(model_cfg["arch"], str(weights))
+        elif not path.is_file():
+            raise UserError(f"model.weights='{weights}' is not a file; give the path of a .pt, .pth or .safetensors weights file")
+        load_weights(net, path, f"model.weights={weights}")
+        transforms = enum.transforms() if enum is not None else None
+        if transforms is not None and hasattr(transforms, "mean"):  # the weights' own preprocessing
+            mean, std = tuple(transforms.mean), tuple(transforms.std)
+    use_norm = normalize and mean is not None and len(meta.shape) == 3
+    return Classifier(net, meta.num_classes, mean if use_norm else None, std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise)
+
+
+def weights_file(cfg):
+    """The file model.weights stands for (a weights name resolved to its torch hub cache file)."""
+    from pathlib import Path
+
+    weights = str(cfg.model.weights)
+    if not Path(weights).is_file() and str(cfg.model.get("_target_", "")).endswith("torchvision_model") and weights.isupper():
+        return Path(torchvision_weights(str(cfg.model.arch), weights)[0])
+    return Path(weights)
+
+
+def pretrained(cfg) -> bool:
+    """Whether the configured model brings its own weights (model.weights): then nothing is trained for it."""
+    return bool(cfg.model.get("weights")) if "model" in cfg else False

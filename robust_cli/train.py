@@ -21,7 +21,7 @@ from robust_cli import registry, store
 from robust_cli.data import DataBundle, check_augment, crop_flip, iterate_batches, load_data, place_on_device, resolve_augment
 from robust_cli.engine import Ranks, average_gradients, broadcast_object, broadcast_parameters, engine_from
 from robust_cli.errors import UserError
-from robust_cli.models import build_model
+from robust_cli.models import build_model, pretrained, weights_file
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("none", "step", "cosine", "cyclic")
@@ -320,6 +320,11 @@ def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | 
 def load_trained_model(cfg, ctx):
     """(model in eval mode on ctx.device, data, checkpoint path) for this config; trains it first if missing."""
     data = load_data(cfg)
+    if pretrained(cfg) and not cfg.get("checkpoint"):  # the model brings its weights (model.weights): use it as it is
+        model = build_model(cfg, data.meta).to(ctx.device).eval()
+        path = weights_file(cfg)
+        ctx.record["checkpoint"] = str(path)
+        return model, data, path
     path = registry.published_checkpoint(cfg)
     if not path.is_file():
         if cfg.get("checkpoint"):

@@ -1,0 +1,193 @@
+"""Models and images from elsewhere: torchvision architectures with local weights, a user's own class, image
+folders and ImageNet's validation layout, streaming training, robust export. All weights are generated here."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tests.conftest import latest_run
+
+IMG = ["dataset.image_size=32", "dataset.resize=36", "data.workers=0"]
+
+
+def make_folder(root, classes=("cat", "dog", "owl"), per_class=(6, 3), size=(40, 50)):
+    """Class c's images are a constant grey level 60 + 60 c (plus a little noise): labels can be read off pixels."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(60 + 60 * c + rng.integers(-5, 6, (*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / (f"{i}.png" if i % 2 else f"{i}.jpg"), quality=95)
+    return root
+
+
+def test_image_folder_labels_sizes_and_class_restriction(tmp_path):
+    from omegaconf import OmegaConf
+
+    from robust_cli.data import load_data
+
+    make_folder(tmp_path / "data")
+
+    def cfg(**dataset):
+        base = OmegaConf.load("robust_cli/conf/dataset/imagefolder.yaml")
+        return OmegaConf.create({"seed": 0, "data": {"root": str(tmp_path / "data"), "download": False, "n_train": None, "n_test": None,
+                                                      "val_fraction": 0.0, "workers": 0, "memory_gb": 8},
+                                 "dataset": {**OmegaConf.to_container(base), "root": str(tmp_path / "data"), "workers": 0, "image_size": 32, "resize": 36, **dataset}})
+
+    data = load_data(cfg())
+    assert data.meta.class_names == ["cat", "dog", "owl"] and data.meta.num_classes == 3 and data.meta.shape == (3, 32, 32)
+    assert tuple(data.test_x.shape) == (9, 3, 32, 32) and tuple(data.train_x.shape) == (18, 3, 32, 32)
+    grey = (data.test_x.mean(dim=(1, 2, 3)) * 255 - 60) / 60  # the grey level says the class
+    assert torch.equal(grey.round().long(), data.test_y)
+    only = load_data(cfg(classes=["owl", 0]))
+    assert sorted(set(only.test_y.tolist())) == [0, 2] and len(only.test_y) == 6 and only.meta.num_classes == 3
+
+
+def test_imagenet_flat_validation_layouts(tmp_path):
+    from omegaconf import OmegaConf
+
+    from robust_cli.data import load_data
+
+    root = tmp_path / "imagenet"
+    (root / "val").mkdir(parents=True)
+    wnids = [f"n{10000000 + i:08d}" for i in range(1000)]
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {i}\n" for i, w in enumerate(wnids)))
+    lines = ["ImageId,PredictionString"]
+    for i, label in enumerate([11, 11, 14, 999]):
+        Image.fromarray(np.full((30, 40, 3), 10 * i, dtype=np.uint8)).save(root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+        lines.append(f"ILSVRC2012_val_{i + 1:08d},{wnids[label]} 1 2 3 4")
+    (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    base = OmegaConf.to_container(OmegaConf.load("robust_cli/conf/dataset/imagenet.yaml"))
+
+    def load(**over):
+        return load_data(OmegaConf.create({"seed": 0, "data": {"root": str(root), "download": False, "n_train": None, "n_test": None, "val_fraction": 0.0,
+                                                                "workers": 0, "memory_gb": 8},
+                                           "dataset": {**base, "root": str(root), "workers": 0, "image_size": 16, "resize": 16, **over}}))
+
+    data = load()
+    assert data.test_y.tolist() == [11, 11, 14, 999] and data.meta.num_classes == 1000 and data.meta.class_names[11] == wnids[11]
+    assert load(classes=[11]).test_y.tolist() == [11, 11]  # Bell's goldfinch images
+    (root / "LOC_val_solution.csv").unlink()
+    (root / "LOC_synset_mapping.txt").unlink()
+    (root / "val_labels.txt").write_text("ILSVRC2012_val_00000001.JPEG 5\nILSVRC2012_val_00000002.JPEG 7\nILSVRC2012_val_00000003.JPEG 9\nILSVRC2012_val_00000004.JPEG 1\n")
+    assert load().test_y.tolist() == [5, 7, 9, 1]
+
+
+def _resnet_weights(path, num_classes):
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=num_classes).eval()
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def test_torchvision_model_with_local_weights_is_attacked_as_it_is(robust, tmp_path):
+    make_folder(tmp_path / "data")
+    reference = _resnet_weights(tmp_path / "r18.pth", 3)
+    args = ["dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18.pth'}", "attack=fgsm", "eps=[0,0.03]"]
+    robust("attack", *args, check=True)
+    assert not (tmp_path / "outputs" / "checkpoints").exists()  # pretrained: nothing was trained
+    run = latest_run(tmp_path, "attack")
+    adv = torch.load(run / "adversarial.pt", weights_only=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference((adv["x"] - mean) / std).argmax(1)
+    assert torch.equal(adv["clean_pred"], expected)  # the weights were used, normalisation inside the model
+    assert json.loads((run / "run.json").read_text())["checkpoint"] == str(tmp_path / "r18.pth")
+    for command in (["persistence", "attack=fgsm", "eps=0.05", "n_points=2", "stability.points=0", "line.points=0", "persistence.n_samples=64", "persistence.n_init=8"],
+                    ["boundary", "n_points=2", "pairs=natural_adversarial", "attack=deepfool"]):
+        proc = robust(command[0], *[a for a in args if not a.startswith(("attack=", "eps="))], *command[1:])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_weights_of_another_head_size_are_one_line(robust, tmp_path):
+    make_folder(tmp_path / "data")
+    _resnet_weights(tmp_path / "r18_1000.pth", 1000)
+    proc = robust("attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18_1000.pth'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "1000-class head (fc.weight [1000, 512])" in lines[0] and "the dataset has 3 classes" in lines[0]
+    bad = robust("attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet181")
+    assert bad.returncode == 2 and "did you mean" in bad.stderr and "resnet18" in bad.stderr
+
+
+def test_torchvision_weights_name_comes_from_the_hub_cache_only(robust, tmp_path):
+    root = tmp_path / "imagenet"
+    (root / "val").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, dtype=np.uint8)).save(root / "val" / f"v{i}.JPEG")
+    (root / "val_labels.txt").write_text("v0.JPEG 11\nv1.JPEG 14\nv2.JPEG 11\n")
+    args = ["dataset=imagenet", f"data.root={root}", "dataset.image_size=32", "dataset.resize=32", "data.workers=0", "model=torchvision",
+            "model.arch=resnet18", "model.weights=IMAGENET1K_V1", "attack=fgsm"]
+    hub = tmp_path / "torch_home"
+    missing = robust("attack", *args, env={"TORCH_HOME": str(hub)})
+    assert missing.returncode == 2 and "resnet18-f37072fd.pth is not in the torch hub cache; robust does not download" in missing.stderr
+    assert str(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in missing.stderr
+    (hub / "hub" / "checkpoints").mkdir(parents=True)
+    _resnet_weights(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth", 1000)
+    robust("attack", *args, env={"TORCH_HOME": str(hub)}, check=True)
+
+
+def test_a_users_own_class_runs_attack_persistence_and_boundary(robust, tmp_path):
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "import torch.nn as nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, width=16):\n"  # no input_shape / num_classes: robust passes only what it takes
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))\n\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from mypkg.nets import Net
+
+        net = Net(width=8)
+        torch.save({"model": net.state_dict()}, tmp_path / "mine.pt")  # a wrapper, as other codebases save
+    finally:
+        sys.path.remove(str(tmp_path))
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    args = ["dataset=digits", "model=python", "model._target_=mypkg.nets.Net", "+model.width=8", f"model.weights={tmp_path / 'mine.pt'}"]
+    robust("attack", *args, "attack=pgd", env=env, check=True)
+    robust("persistence", *args, "attack=fgsm", "eps=0.3", "n_points=3", "stability.points=0", "line.points=0", env=env, check=True)
+    robust("boundary", *args, "n_points=3", env=env, check=True)
+    wrong = robust("attack", *args[:-1], "model._target_=mypkg.nets.Nope", env=env)
+    assert wrong.returncode == 2 and "cannot import it" in wrong.stderr
+    plain = robust("attack", "model=python")
+    assert plain.returncode == 2 and "model._target_=package.module.Class" in plain.stderr
+
+
+def test_training_set_too_large_for_memory_streams_to_the_same_weights(robust, tmp_path):
+    make_folder(tmp_path / "data", per_class=(8, 2))
+    args = ["train", "dataset=imagefolder", *IMG, "model=c_4", "train.epochs=2", "train.batch_size=8", "data.augment=crop_flip"]
+    robust(*args, "outputs_root=memory", check=True)
+    robust(*args, "outputs_root=stream", "data.memory_gb=0", "data.workers=2", check=True)
+    a = torch.load(next((tmp_path / "memory" / "checkpoints").glob("*/model.pt")), weights_only=True)
+    b = torch.load(next((tmp_path / "stream" / "checkpoints").glob("*/model.pt")), weights_only=True)
+    assert all(torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-6) for k in a["state_dict"])
+    assert a["log"][-1]["train_accuracy"] == b["log"][-1]["train_accuracy"]
+
+
+@pytest.mark.parametrize("fmt, suffix", [("safetensors", ".safetensors"), ("pt", ".pt")])
+def test_export_loads_back_to_identical_outputs(robust, tmp_path, fmt, suffix):
+    common = ["dataset=digits", "train.epochs=1", "data.n_test=50"]
+    robust("train", *common, check=True)
+    out = tmp_path / "exported" / "fc200"
+    robust("export", *common, f"format={fmt}", f"out={out}", check=True)
+    weights = out.with_suffix(suffix)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["config"]["choices"]["model"] == "fc200_200_10" and meta["format"] == fmt
+    again = robust("export", *common, f"format={fmt}", f"out={out}")
+    assert again.returncode == 2 and "never replaces a file" in again.stderr
+    robust("attack", *common, "attack=fgsm", check=True)
+    robust("attack", *common, "attack=fgsm", f"checkpoint={weights}", check=True)
+    runs = sorted((tmp_path / "outputs" / "attack").glob("*/*"), key=lambda p: p.stat().st_mtime)
+    first, second = (torch.load(r / "adversarial.pt", weights_only=True) for r in runs)
+    assert torch.equal(first["x_adv"], second["x_adv"]) and torch.equal(first["pred"], second["pred"])
