@@ -259,7 +259,7 @@ def _experiments(c: Collection) -> set[str]:
 
 
 def paper_tables(c: Collection, which: str = "auto") -> dict[str, pd.DataFrame]:
-    builders = {"szegedy_table": szegedy_table, "oberman_table": oberman_table, "ibp_comparison": ibp_comparison}
+    builders = {"szegedy_table": szegedy_table, "oberman_table": oberman_table, "ibp_comparison": ibp_comparison, "bell_table2": bell_table2}
     if which == "none":
         return {}
     if which != "auto" and which not in builders:
@@ -303,6 +303,38 @@ def szegedy_table(c: Collection) -> pd.DataFrame | None:
                      "points": int(r.points) if "points" in r else None, "runs": int(r.runs)})
     order = {n: i for i, n in enumerate(BELL_TABLE1)}
     return pd.DataFrame(rows).sort_values("network", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
+
+
+BELL_TABLE2 = {  # Bell (2023) Table 2, ImageNet goldfinch images: avg distortion, mean 0.7-persistence nat / adv
+    ("alexnet", "total"): (0.0194, 0.0155, 0.0049), ("alexnet", "bim"): (0.0188, 0.0162, 0.0050),
+    ("alexnet", "mifgsm"): (0.0240, 0.0159, 0.0053), ("alexnet", "pgd"): (0.0188, 0.0162, 0.0050),
+    ("vgg16", "total"): (0.0154, 0.0146, 0.0011), ("vgg16", "bim"): (0.0181, 0.0145, 0.0012),
+    ("vgg16", "mifgsm"): (0.0238, 0.0149, 0.0018), ("vgg16", "pgd"): (0.0181, 0.0145, 0.0012),
+}
+
+
+def bell_table2(c: Collection) -> pd.DataFrame | None:
+    """Bell's Table 2: per network and attack (and the network's total over all its attacks), ours beside hers.
+
+    Means are over the adversarial points that succeeded (points_adv) and their natural points, pooled over runs;
+    'total' pools every attack of the network, as her totals do."""
+    p = c.frames.get("persistence")
+    if p is None or "model.arch" not in p or "kind" not in p:
+        return None
+    rows = []
+    for arch, frame in p.groupby("model.arch", sort=False):
+        parts = [("total", frame)] + [(a, f) for a, f in frame.groupby("attack", sort=False)]
+        for attack, f in parts:
+            adv = f[(f.kind == "adversarial") & (f.success.astype(str).str.lower() == "true")]
+            ok = set(zip(adv.run, adv["index"]))  # the natural images whose attack succeeded, as hers
+            nat = f[(f.kind == "natural").to_numpy() & np.array([(r, i) in ok for r, i in zip(f.run, f["index"])], dtype=bool)]
+            ref = BELL_TABLE2.get((arch, attack), (math.nan,) * 3)
+            finite = lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else math.nan  # noqa: E731
+            rows.append({"network": arch, "attack": attack, "avg_dist": finite(adv["distortion"]), "bell_avg_dist": ref[0],
+                         "persist_nat": finite(nat["persistence"]), "bell_persist_nat": ref[1], "persist_adv": finite(adv["persistence"]),
+                         "bell_persist_adv": ref[2], "nat>adv": bool(finite(nat["persistence"]) > finite(adv["persistence"])),
+                         "points_nat": len(nat), "points_adv": len(adv), "not_finite": int((~np.isfinite(f["persistence"])).sum())})
+    return pd.DataFrame(rows)
 
 
 def _series_mean(frame: pd.DataFrame, by: list[str], value: str) -> pd.Series:

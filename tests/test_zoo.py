@@ -5,7 +5,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -175,19 +174,63 @@ def test_training_set_too_large_for_memory_streams_to_the_same_weights(robust, t
     assert a["log"][-1]["train_accuracy"] == b["log"][-1]["train_accuracy"]
 
 
-@pytest.mark.parametrize("fmt, suffix", [("safetensors", ".safetensors"), ("pt", ".pt")])
-def test_export_loads_back_to_identical_outputs(robust, tmp_path, fmt, suffix):
+def test_export_loads_back_to_identical_outputs(robust, tmp_path):
     common = ["dataset=digits", "train.epochs=1", "data.n_test=50"]
     robust("train", *common, check=True)
-    out = tmp_path / "exported" / "fc200"
-    robust("export", *common, f"format={fmt}", f"out={out}", check=True)
-    weights = out.with_suffix(suffix)
-    meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["config"]["choices"]["model"] == "fc200_200_10" and meta["format"] == fmt
-    again = robust("export", *common, f"format={fmt}", f"out={out}")
-    assert again.returncode == 2 and "never replaces a file" in again.stderr
     robust("attack", *common, "attack=fgsm", check=True)
-    robust("attack", *common, "attack=fgsm", f"checkpoint={weights}", check=True)
-    runs = sorted((tmp_path / "outputs" / "attack").glob("*/*"), key=lambda p: p.stat().st_mtime)
-    first, second = (torch.load(r / "adversarial.pt", weights_only=True) for r in runs)
-    assert torch.equal(first["x_adv"], second["x_adv"]) and torch.equal(first["pred"], second["pred"])
+    original = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
+    for fmt, suffix in (("safetensors", ".safetensors"), ("pt", ".pt")):
+        out = tmp_path / "exported" / f"fc200_{fmt}"
+        robust("export", *common, f"format={fmt}", f"out={out}", check=True)
+        meta = json.loads(out.with_suffix(".json").read_text())
+        assert meta["config"]["choices"]["model"] == "fc200_200_10" and meta["format"] == fmt
+        again = robust("export", *common, f"format={fmt}", f"out={out}")
+        assert again.returncode == 2 and "never replaces a file" in again.stderr
+        robust("attack", *common, "attack=fgsm", f"checkpoint={out.with_suffix(suffix)}", check=True)
+        loaded = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
+        assert torch.equal(original["x_adv"], loaded["x_adv"]) and torch.equal(original["pred"], loaded["pred"])
+
+
+def _planted_alexnet(path, images, target=11):
+    """Generated alexnet weights that call the given images `target` and respond to input changes: a random
+    network's logits barely move, so its last layer is set to whitened random directions of its features."""
+    torch.manual_seed(0)
+    net = torchvision.models.alexnet(num_classes=1000).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        h = net.classifier[:6](torch.flatten(net.avgpool(net.features((torch.rand(64, 3, *images.shape[2:]) - mean) / std)), 1))
+        w = torch.randn(1000, h.shape[1]) / (h.std(0) + 1e-3) / 64 * 3
+        net.classifier[6].weight.copy_(w)
+        net.classifier[6].bias.copy_(-(w @ h.mean(0)))
+        z = net((images - mean) / std)
+        net.classifier[6].bias[target] += (z.max(1).values - z[:, target]).max() + 1
+    torch.save(net.state_dict(), path)
+
+
+def test_bell_table2_smoke_runs_end_to_end_with_both_columns(tmp_path):
+    import subprocess
+
+    import pandas as pd
+    from torchvision.transforms import functional as TF
+
+    root = tmp_path / "imagenet" / "val"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(root / f"g{i}.JPEG")
+        lines.append(f"g{i}.JPEG 11")
+    Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(root / "other.JPEG")
+    (tmp_path / "imagenet" / "val_labels.txt").write_text("\n".join(lines + ["other.JPEG 5"]) + "\n")
+    images = torch.stack([TF.pil_to_tensor(TF.center_crop(TF.resize(Image.open(root / f"g{i}.JPEG").convert("RGB"), 64), [64, 64])).float() / 255 for i in range(3)])
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    _planted_alexnet(hub / "alexnet-owt-7be5be79.pth", images)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "robust_cli", "persistence", "--multirun", "experiment=bell_table2", "scale=smoke", "data.root=imagenet",
+                           "data.workers=0"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(next((tmp_path / "outputs" / "persistence" / "multirun").glob("*/*/collected/table_bell_table2.csv")))
+    assert table[["network", "attack"]].values.tolist() == [["alexnet", "total"], ["alexnet", "bim"], ["alexnet", "pgd"]]
+    assert table.bell_persist_nat.tolist() == [0.0155, 0.0162, 0.0162] and table.bell_persist_adv.tolist() == [0.0049, 0.0050, 0.0050]
+    assert (table.persist_nat > 0).all() and (table.persist_adv > 0).all() and (table.points_adv > 0).all()

@@ -112,6 +112,9 @@ def run(cfg, ctx):
     gen = torch.Generator().manual_seed(int(cfg.seed))
     correct = (test_pred == data.test_y).nonzero().squeeze(1)
     chosen = correct[torch.randperm(len(correct), generator=gen)[: int(cfg.n_points)]].sort().values
+    if len(chosen) == 0:
+        raise UserError(f"the model classifies none of the {len(data.test_y)} test points correctly: persistence compares correctly classified "
+                        "points with their adversarial examples; check the model's weights, its normalisation and the dataset's labels")
     if len(chosen) < cfg.n_points:
         ctx.warn(f"only {len(chosen)} correctly classified test points (n_points={cfg.n_points}): using them all")
     x, y = data.test_x[chosen], data.test_y[chosen]
