@@ -234,3 +234,16 @@ def test_bell_table2_smoke_runs_end_to_end_with_both_columns(tmp_path):
     assert table[["network", "attack"]].values.tolist() == [["alexnet", "total"], ["alexnet", "bim"], ["alexnet", "pgd"]]
     assert table.bell_persist_nat.tolist() == [0.0155, 0.0162, 0.0162] and table.bell_persist_adv.tolist() == [0.0049, 0.0050, 0.0050]
     assert (table.persist_nat > 0).all() and (table.persist_adv > 0).all() and (table.points_adv > 0).all()
+
+
+def test_timm_model_or_one_line_saying_how_to_get_it(robust, tmp_path):
+    make_folder(tmp_path / "data")
+    try:
+        import timm
+    except ImportError:
+        proc = robust("attack", "dataset=imagefolder", *IMG, "model=timm", "model.arch=resnet18")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: model=timm needs the timm package: pip install 'robust[zoo]' (or pip install timm)"]
+        return
+    net = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    torch.save(net.state_dict(), tmp_path / "t.pth")
+    robust("attack", "dataset=imagefolder", *IMG, "model=timm", "model.arch=resnet18", f"model.weights={tmp_path / 't.pth'}", "attack=fgsm", check=True)
