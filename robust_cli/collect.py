@@ -26,8 +26,8 @@ from robust_cli import store
 from robust_cli.errors import UserError
 
 KINDS = ("train_log", "curve", "distances", "persistence", "summary")
-FORMATS = ("csv", "parquet", "markdown")
-SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md"}
+FORMATS = ("csv", "parquet", "markdown", "latex", "robustbench")
+SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md", "latex": ".tex"}
 CHOICE_COLUMNS = ("model", "dataset", "defense", "attack", "experiment")
 # columns that identify a run but are never a series of their own in figures
 NOT_SERIES = {"run", "status", "command", "seed", "checkpoint", "job", "scale"}
@@ -222,10 +222,15 @@ def merge_shards(group) -> dict | None:
 
 
 def _write(c: Collection, fmt: str) -> None:
+    if fmt == "robustbench":
+        c.files += robustbench_entries(c)
+        return
     outputs = {**c.frames, "runs": c.runs, "failed_runs": c.failed, **{f"table_{n}": t for n, t in c.tables.items()}}
     for name, frame in outputs.items():
         path = c.out / f"{name}{SUFFIX[fmt]}"
-        if fmt == "csv":
+        if fmt == "latex":
+            c.files.append(store.write_text(path, to_latex(frame, name) + "\n"))
+        elif fmt == "csv":
             c.files.append(store.write_csv(path, frame))
         elif fmt == "markdown":
             c.files.append(store.write_text(path, to_markdown(frame) + "\n"))
@@ -235,6 +240,70 @@ def _write(c: Collection, fmt: str) -> None:
             buf = io.BytesIO()
             frame.to_parquet(buf, index=False)
             c.files.append(store.atomic_write(path, lambda f, data=buf.getvalue(): f.write(data)))
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(frame: pd.DataFrame, name: str) -> str:
+    """A booktabs table (\\usepackage{booktabs}), numbers formatted as in the console table; numeric columns right-aligned."""
+    numeric = [pd.api.types.is_numeric_dtype(frame[col]) and not pd.api.types.is_bool_dtype(frame[col]) for col in frame.columns]
+    spec = "".join("r" if n else "l" for n in numeric) or "l"
+    lines = [f"% robust collect: {_latex_escape(name)} ({len(frame)} rows)", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+             " & ".join(_latex_escape(col) for col in frame.columns) + r" \\", "\\midrule"]
+    lines += [" & ".join(_latex_escape(format_value(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
+
+
+def _eps_text(eps: float) -> str:
+    """RobustBench writes Linf budgets as k/255 and L2 ones as decimals."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-4 and round(k) > 0 else f"{eps:g}"
+
+
+def robustbench_entries(c: Collection) -> list[Path]:
+    """One JSON per (run, eps > 0) of an autoattack evaluation, in RobustBench's model_info fields (accuracies as
+    percent strings, eps as k/255), plus robust's own: threat model, number of examples, version, run directory."""
+    import robust_cli
+
+    curve = c.frames.get("curve")
+    if curve is None or not curve["attack"].astype(str).str.startswith("autoattack").any():
+        raise UserError("--format robustbench needs autoattack evaluations (robust attack attack=autoattack ...) under the given directories: none found")
+    rows = curve[curve["attack"].astype(str).str.startswith("autoattack") & (curve["eps"] > 0) & np.isfinite(curve["eps"])]
+    folder = c.out / "robustbench"
+    written = []
+    for r in rows.itertuples(index=False):
+        try:
+            record = json.loads((Path(r.run) / "run.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        config = record.get("config") or {}
+        choices = record.get("choices") or {}
+        draws = int(((config.get("attack") or {}).get("eval_draws")) or 1)
+        entry = {
+            "name": f"{choices.get('model')} under {choices.get('defense')} (robust)",
+            "additional_data": False,
+            "number_forward_passes": draws,  # forward passes per prediction: > 1 only for a randomised model judged over draws
+            "dataset": choices.get("dataset"),
+            "architecture": choices.get("model"),
+            "eps": _eps_text(float(r.eps)),
+            "clean_acc": f"{100 * float(r.clean_accuracy):.2f}",
+            "autoattack_acc": f"{100 * float(r.robust_accuracy):.2f}",
+            "threat_model": {"linf": "Linf", "l2": "L2", "l1": "L1"}.get(str(r.norm), str(r.norm)),
+            "n_examples": int(r.n),
+            "autoattack_version": str(r.attack).removeprefix("autoattack_"),
+            "robust_version": (record.get("versions") or {}).get("robust", robust_cli.__version__),
+            "run_dirs": [str(r.run)],
+        }
+        name = f"{choices.get('model')}-{choices.get('dataset')}-{choices.get('defense')}-s{config.get('seed', 0)}-eps{float(r.eps):g}-{Path(str(r.run)).name}.json"
+        written.append(store.write_json(folder / name, entry))
+    return written
 
 
 def format_value(v) -> str:

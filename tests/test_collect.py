@@ -180,3 +180,32 @@ def test_collect_command_exit_codes(tmp_path, capsys):
     assert collect_command.main([str(tmp_path / "sweep"), "--format", "markdown", "--out", str(tmp_path / "o")]) == 0
     assert "train_log.md" in capsys.readouterr().out
     assert (tmp_path / "o" / "train_log.md").is_file()
+
+
+def test_latex_export_is_booktabs_with_console_numbers_and_escapes(tmp_path):
+    from robust_cli.collect import to_latex
+
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "r0", choices={"defense": "fgsm_at"}, csvs={"curve": curve_rows({0: 0.9, 0.1: 0.523456789}, norm="linf", attack="pgd")})
+    collect([sweep], out=tmp_path / "tex", fmt="latex", figures=False)
+    tex = (tmp_path / "tex" / "curve.tex").read_text().splitlines()
+    assert tex[1].startswith("\\begin{tabular}{") and tex[2] == "\\toprule" and tex[4] == "\\midrule" and tex[-2:] == ["\\bottomrule", "\\end{tabular}"]
+    assert "clean\\_accuracy" in tex[3] and "fgsm\\_at" in tex[-3] and "0.5235" in tex[-3]  # escaped; 4 significant digits, as the console
+    table = to_latex(pd.DataFrame({"name": ["a&b", "50%"], "value": [1.0, float("nan")]}), "t").splitlines()
+    assert table[1] == "\\begin{tabular}{lr}" and table[5] == "a\\&b & 1 \\\\" and table[6] == "50\\% &  \\\\"
+
+
+def test_robustbench_export_has_the_model_info_fields(tmp_path):
+    sweep = tmp_path / "sweep"
+    run = make_run(sweep, "r0", choices={"model": "resnet18", "dataset": "cifar10", "defense": "fgsm_rs"},
+                   csvs={"curve": [{"attack": "autoattack_standard", "norm": "linf", "eps": e, "n": 1000, "clean_accuracy": 0.8334, "robust_accuracy": a}
+                                   for e, a in ((0.0, 0.8334), (8 / 255, 0.4321))]})
+    collect([sweep], out=tmp_path / "rb", fmt="robustbench", figures=False)
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "rb" / "robustbench").glob("*.json")]
+    assert entry["clean_acc"] == "83.34" and entry["autoattack_acc"] == "43.21" and entry["eps"] == "8/255" and entry["threat_model"] == "Linf"
+    assert entry["dataset"] == "cifar10" and entry["architecture"] == "resnet18" and entry["number_forward_passes"] == 1 and entry["n_examples"] == 1000
+    assert entry["run_dirs"] == [str(run)] and entry["additional_data"] is False and "robust_version" in entry
+    plain = tmp_path / "plain"
+    make_run(plain, "r0", csvs={"curve": curve_rows({0: 0.9, 0.1: 0.5}, attack="pgd")})
+    code = collect_command.main([str(plain), "--format", "robustbench", "--no-figures"])
+    assert code == 2
