@@ -205,6 +205,8 @@ def torchvision_model(input_shape, num_classes, arch: str):
     import torchvision
 
     _needs_image(f"torchvision {arch}", input_shape)
+    if int(input_shape[0]) != 3:
+        raise UserError(f"torchvision's {arch} takes RGB images (3 channels); this dataset's images have {input_shape[0]}: use model=timm (in_chans) or a zoo model")
     builders = set(torchvision.models.list_models(module=torchvision.models))
     if arch not in builders:
         import difflib

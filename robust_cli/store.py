@@ -205,7 +205,9 @@ class RunContext:
         return ", ".join(parts)
 
     def warn(self, message: str) -> None:
-        console.print(f"[bold yellow]warning:[/] {message}")
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]warning:[/] {escape(message)}")  # a message may hold [brackets]: printed as written
         self.record.setdefault("warnings", []).append(message)
 
     def headline(self, **values) -> None:
