@@ -276,7 +276,7 @@ class TensorBoardLogging(Callback):
             for k, v in (record.get("headline") or {}).items():
                 value = _number(v) if not isinstance(v, bool) else None
                 if value is not None:
-                    writer.add_scalar(f"{record.get('command', 'run')}/{k}", value, 0)
+                    writer.add_scalar(f"headline/{k}", value, 0)
             for png in sorted(run_dir.glob("*.png")):
                 with Image.open(png) as img:
                     writer.add_image(png.stem, np.asarray(img.convert("RGB")), 0, dataformats="HWC")

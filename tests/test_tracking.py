@@ -60,4 +60,4 @@ def test_tensorboard_scalars_per_epoch(robust, tmp_path):
     assert [e.step for e in events.Scalars("train/test_accuracy")] == [1, 2]
     attack = EventAccumulator(str(latest_run(tmp_path, "attack") / "tensorboard"))
     attack.Reload()
-    assert "attack/clean_accuracy" in attack.Tags()["scalars"] and "curve" in attack.Tags()["images"]
+    assert "headline/clean_accuracy" in attack.Tags()["scalars"] and "curve" in attack.Tags()["images"]
