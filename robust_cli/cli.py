@@ -40,6 +40,7 @@ COMMANDS = {
     "boundary": "decision-boundary points, projections and local dimension",
     "certify": "randomized-smoothing certificates (Cohen) beside persistence and attacks",
     "collect": "merge the CSVs of many runs into one table per kind",
+    "report": "one self-contained report.html of collected runs: tables, figures, audits, failures",
     "info": "print the composed config and the checkpoint it would use",
     "export": "write a checkpoint as safetensors (or a bare .pt) plus a JSON of its config",
 }
@@ -211,7 +212,7 @@ def shell_completion(args: list[str]) -> int:
         print(" ".join(COMMANDS))
         return 0
     command = words[1]
-    if command not in COMMANDS or command == "collect":  # collect takes paths: the shell's file completion
+    if command not in COMMANDS or command in ("collect", "report"):  # they take paths: the shell's file completion
         return 0
     os.environ["COMP_LINE"] = line.replace(f" {command}", "", 1)
     sys.argv = ["robust", "-sc", "query=bash"]
@@ -243,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         from robust_cli.commands import collect
 
         sys.exit(collect.main(rest))
+    if command == "report":
+        from robust_cli import report
+
+        sys.exit(report.main(rest))
     rest = _reorder(rest)
     if rest and rest[0] in ("-h", "--help"):
         print(f"robust {command}: {COMMANDS[command]}\n")
