@@ -142,10 +142,15 @@ def test_crop_flip_training_resumes_to_identical_weights(robust, tmp_path):
     b = torch.load(next((tmp_path / "resumed" / "checkpoints").glob("*/model.pt")), weights_only=True)
     assert a["environment"]["augment"] == "crop_flip"
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    plain = robust("train", "dataset=digits", "data.augment=crop_flip", "model=fc200_200_10", "train.epochs=1")
-    assert plain.returncode == 0  # 8x8 images are images: allowed, the user's choice
-    points = robust("train", "dataset=gaussians2d", "data.augment=crop_flip", "train.epochs=1")
-    assert points.returncode == 2 and "data.augment=crop_flip needs images" in points.stderr
+
+
+def test_crop_flip_needs_images():
+    from robust_cli.data import check_augment
+
+    check_augment("crop_flip", (1, 8, 8))  # 8x8 images are images: allowed, the user's choice
+    check_augment("none", (2,))
+    with pytest.raises(UserError, match="data.augment=crop_flip needs images"):
+        check_augment("crop_flip", (2,))
 
 
 def test_augment_auto_is_the_datasets_default_and_in_the_checkpoint_key():

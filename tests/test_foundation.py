@@ -96,7 +96,10 @@ def _fits(model, dataset):
 
 
 # heavy nets are checked on digits and cifar10 only (same code path, a slow forward elsewhere)
-PAIRS = [(m, d) for m in MODELS for d in DATASETS if m not in HEAVY or d in ("digits", "cifar10", "gaussians2d")]
+# image folders default to 224x224: checked with one model of each kind
+FOLDER_MODELS = {"fc200_200_10", "c_4", "lenet", "torchvision"}
+PAIRS = [(m, d) for m in MODELS for d in DATASETS if (m not in HEAVY or d in ("digits", "cifar10", "gaussians2d"))
+         and (d not in ("imagefolder", "imagenet") or m in FOLDER_MODELS)]
 
 
 @pytest.mark.parametrize("model, dataset", PAIRS)

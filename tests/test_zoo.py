@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -99,9 +100,16 @@ def test_torchvision_model_with_local_weights_is_attacked_as_it_is(robust, tmp_p
         expected = reference((adv["x"] - mean) / std).argmax(1)
     assert torch.equal(adv["clean_pred"], expected)  # the weights were used, normalisation inside the model
     assert json.loads((run / "run.json").read_text())["checkpoint"] == str(tmp_path / "r18.pth")
+
+
+@pytest.mark.slow
+def test_torchvision_model_runs_persistence_and_boundary(robust, tmp_path):
+    make_folder(tmp_path / "data")
+    _resnet_weights(tmp_path / "r18.pth", 3)
+    args = ["dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18.pth'}"]
     for command in (["persistence", "attack=fgsm", "eps=0.05", "n_points=2", "stability.points=0", "line.points=0", "persistence.n_samples=64", "persistence.n_init=8"],
                     ["boundary", "n_points=2", "pairs=natural_adversarial", "attack=deepfool"]):
-        proc = robust(command[0], *[a for a in args if not a.startswith(("attack=", "eps="))], *command[1:])
+        proc = robust(command[0], *args, *command[1:])
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -175,20 +183,25 @@ def test_training_set_too_large_for_memory_streams_to_the_same_weights(robust, t
 
 
 def test_export_loads_back_to_identical_outputs(robust, tmp_path):
+    from robust_cli import registry
+
     common = ["dataset=digits", "train.epochs=1", "data.n_test=50"]
     robust("train", *common, check=True)
-    robust("attack", *common, "attack=fgsm", check=True)
-    original = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
+    original = registry.load_checkpoint(next((tmp_path / "outputs" / "checkpoints").glob("*/model.pt")))["state_dict"]
     for fmt, suffix in (("safetensors", ".safetensors"), ("pt", ".pt")):
         out = tmp_path / "exported" / f"fc200_{fmt}"
         robust("export", *common, f"format={fmt}", f"out={out}", check=True)
         meta = json.loads(out.with_suffix(".json").read_text())
         assert meta["config"]["choices"]["model"] == "fc200_200_10" and meta["format"] == fmt
-        again = robust("export", *common, f"format={fmt}", f"out={out}")
-        assert again.returncode == 2 and "never replaces a file" in again.stderr
-        robust("attack", *common, "attack=fgsm", f"checkpoint={out.with_suffix(suffix)}", check=True)
-        loaded = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
-        assert torch.equal(original["x_adv"], loaded["x_adv"]) and torch.equal(original["pred"], loaded["pred"])
+        loaded = registry.load_checkpoint(out.with_suffix(suffix))["state_dict"]
+        assert sorted(loaded) == sorted(original) and all(torch.equal(loaded[k], original[k]) for k in original)
+    again = robust("export", *common, "format=pt", f"out={out}")
+    assert again.returncode == 2 and "never replaces a file" in again.stderr
+    robust("attack", *common, "attack=fgsm", check=True)  # the CLI reads an export back to the same outputs
+    first = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
+    robust("attack", *common, "attack=fgsm", f"checkpoint={tmp_path / 'exported' / 'fc200_safetensors.safetensors'}", check=True)
+    second = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
+    assert torch.equal(first["x_adv"], second["x_adv"]) and torch.equal(first["pred"], second["pred"])
 
 
 def _planted_alexnet(path, images, target=11):
@@ -207,6 +220,7 @@ def _planted_alexnet(path, images, target=11):
     torch.save(net.state_dict(), path)
 
 
+@pytest.mark.slow
 def test_bell_table2_smoke_runs_end_to_end_with_both_columns(tmp_path):
     import subprocess
 
