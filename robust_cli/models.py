@@ -273,21 +273,34 @@ def load_weights(net: nn.Module, path, what: str) -> None:
     net.load_state_dict(state)
 
 
+def _import_target(target: str):
+    """The object a dotted path names, imported here (not through Hydra, whose error spans lines and logs)."""
+    import importlib
+
+    module_name, _, name = str(target).rpartition(".")
+    fix = "the package must be importable (pip install -e it, or PYTHONPATH)"
+    try:
+        module = importlib.import_module(module_name) if module_name else None
+    except Exception as exc:  # noqa: BLE001 - not importable: the user's path or environment
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"model._target_={target}: cannot import it ({type(exc).__name__}: {message}); {fix}") from None
+    if module is None or not hasattr(module, name):
+        raise UserError(f"model._target_={target}: {module_name or target} has no {name!r}; {fix}")
+    return getattr(module, name)
+
+
 def _instantiate(model_cfg: dict, meta):
     """The model's `_target_` with its YAML's arguments, plus input_shape and num_classes where it takes them (a
     user's own class, `model._target_=my_pkg.module.Net`, need not)."""
     import inspect
 
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import instantiate
 
     extra = {"input_shape": tuple(meta.shape), "num_classes": meta.num_classes}
     target = model_cfg.get("_target_")
     if not target:
         raise UserError("model: no _target_; pick a model= option, or with model=python give model._target_=package.module.Class")
-    try:
-        obj = get_object(target)
-    except Exception as exc:  # noqa: BLE001 - not importable: the user's path or environment
-        raise UserError(f"model._target_={target}: cannot import it ({type(exc).__name__}: {exc}); the package must be importable (pip install -e it, or PYTHONPATH)") from None
+    obj = _import_target(target)
     try:
         params = inspect.signature(obj).parameters
         takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())

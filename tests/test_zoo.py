@@ -113,28 +113,33 @@ def test_torchvision_model_runs_persistence_and_boundary(robust, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_weights_of_another_head_size_are_one_line(robust, tmp_path):
+def test_weights_of_another_head_size_are_one_line(tmp_path, monkeypatch, capsys):
+    from tests.test_reliability import refused_in_process
+
     make_folder(tmp_path / "data")
     _resnet_weights(tmp_path / "r18_1000.pth", 1000)
-    proc = robust("attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18_1000.pth'}")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "1000-class head (fc.weight [1000, 512])" in lines[0] and "the dataset has 3 classes" in lines[0]
-    bad = robust("attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet181")
-    assert bad.returncode == 2 and "did you mean" in bad.stderr and "resnet18" in bad.stderr
+    line = refused_in_process(["attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18_1000.pth'}"],
+                              tmp_path, monkeypatch, capsys)
+    assert "1000-class head (fc.weight [1000, 512])" in line and "the dataset has 3 classes" in line
+    line = refused_in_process(["attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet181"], tmp_path, monkeypatch, capsys)
+    assert "did you mean" in line and "resnet18" in line
 
 
-def test_torchvision_weights_name_comes_from_the_hub_cache_only(robust, tmp_path):
+def test_torchvision_weights_name_comes_from_the_hub_cache_only(robust, tmp_path, monkeypatch, capsys):
+    from tests.test_reliability import refused_in_process
+
     root = tmp_path / "imagenet"
     (root / "val").mkdir(parents=True)
     for i in range(3):
         Image.fromarray(np.full((40, 40, 3), 40 * i, dtype=np.uint8)).save(root / "val" / f"v{i}.JPEG")
     (root / "val_labels.txt").write_text("v0.JPEG 11\nv1.JPEG 14\nv2.JPEG 11\n")
-    args = ["dataset=imagenet", f"data.root={root}", "dataset.image_size=32", "dataset.resize=32", "data.workers=0", "model=torchvision",
+    args = ["dataset=imagenet", "data.root=imagenet", "dataset.image_size=32", "dataset.resize=32", "data.workers=0", "model=torchvision",
             "model.arch=resnet18", "model.weights=IMAGENET1K_V1", "attack=fgsm"]
     hub = tmp_path / "torch_home"
-    missing = robust("attack", *args, env={"TORCH_HOME": str(hub)})
-    assert missing.returncode == 2 and "resnet18-f37072fd.pth is not in the torch hub cache; robust does not download" in missing.stderr
-    assert str(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in missing.stderr
+    monkeypatch.setenv("TORCH_HOME", str(hub))
+    line = refused_in_process(["attack", *args], tmp_path, monkeypatch, capsys)
+    assert "resnet18-f37072fd.pth is not in the torch hub cache; robust does not download" in line
+    assert str(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line
     (hub / "hub" / "checkpoints").mkdir(parents=True)
     _resnet_weights(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth", 1000)
     robust("attack", *args, env={"TORCH_HOME": str(hub)}, check=True)
@@ -165,10 +170,15 @@ def test_a_users_own_class_runs_attack_persistence_and_boundary(robust, tmp_path
     robust("attack", *args, "attack=pgd", env=env, check=True)
     robust("persistence", *args, "attack=fgsm", "eps=0.3", "n_points=3", "stability.points=0", "line.points=0", env=env, check=True)
     robust("boundary", *args, "n_points=3", env=env, check=True)
-    wrong = robust("attack", *args[:-1], "model._target_=mypkg.nets.Nope", env=env)
-    assert wrong.returncode == 2 and "cannot import it" in wrong.stderr
-    plain = robust("attack", "model=python")
-    assert plain.returncode == 2 and "model._target_=package.module.Class" in plain.stderr
+
+
+def test_a_class_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch, capsys):
+    from tests.test_reliability import refused_in_process
+
+    line = refused_in_process(["attack", "dataset=digits", "model=python", "model._target_=no_such_pkg.nets.Net"], tmp_path, monkeypatch, capsys)
+    assert "model._target_=no_such_pkg.nets.Net: cannot import it" in line
+    line = refused_in_process(["attack", "model=python"], tmp_path, monkeypatch, capsys)
+    assert "model._target_=package.module.Class" in line
 
 
 def test_training_set_too_large_for_memory_streams_to_the_same_weights(robust, tmp_path):
@@ -182,21 +192,25 @@ def test_training_set_too_large_for_memory_streams_to_the_same_weights(robust, t
     assert a["log"][-1]["train_accuracy"] == b["log"][-1]["train_accuracy"]
 
 
-def test_export_loads_back_to_identical_outputs(robust, tmp_path):
+def test_export_loads_back_to_identical_outputs(robust, tmp_path, monkeypatch, capsys):
     from robust_cli import registry
 
     common = ["dataset=digits", "train.epochs=1", "data.n_test=50"]
     robust("train", *common, check=True)
     original = registry.load_checkpoint(next((tmp_path / "outputs" / "checkpoints").glob("*/model.pt")))["state_dict"]
+    from robust_cli import cli
+
+    monkeypatch.chdir(tmp_path)
     for fmt, suffix in (("safetensors", ".safetensors"), ("pt", ".pt")):
         out = tmp_path / "exported" / f"fc200_{fmt}"
-        robust("export", *common, f"format={fmt}", f"out={out}", check=True)
+        cli.main(["robust", "export", *common, f"format={fmt}", f"out={out}"])
         meta = json.loads(out.with_suffix(".json").read_text())
         assert meta["config"]["choices"]["model"] == "fc200_200_10" and meta["format"] == fmt
         loaded = registry.load_checkpoint(out.with_suffix(suffix))["state_dict"]
         assert sorted(loaded) == sorted(original) and all(torch.equal(loaded[k], original[k]) for k in original)
-    again = robust("export", *common, "format=pt", f"out={out}")
-    assert again.returncode == 2 and "never replaces a file" in again.stderr
+    with pytest.raises(SystemExit) as again:
+        cli.main(["robust", "export", *common, "format=pt", f"out={out}"])
+    assert again.value.code == 2 and "never replaces a file" in capsys.readouterr().err
     robust("attack", *common, "attack=fgsm", check=True)  # the CLI reads an export back to the same outputs
     first = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
     robust("attack", *common, "attack=fgsm", f"checkpoint={tmp_path / 'exported' / 'fc200_safetensors.safetensors'}", check=True)
