@@ -45,7 +45,7 @@ COMMANDS = {
     "export": "write a checkpoint as safetensors (or a bare .pt) plus a JSON of its config",
 }
 GROUPS = ("model", "dataset", "defense", "attack", "search", "experiment")
-USAGE_GROUPS = GROUPS + ("hydra/launcher",)  # also listed by --help (Hydra's own launcher group is `basic`)
+USAGE_GROUPS = GROUPS + ("hydra/launcher", "hydra/callbacks")  # also listed by --help (Hydra's own launcher group is `basic`)
 # Hydra flags that take a value; moved in front of the overrides (hydra#3053: `a=1 -m b=2` fails otherwise).
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--package", "-p", "--info", "-i"}
 HYDRA_FLAGS = {"--multirun", "-m", "--resolve", "--hydra-help", "--help", "-h", "--run", "-r"}
