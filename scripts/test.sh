@@ -13,6 +13,7 @@ if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium
 fi
 if [ "${1:-}" = "--slow" ]; then
   shift
-  exec .venv/bin/python -m pytest -m slow -n "${ROBUST_TEST_WORKERS:-auto}" "$@"
+  exec .venv/bin/python -m pytest -m slow -n "${ROBUST_TEST_WORKERS:-auto}" --dist worksteal "$@"
 fi
-exec .venv/bin/python -m pytest -q -n "${ROBUST_TEST_WORKERS:-auto}" "$@"
+# worksteal: an idle worker takes tests queued on the other, so a long test near the end does not leave a core idle
+exec .venv/bin/python -m pytest -q -n "${ROBUST_TEST_WORKERS:-auto}" --dist worksteal "$@"

@@ -145,7 +145,8 @@ def test_torchvision_weights_name_comes_from_the_hub_cache_only(robust, tmp_path
     robust("attack", *args, env={"TORCH_HOME": str(hub)}, check=True)
 
 
-def test_a_users_own_class_runs_attack_persistence_and_boundary(robust, tmp_path):
+def _own_package(tmp_path):
+    """A user's package with an nn.Module that takes neither input_shape nor num_classes, and its saved weights."""
     package = tmp_path / "mypkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -167,7 +168,17 @@ def test_a_users_own_class_runs_attack_persistence_and_boundary(robust, tmp_path
         sys.path.remove(str(tmp_path))
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     args = ["dataset=digits", "model=python", "model._target_=mypkg.nets.Net", "+model.width=8", f"model.weights={tmp_path / 'mine.pt'}"]
+    return args, env
+
+
+def test_a_users_own_class_runs_attack(robust, tmp_path):
+    args, env = _own_package(tmp_path)
     robust("attack", *args, "attack=pgd", env=env, check=True)
+
+
+@pytest.mark.slow
+def test_a_users_own_class_runs_persistence_and_boundary(robust, tmp_path):
+    args, env = _own_package(tmp_path)
     robust("persistence", *args, "attack=fgsm", "eps=0.3", "n_points=3", "stability.points=0", "line.points=0", env=env, check=True)
     robust("boundary", *args, "n_points=3", env=env, check=True)
 
