@@ -48,6 +48,7 @@ def test_bf16_success_that_fp32_rejects_is_not_counted():
     assert plain.fp32_rejected == 0 and plain.precision == "fp32"
 
 
+@pytest.mark.slow  # the re-check itself is tested above, without the CLI
 def test_bf16_attack_end_to_end_on_the_cpu(robust, tmp_path):
     common = ["dataset=digits", "train.epochs=1", "data.n_test=60"]
     robust("train", *common, check=True)
@@ -339,6 +340,7 @@ def test_cifar_presets_compose_to_their_recipes(robust, preset, defense, schedul
         assert cfg["defense"]["eps"] == pytest.approx(8 / 255) and a["steps"] == 1 and a["random_start"] and a["step_size"] == pytest.approx(1.25 * 8 / 255)
 
 
+@pytest.mark.slow  # the recipe's composition and the cyclic schedule are tested above, without training
 def test_fast_at_preset_trains_end_to_end_on_small_images(robust, tmp_path):
     robust("train", "experiment=cifar10_fast_at", "dataset=digits", "model=c_4", "train.epochs=2", "data.n_train=256", "data.n_test=50", check=True)
     log = __import__("pandas").read_csv(latest_run(tmp_path, "train") / "train_log.csv")
