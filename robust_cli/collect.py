@@ -214,7 +214,7 @@ def merge_shards(group) -> dict | None:
         if math.isinf(eps):  # a minimal attack: the curve is read off the distances, as in the run
             dist = ev.minimal_distances(y, clean, success, sizes)[attack.norm]
             radii = sorted(e for e in main.eps.unique() if math.isfinite(e))
-            rows += ev.curve_from_distances(attack, dist, y, clean, radii, sizes, float(seconds[eps]))
+            rows += ev.curve_from_distances(attack, dist, y, clean, radii, sizes, float(seconds[eps]), precision.get(eps, "fp32"))
         rows.append(ev.curve_row(attack, eps, y, clean, pred, success, sizes, float(seconds[eps]), precision.get(eps, "fp32"), int(rejected.get(eps, 0))))
     label = {k: v for k, v in ordered[0][2].items() if k not in ("run", "data.shard", "status")}
     label["shards"] = len(ordered)

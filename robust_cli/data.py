@@ -332,9 +332,9 @@ class ImageFolder(Dataset):
         test = self._restricted(*self._files("test"))
         if not test[0]:
             raise UserError(f"{self.meta.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{self._split_dir('test')}'" + (" of the chosen classes" if self.keep else ""))
-        train = self._restricted(*self._files("train"))
-        files = lambda pl: ImageFiles(pl[0], pl[1], self.resize, self.image_size, self.workers)  # noqa: E731
-        return DataBundle(files(train), files(train).labels, files(test), files(test).labels, self.meta)
+        train = ImageFiles(*self._restricted(*self._files("train")), self.resize, self.image_size, self.workers)
+        test = ImageFiles(*test, self.resize, self.image_size, self.workers)
+        return DataBundle(train, train.labels, test, test.labels, self.meta)
 
 
 class ImageNetVal(ImageFolder):

@@ -14,7 +14,6 @@ and pass it down; nothing below reads `cfg`.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -218,16 +217,6 @@ def chunked(fn, x: torch.Tensor, batch: BatchSize) -> torch.Tensor:
         except torch.OutOfMemoryError as exc:
             batch.out_of_memory(exc)
     return torch.cat(out) if out else fn(x[:0])
-
-
-@contextlib.contextmanager
-def no_reduced_precision():
-    """Code that must be exact (fp32) even when called from inside an autocast region."""
-    if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            yield
-    else:
-        yield
 
 
 # ----------------------------------------------------------------------------------------------- many processes

@@ -331,10 +331,10 @@ def distance_summary(distances: torch.Tensor, y, clean_pred) -> dict:
     }
 
 
-def curve_from_distances(attack, distances, y, clean_pred, eps_list, sizes, seconds) -> list[dict]:
+def curve_from_distances(attack, distances, y, clean_pred, eps_list, sizes, seconds, precision="fp32") -> list[dict]:
     """Robust accuracy at radius eps from minimal distances (in the attack's norm): broken iff distance <= eps."""
     rows = []
     for eps in eps_list:
         broken = distances <= eps
-        rows.append(curve_row(attack, eps, y, clean_pred, torch.where(broken, -1, y), broken, sizes, seconds))
+        rows.append(curve_row(attack, eps, y, clean_pred, torch.where(broken, -1, y), broken, sizes, seconds, precision))
     return rows

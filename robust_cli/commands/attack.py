@@ -18,11 +18,10 @@ from robust_cli.errors import UserError
 from robust_cli.train import load_trained_model
 
 SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test set; robust collect merges the parts
+BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
 
 
 # ----------------------------------------------------------------------------------------------- config
-BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
-
 def eps_list(cfg) -> list[float]:
     raw = cfg.eps
     values = list(raw) if isinstance(raw, (list, tuple, ListConfig)) else [raw]
@@ -145,10 +144,8 @@ def run(cfg, ctx):
         sizes = ev.perturbation_sizes(x, o.x_adv)
         dist = ev.minimal_distances(y, clean_pred, o.success, sizes)
         key = attack.norm  # robust accuracy at radius eps in the attack's own norm
-        rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds)
+        rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds, o.precision)
         rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds, o.precision, o.fp32_rejected))
-        for r in rows:
-            r["precision"] = o.precision
         examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, index_offset=start)
         distances_rows = _distance_rows(y, dist[key], sizes, clean_pred, dist)
         summary = ev.distance_summary(dist[key], y, clean_pred)

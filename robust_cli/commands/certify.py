@@ -20,8 +20,8 @@ from robust_cli.train import load_trained_model
 
 CHUNK = 32  # points certified together between progress-bar updates (draws do not depend on it)
 
-
 BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
+
 
 def sigma_list(cfg) -> list[float]:
     values = list(cfg.sigma) if isinstance(cfg.sigma, (list, tuple, ListConfig)) else [cfg.sigma]

@@ -26,8 +26,8 @@ FAST_KEYS = ("n_samples", "n_init", "confidence", "interval", "rtol", "antitheti
 BRACKETING_KEYS = ("n_samples", "precision", "max_steps", "confidence", "interval")
 COMMON_KEYS = ("clip", "distribution", "sigma_floor", "sigma_cap", "batch_size")
 
-
 BATCH_SETTINGS = "batch_size (attacks) or persistence.batch_size (samples)"  # named by the out-of-memory error
+
 
 def persistence_options(cfg, sample_batch=None) -> dict:
     """Keyword arguments of the configured method, from cfg.persistence (sample_batch: one BatchSize for the run,
@@ -187,7 +187,7 @@ def run(cfg, ctx):
     ctx.write_csv("summary.csv", [summary])
 
     pairs = ok[: max(int(cfg.stability.points), int(cfg.line.points))]
-    _stability_outputs(cfg, ctx, fast, x, x_adv, y, adv_pred, target, chosen, pairs[: int(cfg.stability.points)], data.meta.num_classes)
+    _stability_outputs(cfg, ctx, fast, x, x_adv, y, adv_pred, target, chosen, pairs[: int(cfg.stability.points)], data.meta.num_classes, sample_batch)
     _line_outputs(cfg, ctx, fast, x, x_adv, chosen, pairs[: int(cfg.line.points)])
     _histogram(ctx, nat["sigma"], adv["sigma"][ok], cfg)
     ctx.headline(network=summary["network"], test_acc=summary["test_acc"], avg_distortion=summary["avg_distortion"],
@@ -196,15 +196,14 @@ def run(cfg, ctx):
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, pairs, num_classes):
+def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, pairs, num_classes, sample_batch):
     """Figure 9: fraction of samples in each class vs sigma around a natural point and its adversarial example."""
     if len(pairs) == 0:
         return
     import matplotlib.pyplot as plt
 
     sigmas = [float(cfg.sigma_grid.max) * j / int(cfg.sigma_grid.num) for j in range(1, int(cfg.sigma_grid.num) + 1)]
-    options = {k: cfg.persistence[k] for k in ("clip", "distribution")} | {"seed": int(cfg.seed), "num_classes": num_classes,
-                                                                         "batch_size": BatchSize(cfg.persistence.batch_size, "persistence.batch_size", ctx.device, start=AUTO_SAMPLE_START)}
+    options = {k: cfg.persistence[k] for k in ("clip", "distribution")} | {"seed": int(cfg.seed), "num_classes": num_classes, "batch_size": sample_batch}
     rows = []
     fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 3.2 * len(pairs)), squeeze=False)
     for row, i in enumerate(pairs.tolist()):
