@@ -36,6 +36,12 @@ def run(cfg, ctx):
         ctx.record["processes"] = ranks.world
     try:
         summary = train_or_reuse(cfg, data, ctx.device, run_dir=ctx.dir if ranks.main else None, ctx=ctx, ranks=ranks)
+        if ranks.distributed:
+            import torch.distributed as dist
+
+            # rank 0 still publishes the checkpoint when the others are done: a rank that tears gloo down while its
+            # peer is still connected can abort at exit (SIGABRT), so on success all leave together
+            dist.barrier()
     finally:
         if ranks.distributed:
             import torch.distributed as dist
