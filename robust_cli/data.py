@@ -434,7 +434,41 @@ def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 def build_dataset(cfg) -> Dataset:
     from hydra.utils import instantiate
 
-    return instantiate(cfg.dataset)
+    return instantiate(_with_weights_preprocessing(cfg))
+
+
+def _with_weights_preprocessing(cfg):
+    """cfg.dataset with the resize and centre crop of the model's torchvision weights (resnet50's IMAGENET1K_V2 is
+    evaluated at 232/224, efficientnet_b3's at 320/300): accuracy under any other preprocessing is not the published
+    model's. A size given on the command line wins, with one warning line."""
+    from omegaconf import OmegaConf
+
+    from robust_cli.models import weights_preprocessing
+
+    sizes = weights_preprocessing(cfg.get("model"))
+    if not sizes or not all(k in cfg.dataset for k in sizes):
+        return cfg.dataset
+    given = _command_line_keys()
+    chosen = OmegaConf.to_container(cfg.dataset, resolve=False)
+    for key, value in sizes.items():
+        if f"dataset.{key}" not in given:
+            chosen[key] = value
+        elif int(cfg.dataset[key]) != value:
+            from rich.markup import escape
+
+            from robust_cli.store import console
+
+            console.print(f"[bold yellow]warning:[/] {escape(f'dataset.{key}={cfg.dataset[key]} as given; model.weights={cfg.model.weights} was evaluated with {key} {value}')}", soft_wrap=True)
+    return OmegaConf.create(chosen, parent=cfg)
+
+
+def _command_line_keys() -> set[str]:
+    """The keys the user set on the command line (Hydra's task overrides), when Hydra runs this job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task}
 
 
 def load_data(cfg) -> DataBundle:

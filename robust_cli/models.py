@@ -356,6 +356,23 @@ def build_model(cfg, meta) -> Classifier:
     return Classifier(net, meta.num_classes, mean if use_norm else None, std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise)
 
 
+def weights_preprocessing(model_cfg) -> dict | None:
+    """{'resize': ..., 'image_size': ...} of a torchvision weights name's evaluation transform, else None."""
+    if model_cfg is None or not str(model_cfg.get("_target_", "")).endswith("torchvision_model"):
+        return None
+    weights = model_cfg.get("weights")
+    if not isinstance(weights, str) or not weights.isupper():
+        return None
+    from pathlib import Path
+
+    if Path(weights).is_file():
+        return None
+    transforms = torchvision_weights(str(model_cfg.get("arch")), weights)[1].transforms()  # a missing file is refused here, before any data is read
+    if not hasattr(transforms, "crop_size") or not hasattr(transforms, "resize_size"):
+        return None
+    return {"resize": int(transforms.resize_size[0]), "image_size": int(transforms.crop_size[0])}
+
+
 def weights_file(cfg):
     """The file model.weights stands for (a weights name resolved to its torch hub cache file)."""
     from pathlib import Path
