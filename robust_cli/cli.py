@@ -476,6 +476,11 @@ def run_command(command: str, cfg):
         record["device"] = str(device)
         record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
         ctx = store.RunContext(cfg, run_dir, device, record)
+        if "dataset" in cfg:
+            from robust_cli.data import weights_sizes
+
+            for message in weights_sizes(cfg)[1]:  # once per run, kept in run.json
+                ctx.warn(message)
         if run_json is not None:
             store.write_json(run_json, record)
             beat.start()

@@ -438,28 +438,30 @@ def build_dataset(cfg) -> Dataset:
 
 
 def _with_weights_preprocessing(cfg):
-    """cfg.dataset with the resize and centre crop of the model's torchvision weights (resnet50's IMAGENET1K_V2 is
-    evaluated at 232/224, efficientnet_b3's at 320/300): accuracy under any other preprocessing is not the published
-    model's. A size given on the command line wins, with one warning line."""
+    """cfg.dataset with the resize and centre crop of the model's torchvision weights (see weights_sizes)."""
     from omegaconf import OmegaConf
 
+    applied, _ = weights_sizes(cfg)
+    if not applied:
+        return cfg.dataset
+    return OmegaConf.create({**OmegaConf.to_container(cfg.dataset, resolve=False), **applied}, parent=cfg)
+
+
+def weights_sizes(cfg) -> tuple[dict, list[str]]:
+    """(the dataset sizes to take from the model's torchvision weights, one warning per size kept against them).
+
+    resnet50's IMAGENET1K_V2 is evaluated at resize 232 / crop 224, efficientnet_b3's at 320/300: accuracy under any
+    other preprocessing is not the published model's. A size given on the command line wins, with a warning."""
     from robust_cli.models import weights_preprocessing
 
     sizes = weights_preprocessing(cfg.get("model"))
     if not sizes or not all(k in cfg.dataset for k in sizes):
-        return cfg.dataset
+        return {}, []
     given = _command_line_keys()
-    chosen = OmegaConf.to_container(cfg.dataset, resolve=False)
-    for key, value in sizes.items():
-        if f"dataset.{key}" not in given:
-            chosen[key] = value
-        elif int(cfg.dataset[key]) != value:
-            from rich.markup import escape
-
-            from robust_cli.store import console
-
-            console.print(f"[bold yellow]warning:[/] {escape(f'dataset.{key}={cfg.dataset[key]} as given; model.weights={cfg.model.weights} was evaluated with {key} {value}')}", soft_wrap=True)
-    return OmegaConf.create(chosen, parent=cfg)
+    applied = {k: v for k, v in sizes.items() if f"dataset.{k}" not in given}
+    kept = [f"dataset.{k}={cfg.dataset[k]} as given; model.weights={cfg.model.weights} was evaluated with {k} {v}"
+            for k, v in sizes.items() if k not in applied and int(cfg.dataset[k]) != v]
+    return applied, kept
 
 
 def _command_line_keys() -> set[str]:

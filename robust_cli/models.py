@@ -228,6 +228,16 @@ def timm_model(input_shape, num_classes, arch: str):
     return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), in_chans=int(input_shape[0]))
 
 
+def torchvision_weights_name(model_cfg) -> str | None:
+    """model.weights when it names torchvision weights (IMAGENET1K_V1, DEFAULT) rather than a file, else None."""
+    from pathlib import Path
+
+    weights = model_cfg.get("weights") if model_cfg is not None else None
+    if not weights or not str(model_cfg.get("_target_", "")).endswith("torchvision_model"):
+        return None
+    return str(weights) if str(weights).isupper() and not Path(str(weights)).is_file() else None
+
+
 def torchvision_weights(arch: str, name: str):
     """(file in the torch hub cache, the weights enum) for a torchvision weights name such as IMAGENET1K_V1; the
     file must be there already (nothing is downloaded): otherwise one line naming the file and where to put it."""
@@ -344,7 +354,7 @@ def build_model(cfg, meta) -> Classifier:
         from pathlib import Path
 
         path, enum = Path(str(weights)), None
-        if not path.is_file() and str(model_cfg.get("_target_", "")).endswith("torchvision_model") and str(weights).isupper():
+        if torchvision_weights_name(cfg.model):
             path, enum = torchvision_weights(model_cfg["arch"], str(weights))
         elif not path.is_file():
             raise UserError(f"model.weights='{weights}' is not a file; give the path of a .pt, .pth or .safetensors weights file")
@@ -358,16 +368,10 @@ def build_model(cfg, meta) -> Classifier:
 
 def weights_preprocessing(model_cfg) -> dict | None:
     """{'resize': ..., 'image_size': ...} of a torchvision weights name's evaluation transform, else None."""
-    if model_cfg is None or not str(model_cfg.get("_target_", "")).endswith("torchvision_model"):
+    name = torchvision_weights_name(model_cfg)
+    if name is None:
         return None
-    weights = model_cfg.get("weights")
-    if not isinstance(weights, str) or not weights.isupper():
-        return None
-    from pathlib import Path
-
-    if Path(weights).is_file():
-        return None
-    transforms = torchvision_weights(str(model_cfg.get("arch")), weights)[1].transforms()  # a missing file is refused here, before any data is read
+    transforms = torchvision_weights(str(model_cfg.get("arch")), name)[1].transforms()  # a missing file is refused here, before any data is read
     if not hasattr(transforms, "crop_size") or not hasattr(transforms, "resize_size"):
         return None
     return {"resize": int(transforms.resize_size[0]), "image_size": int(transforms.crop_size[0])}
@@ -377,10 +381,10 @@ def weights_file(cfg):
     """The file model.weights stands for (a weights name resolved to its torch hub cache file)."""
     from pathlib import Path
 
-    weights = str(cfg.model.weights)
-    if not Path(weights).is_file() and str(cfg.model.get("_target_", "")).endswith("torchvision_model") and weights.isupper():
-        return Path(torchvision_weights(str(cfg.model.arch), weights)[0])
-    return Path(weights)
+    name = torchvision_weights_name(cfg.model)
+    if name is not None:
+        return Path(torchvision_weights(str(cfg.model.arch), name)[0])
+    return Path(str(cfg.model.weights))
 
 
 def pretrained(cfg) -> bool:

@@ -142,7 +142,11 @@ def test_torchvision_weights_name_comes_from_the_hub_cache_only(robust, tmp_path
     assert str(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line
     (hub / "hub" / "checkpoints").mkdir(parents=True)
     _resnet_weights(hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth", 1000)
-    robust("attack", *args, env={"TORCH_HOME": str(hub)}, check=True)
+    proc = robust("attack", *args, env={"TORCH_HOME": str(hub)}, check=True)
+    # the sizes set here differ from the weights' 256/224: one warning each, printed once and kept in run.json
+    assert proc.stderr.count("as given; model.weights=IMAGENET1K_V1 was evaluated with") == 2, proc.stderr
+    warnings = json.loads((latest_run(tmp_path, "attack") / "run.json").read_text())["warnings"]
+    assert sorted(w.split("=")[0] for w in warnings if "as given" in w) == ["dataset.image_size", "dataset.resize"]
 
 
 def _own_package(tmp_path):
@@ -288,14 +292,14 @@ def test_timm_model_or_one_line_saying_how_to_get_it(robust, tmp_path):
     robust("attack", "dataset=imagefolder", *IMG, "model=timm", "model.arch=resnet18", f"model.weights={tmp_path / 't.pth'}", "attack=fgsm", check=True)
 
 
-def test_torchvision_weights_bring_their_resize_and_crop(capsys, tmp_path, monkeypatch):
+def test_torchvision_weights_bring_their_resize_and_crop(tmp_path, monkeypatch):
     """resnet50's IMAGENET1K_V2 is evaluated at resize 232 / crop 224, efficientnet_b3's V1 at 320 / 300: the dataset
     takes those sizes; one set on the command line stays, with a warning; a weights file changes nothing."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.data import build_dataset
+    from robust_cli.data import build_dataset, weights_sizes
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
@@ -306,18 +310,18 @@ def test_torchvision_weights_bring_their_resize_and_crop(capsys, tmp_path, monke
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="attack"):
             cfg = compose(config_name="attack", overrides=["dataset=imagefolder", "data.root=somewhere", *overrides], return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)
-            return build_dataset(cfg)
+            return build_dataset(cfg), weights_sizes(cfg)[1]
 
-    ds = dataset("model=torchvision", "model.arch=resnet50", "model.weights=IMAGENET1K_V2")
+    ds, warnings = dataset("model=torchvision", "model.arch=resnet50", "model.weights=IMAGENET1K_V2")
+    assert warnings == []
     assert (ds.resize, ds.image_size, ds.meta.shape) == (232, 224, (3, 224, 224))
-    ds = dataset("model=torchvision", "model.arch=efficientnet_b3", "model.weights=IMAGENET1K_V1")
+    ds, _ = dataset("model=torchvision", "model.arch=efficientnet_b3", "model.weights=IMAGENET1K_V1")
     assert (ds.resize, ds.image_size) == (320, 300)
-    capsys.readouterr()
-    ds = dataset("model=torchvision", "model.arch=efficientnet_b3", "model.weights=IMAGENET1K_V1", "dataset.image_size=64", "dataset.resize=80")
+    ds, warnings = dataset("model=torchvision", "model.arch=efficientnet_b3", "model.weights=IMAGENET1K_V1", "dataset.image_size=64", "dataset.resize=80")
     assert (ds.resize, ds.image_size) == (80, 64)
-    out = " ".join(capsys.readouterr().err.split())
+    out = " ".join(warnings)
     assert "dataset.image_size=64 as given; model.weights=IMAGENET1K_V1 was evaluated with image_size 300" in out
     assert "dataset.resize=80 as given" in out
-    ds = dataset("model=torchvision", "model.arch=resnet50", "model.weights=weights.pth")
+    ds, _ = dataset("model=torchvision", "model.arch=resnet50", "model.weights=weights.pth")
     assert (ds.resize, ds.image_size) == (256, 224)
     assert str(ds.root) == "somewhere"  # the interpolated root still resolves
