@@ -221,7 +221,8 @@ class MLflowTracking(Callback):
             tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
         rid = run.info.run_id
-        params = [Param(k[:250], str(v)[:6000]) for k, v in _flatten(record.get("config") or {}).items()]
+        params = [Param(k[:250], str(v)[:6000]) for k, v in _flatten({k: v for k, v in (record.get("config") or {}).items() if k != "table"}).items()]
+        # (a preset's paper-table definition is not a setting of the run: it stays in run.json)
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(rid, params=params[start : start + 100])
         now = int(__import__("time").time() * 1000)

@@ -420,6 +420,11 @@ def validate_job(module, cfg) -> torch.device:
                         "instead: one job per GPU with data.shard=I/N, merged by robust collect")
     if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
         raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
+    if cfg.get("table") is not None:  # an experiment preset's paper tables: a mistake in one shows now, not at collect
+        from robust_cli import store
+        from robust_cli.paper_tables import validate_block
+
+        validate_block(cfg.table, f"experiment={store.choice(cfg, 'experiment')}")
     if hasattr(module, "validate"):
         module.validate(cfg)
     return device

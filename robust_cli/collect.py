@@ -7,9 +7,9 @@ the same name wins over the config value (they describe the same run). Runs that
 failed_runs.csv, and so do Hydra job folders that never wrote run.json (a job killed before it started).
 
 Outputs in the collection folder: <kind>.<fmt> for train_log, curve, distances, persistence, summary; runs.<fmt>
-(one row per run with its headline numbers); failed_runs.<fmt>; table_<name>.<fmt> for the paper tables (Bell's
-Table 1, Oberman's table, Demyanov's comparison) with the sources' values beside ours; curves.png, persistence.png,
-train_log.png.
+(one row per run with its headline numbers); failed_runs.<fmt>; table_<name>.<fmt> for the paper tables that the
+runs' experiment presets declare in their `table:` block (robust_cli/paper_tables.py renders them), with the sources'
+values beside ours; curves.png, persistence.png, train_log.png.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robust_cli import store
+from robust_cli import paper_tables, store
 from robust_cli.errors import UserError
 
 KINDS = ("train_log", "curve", "distances", "persistence", "summary")
@@ -31,22 +31,6 @@ SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md", "latex": ".te
 CHOICE_COLUMNS = ("model", "dataset", "defense", "attack", "experiment")
 # columns that identify a run but are never a series of their own in figures
 NOT_SERIES = {"run", "status", "command", "seed", "checkpoint", "job", "scale"}
-
-# ---- the sources' numbers, printed beside ours
-BELL_TABLE1 = {  # Bell (2023) Table 1, MNIST, L-BFGS: test acc %, avg distortion, mean 0.7-persistence nat / adv
-    "FC10-4": (92.09, 0.123, 0.93, 1.68), "FC10-2": (90.77, 0.178, 1.37, 4.25), "FC10-0": (86.89, 0.278, 1.92, 12.22),
-    "FC100-100-10": (97.31, 0.086, 0.65, 0.56), "FC200-200-10": (97.61, 0.087, 0.73, 0.56),
-    "C-2": (95.94, 0.09, 3.33, 0.027), "C-4": (97.36, 0.12, 0.35, 0.027), "C-8": (98.50, 0.11, 0.43, 0.0517),
-    "C-16": (98.90, 0.11, 0.53, 0.0994), "C-32": (98.96, 0.11, 0.78, 0.0836), "C-64": (99.00, 0.10, 0.81, 0.0865),
-    "C-128": (99.17, 0.11, 0.77, 0.0883), "C-256": (99.09, 0.11, 0.83, 0.0900), "C-512": (99.22, 0.10, 0.793, 0.0929),
-}
-OBERMAN_CIFAR10 = {  # Oberman/Finlay/Calder table, CIFAR-10 ResNeXt: (name, median L2 distance, % error at L2 eps 0.1)
-    "none": ("J0 (baseline)", 0.09, 53.98), "fgsm_at": ("J1 (AT, FGSM)", 0.18, 24.63),
-    "l2_at": ("J2 (AT, L2)", 0.30, 13.54), "tulip": ("J2-Lip & tanh", 0.56, 12.12),
-}
-OBERMAN_EPS = 0.1
-DEMYANOV_ORDER = ("none", "loss_ibp", "prediction_ibp", "tangent_prop", "fast_tangent_prop", "fgsm_at", "fast_at")
-
 
 @dataclass
 class Collection:
@@ -57,6 +41,8 @@ class Collection:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)  # the config columns (choices, seed, overrides) of the runs
+    table_specs: dict[str, dict] = field(default_factory=dict)  # the paper tables' specs (experiment presets' table: blocks)
+    blocks: dict[str, dict] = field(default_factory=dict)  # {experiment: its table block, as recorded in the runs' config}
 
 
 # ----------------------------------------------------------------------------------------------- finding runs
@@ -123,7 +109,7 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
     out = Path(out) if out is not None else (paths[0] / "collected" if len(paths) == 1 else Path("collected"))
 
     pieces = {k: [] for k in KINDS}
-    runs, failed, seen_logs, swept, shards = [], [], set(), {}, {}
+    runs, failed, seen_logs, swept, shards, blocks = [], [], set(), {}, {}, {}
     for run_dir in run_dirs:
         try:
             record = json.loads((run_dir / "run.json").read_text())
@@ -132,6 +118,8 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
             continue
         cols = run_columns(record, run_dir)
         swept.update(dict.fromkeys(cols))
+        if cols.get("experiment") and (record.get("config") or {}).get("table"):
+            blocks.setdefault(cols["experiment"], record["config"]["table"])
         headline = {k: v for k, v in (record.get("headline") or {}).items() if k not in cols}
         runs.append({**cols, **headline})
         if cols["status"] != "completed":
@@ -163,8 +151,9 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         if parts:
             frames[name] = pd.concat(parts, ignore_index=True)
     collection = Collection(out=out, frames=frames, runs=pd.DataFrame(runs),
-                            failed=pd.DataFrame(failed) if failed else pd.DataFrame(columns=["run", "status", "error"]), swept=list(swept))
-    collection.tables = paper_tables(collection, table)
+                            failed=pd.DataFrame(failed) if failed else pd.DataFrame(columns=["run", "status", "error"]), swept=list(swept),
+                            blocks=blocks)
+    collection.tables = build_paper_tables(collection, table)
     if write:
         _write(collection, fmt)
         if figures:
@@ -323,151 +312,31 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- paper tables
-def _experiments(c: Collection) -> set[str]:
-    return set(c.runs["experiment"].dropna()) if "experiment" in c.runs else set()
-
-
-def paper_tables(c: Collection, which: str = "auto") -> dict[str, pd.DataFrame]:
-    builders = {"szegedy_table": szegedy_table, "oberman_table": oberman_table, "ibp_comparison": ibp_comparison, "bell_table2": bell_table2}
+def build_paper_tables(c: Collection, which: str = "auto") -> dict[str, pd.DataFrame]:
+    """The tables of the runs' experiment presets (auto), none, or the one named; their specs go into c.table_specs."""
     if which == "none":
         return {}
-    if which != "auto" and which not in builders:
-        raise UserError(f"--table must be auto, none or one of {', '.join(builders)}, got {which!r}")
-    names = [which] if which != "auto" else [n for n in builders if n in _experiments(c)]
+    experiments = set(c.runs["experiment"].dropna()) if "experiment" in c.runs else set()
+    specs = {}
+    for experiment in sorted(experiments):
+        block = c.blocks.get(experiment)  # what the runs were configured with; older runs: the shipped preset's
+        block = paper_tables.validate_block(block, f"experiment={experiment}") if block else paper_tables.preset_block(experiment)
+        specs.update(block or {})
+    if which != "auto":
+        known = {**paper_tables.shipped_tables(), **specs}
+        if which not in known:
+            raise UserError(f"--table must be auto, none or a table of an experiment preset ({', '.join(sorted(known))}), got {which!r}")
+        specs = {which: known[which]}
     tables = {}
-    for name in names:
-        built = builders[name](c)
-        if built is None:
+    for name, spec in specs.items():
+        table = paper_tables.render(spec, c.frames)
+        if table is None:
             if which != "auto":
-                raise UserError(f"the runs under the given directories have no data for the {name} table (see robust_cli/collect.py)")
+                raise UserError(f"the runs under the given directories have no {spec['frame']} data for the {name} table")
             continue
-        tables.update({name: built} if isinstance(built, pd.DataFrame) else built)
+        tables[name] = table
+        c.table_specs[name] = spec
     return tables
-
-
-def bell_name(model: str) -> str:
-    """fc10_4 -> FC10-4, fc100_100_10 -> FC100-100-10, c_32 -> C-32 (Bell's spelling)."""
-    return str(model).upper().replace("_", "-")
-
-
-def szegedy_table(c: Collection) -> pd.DataFrame | None:
-    """Bell's Table 1: per network, ours (mean over seeds) beside Bell's values."""
-    s = c.frames.get("summary")
-    if s is None or "persistence_nat" not in s:
-        return None
-    key = "network" if "network" in s else "model"
-    cols = ["test_acc", "avg_distortion", "persistence_nat", "persistence_adv"]
-    g = s.groupby(key, sort=False)
-    ours = g[cols].mean().join(g.size().rename("runs"))
-    if "n_nat" in s:
-        ours = ours.join(g["n_nat"].sum().rename("points"))
-    rows = []
-    for model, r in ours.iterrows():
-        name = bell_name(model)
-        ref = BELL_TABLE1.get(name, (math.nan,) * 4)
-        rows.append({"network": name, "test_acc": r.test_acc, "bell_test_acc": ref[0], "avg_dist": r.avg_distortion,
-                     "bell_avg_dist": ref[1], "persist_nat": r.persistence_nat, "bell_persist_nat": ref[2],
-                     "persist_adv": r.persistence_adv, "bell_persist_adv": ref[3],
-                     "nat>adv": bool(r.persistence_nat > r.persistence_adv), "bell_nat>adv": bool(ref[2] > ref[3]) if name in BELL_TABLE1 else None,
-                     "points": int(r.points) if "points" in r else None, "runs": int(r.runs)})
-    order = {n: i for i, n in enumerate(BELL_TABLE1)}
-    return pd.DataFrame(rows).sort_values("network", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
-
-
-BELL_TABLE2 = {  # Bell (2023) Table 2, ImageNet goldfinch images: avg distortion, mean 0.7-persistence nat / adv
-    ("alexnet", "total"): (0.0194, 0.0155, 0.0049), ("alexnet", "bim"): (0.0188, 0.0162, 0.0050),
-    ("alexnet", "mifgsm"): (0.0240, 0.0159, 0.0053), ("alexnet", "pgd"): (0.0188, 0.0162, 0.0050),
-    ("vgg16", "total"): (0.0154, 0.0146, 0.0011), ("vgg16", "bim"): (0.0181, 0.0145, 0.0012),
-    ("vgg16", "mifgsm"): (0.0238, 0.0149, 0.0018), ("vgg16", "pgd"): (0.0181, 0.0145, 0.0012),
-}
-
-
-def bell_table2(c: Collection) -> pd.DataFrame | None:
-    """Bell's Table 2: per network and attack (and the network's total over all its attacks), ours beside hers.
-
-    Means are over the adversarial points that succeeded (points_adv) and their natural points, pooled over runs;
-    'total' pools every attack of the network, as her totals do."""
-    p = c.frames.get("persistence")
-    if p is None or "model.arch" not in p or "kind" not in p:
-        return None
-    rows = []
-    for arch, frame in p.groupby("model.arch", sort=False):
-        parts = [("total", frame)] + [(a, f) for a, f in frame.groupby("attack", sort=False)]
-        for attack, f in parts:
-            adv = f[(f.kind == "adversarial") & (f.success.astype(str).str.lower() == "true")]
-            ok = set(zip(adv.run, adv["index"]))  # the natural images whose attack succeeded, as hers
-            nat = f[(f.kind == "natural").to_numpy() & np.array([(r, i) in ok for r, i in zip(f.run, f["index"])], dtype=bool)]
-            ref = BELL_TABLE2.get((arch, attack), (math.nan,) * 3)
-            finite = lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else math.nan  # noqa: E731
-            rows.append({"network": arch, "attack": attack, "avg_dist": finite(adv["distortion"]), "bell_avg_dist": ref[0],
-                         "persist_nat": finite(nat["persistence"]), "bell_persist_nat": ref[1], "persist_adv": finite(adv["persistence"]),
-                         "bell_persist_adv": ref[2], "nat>adv": bool(finite(nat["persistence"]) > finite(adv["persistence"])),
-                         "points_nat": len(nat), "points_adv": len(adv), "not_finite": int((~np.isfinite(f["persistence"])).sum())})
-    return pd.DataFrame(rows)
-
-
-def _series_mean(frame: pd.DataFrame, by: list[str], value: str) -> pd.Series:
-    """Mean over seeds of a per-run value (first per run, then over runs)."""
-    per_run = frame.groupby(by + ["run"], sort=False)[value].first()
-    return per_run.groupby(level=list(range(len(by))), sort=False).mean()
-
-
-def oberman_table(c: Collection) -> dict[str, pd.DataFrame] | None:
-    """Oberman's table: per defense, the median minimal L2 distance and % error at L2 eps 0.1 (mean over seeds),
-    beside the source's CIFAR-10 values; plus % error at every eps of the collected curves (the source's figure)."""
-    d, curve = c.frames.get("distances"), c.frames.get("curve")
-    if d is None or curve is None or "defense" not in d:
-        return None
-    by = ["defense"] + [k for k in ("model", "dataset") if k in d and d[k].nunique() > 1]
-    median = d.groupby(by + ["run"], sort=False)["l2"].median().groupby(level=list(range(len(by))), sort=False).mean()
-    l2 = curve[(curve["norm"] == "l2") & np.isfinite(curve["eps"])].copy()
-    l2["error"] = 100.0 * (1.0 - l2["robust_accuracy"])
-    l2["clean_error"] = 100.0 * (1.0 - l2["clean_accuracy"])
-    at = l2[np.isclose(l2["eps"], OBERMAN_EPS)]
-    err = _series_mean(at, by, "error") if len(at) else pd.Series(dtype=float)
-    clean = _series_mean(l2, by, "clean_error")
-    runs = d.groupby(by, sort=False)["run"].nunique()
-    rows = []
-    for idx in median.index:
-        key = idx if isinstance(idx, tuple) else (idx,)
-        name, ref_median, ref_err = OBERMAN_CIFAR10.get(key[0], (key[0], math.nan, math.nan))
-        rows.append({**dict(zip(by, key)), "objective": name, "median_l2": median[idx], "error_at_0.1": err.get(idx, math.nan),
-                     "clean_error": clean.get(idx, math.nan), "oberman_median_l2": ref_median, "oberman_error_at_0.1": ref_err,
-                     "runs": int(runs[idx])})
-    order = {n: i for i, n in enumerate(OBERMAN_CIFAR10)}
-    table = pd.DataFrame(rows).sort_values("defense", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
-    grid = l2.groupby(by + ["eps", "run"], sort=False)["error"].first().groupby(level=list(range(len(by) + 1))).mean().unstack("eps")
-    grid.columns = [f"err@{e:g}" for e in grid.columns]
-    grid = grid.reset_index()
-    grid = grid.sort_values("defense", key=lambda col: col.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
-    return {"oberman_table": table, "oberman_error_vs_eps": grid}
-
-
-def ibp_comparison(c: Collection) -> pd.DataFrame | None:
-    """Demyanov's comparison: per defense (and training-set size), test error, seconds per epoch (and relative to
-    none), and error under each collected attack at each eps (adversarial: fgsm; random: noise)."""
-    curve, log = c.frames.get("curve"), c.frames.get("train_log")
-    if curve is None or "defense" not in curve:
-        return None
-    by = ["defense"] + [k for k in ("data.n_train", "model", "dataset") if k in curve and curve[k].nunique() > 1]
-    curve = curve[np.isfinite(curve["eps"])].copy()
-    curve["error"] = 100.0 * (1.0 - curve["robust_accuracy"])
-    table = (100.0 * (1.0 - _series_mean(curve, by, "clean_accuracy"))).rename("test_error").to_frame()
-    if log is not None and "seconds" in log and "defense" in log:
-        log_by = [k for k in by if k in log]
-        seconds = log.groupby(log_by, sort=False)["seconds"].mean()
-        table = table.join(seconds.rename("seconds_per_epoch"), on=log_by)
-        if "none" in set(log["defense"]):  # relative to none at the same training-set size (and model, dataset)
-            others = [k for k in log_by if k != "defense"]
-            none = log[log["defense"] == "none"]
-            base = none.groupby(others)["seconds"].mean() if others else pd.Series(none["seconds"].mean(), index=table.index)
-            table["time_vs_none"] = table["seconds_per_epoch"] / (table.join(base.rename("base"), on=others)["base"] if others else base)
-    for (attack, eps), part in curve.groupby(["attack", "eps"], sort=True):
-        if eps == 0:
-            continue
-        table[f"err_{attack}@{eps:g}"] = _series_mean(part, by, "error")
-    order = {n: i for i, n in enumerate(DEMYANOV_ORDER)}
-    return table.reset_index().sort_values(by, key=lambda col: col.map(lambda n: order.get(n, len(order))) if col.name == "defense" else col).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -508,7 +377,7 @@ def _band_plot(ax, frame, x, y, series, c: Collection):
 
     keys = [k for k in series_columns(frame, c) if k not in ("attack", "eps") and frame[k].astype(str).nunique() > 1]
     groups = list(frame.groupby(keys, sort=False)) if keys else [((), frame)]
-    known = {d: i for i, d in enumerate(dict.fromkeys([*OBERMAN_CIFAR10, *DEMYANOV_ORDER]))}  # the sources' row order
+    known = {d: i for i, d in enumerate(paper_tables.orders(c.table_specs).get("defense", []))}  # the paper table's row order
     groups.sort(key=lambda g: [(known.get(v, len(known)), str(v)) if k == "defense" else (0, _sortable(v))
                                for k, v in zip(keys, g[0] if isinstance(g[0], tuple) else (g[0],))])
     first = list(dict.fromkeys(str((k if isinstance(k, tuple) else (k,))[0]) for k, _ in groups)) if keys else [""]
@@ -556,8 +425,10 @@ def _persistence_figure(c: Collection) -> Path | None:
     p = p[np.isfinite(p["persistence"]) & (p["persistence"] > 0)]
     if p.empty or "model" not in p:
         return None
-    order = {bell_name(n): i for i, n in enumerate(BELL_TABLE1)}
-    nets = sorted(p["model"].unique(), key=lambda m: (order.get(bell_name(m), len(order)), str(m)))
+    names = {k: v for spec in c.table_specs.values() for k, v in (spec.get("names") or {}).items()}  # the source's spelling
+    order = {n: i for i, n in enumerate(paper_tables.orders(c.table_specs).get("network", []))}
+    label = lambda m: names.get(m, m)  # noqa: E731
+    nets = sorted(p["model"].unique(), key=lambda m: (order.get(label(m), len(order)), str(m)))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(nets)), 4.5))
     for k, (kind, color) in enumerate((("natural", "tab:blue"), ("adversarial", "tab:red"))):
         data = [p[(p["model"] == n) & (p["kind"] == kind)]["persistence"].values for n in nets]
@@ -569,7 +440,7 @@ def _persistence_figure(c: Collection) -> Path | None:
                 patch.set_facecolor(color)
                 patch.set_alpha(0.5)
         ax.plot([], [], color=color, lw=6, alpha=0.5, label=kind)
-    ax.set_xticks(range(len(nets)), [bell_name(n) for n in nets], rotation=30)
+    ax.set_xticks(range(len(nets)), [label(n) for n in nets], rotation=30)
     ax.set_yscale("log")
     gamma = p["gamma"].iloc[0] if "gamma" in p else ""
     ax.set(ylabel=f"{gamma}-persistence (log)", title="persistence per network: natural vs adversarial")
@@ -590,22 +461,30 @@ def _train_figure(c: Collection) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------- printing
-REFERENCE_PREFIXES = ("bell_", "oberman_")
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """A paper table for the terminal: each value beside the source's, 'ours / source', in one column."""
+def display_table(table: pd.DataFrame, prefix: str | None = None) -> pd.DataFrame:
+    """A paper table for the terminal: each value beside the source's (column prefix + name), 'ours / source', in one column."""
     out = pd.DataFrame(index=table.index)
-    refs = {c for c in table.columns if c.startswith(REFERENCE_PREFIXES)}
+    refs = {c for c in table.columns if prefix and c.startswith(prefix) and c.removeprefix(prefix) in table.columns}
     for col in table.columns:
         if col in refs:
             continue
-        ref = next((p + col for p in REFERENCE_PREFIXES if p + col in table.columns), None)
-        if ref is None:
-            out[col] = table[col].map(format_value)
+        if prefix and prefix + col in refs:
+            out[f"{col} (ours / {prefix.rstrip('_')})"] = [f"{format_value(a)} / {format_value(b)}" for a, b in zip(table[col], table[prefix + col])]
         else:
-            out[f"{col} (ours / {ref.split('_')[0]})"] = [f"{format_value(a)} / {format_value(b)}" for a, b in zip(table[col], table[ref])]
+            out[col] = table[col].map(format_value)
     return out
+
+
+def check_lines(name: str, table: pd.DataFrame, spec: dict) -> list[str]:
+    """One line per check column of a paper table: in how many rows it holds (rows where it cannot be told: apart)."""
+    lines = []
+    for col, c in spec.get("columns", {}).items():
+        if "check" in c and col in table:
+            told = [v for v in table[col] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            a, op, b = c["check"]
+            unknown = len(table) - len(told)
+            lines.append(f"{name}: {a} {op} {b} in {sum(map(bool, told))} of {len(told)} rows" + (f" ({unknown} without both values)" if unknown else ""))
+    return lines
 
 
 def print_summary(c: Collection, console=None, max_rows: int = 40) -> None:
@@ -624,7 +503,8 @@ def print_summary(c: Collection, console=None, max_rows: int = 40) -> None:
         if p.suffix == ".png":
             overview.add_row(p.name, "", "")
     console.print(overview)
-    shown = [(f"table_{n}", display_table(t)) for n, t in c.tables.items()]
+    specs = c.table_specs
+    shown = [(f"table_{n}", display_table(t, (specs.get(n, {}).get("source") or {}).get("prefix"))) for n, t in c.tables.items()]
     if not shown and 0 < len(c.runs) <= max_rows:
         shown = [("runs", _compact(c.runs))]
     for name, frame in shown:
@@ -634,6 +514,10 @@ def print_summary(c: Collection, console=None, max_rows: int = 40) -> None:
         for row in frame.itertuples(index=False):
             table.add_row(*(format_value(v) for v in row))
         console.print(table)
+        name = name.removeprefix("table_")
+        if name in specs:
+            for line in check_lines(name, c.tables[name], specs[name]):
+                console.print(line)
     if len(c.failed):
         console.print(f"[bold red]{len(c.failed)} run(s) did not complete[/]: see {c.out / ('failed_runs' + suffix)}")
 

@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robust_cli.collect import BELL_TABLE1, OBERMAN_CIFAR10, bell_name, collect, run_columns, to_markdown
+from robust_cli.collect import collect, run_columns, to_markdown
+from robust_cli.paper_tables import preset_block
 from robust_cli.commands import collect as collect_command
 
 
 def make_run(root, name, *, command="attack", status="completed", choices=None, seed=0, overrides=(), csvs=None,
-             checkpoint=None, headline=None, experiment=None):
+             checkpoint=None, headline=None, experiment=None, config_extra=None):
     """A run directory as the CLI writes it: run.json plus CSVs."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
@@ -20,7 +21,7 @@ def make_run(root, name, *, command="attack", status="completed", choices=None, 
     if experiment:
         choices["experiment"] = experiment
     record = {"command": command, "status": status, "overrides": list(overrides), "choices": choices,
-              "config": {"seed": seed}, "headline": headline or {}, "warnings": [], "error": None if status == "completed" else "boom"}
+              "config": {"seed": seed, **(config_extra or {})}, "headline": headline or {}, "warnings": [], "error": None if status == "completed" else "boom"}
     if checkpoint:
         record["checkpoint"] = str(checkpoint)
     (run / "run.json").write_text(json.dumps(record))
@@ -117,10 +118,11 @@ def test_oberman_table_medians_errors_and_references(tmp_path):
     c = collect([sweep], figures=True)
     table = c.tables["oberman_table"]
     assert list(table.defense) == ["none", "l2_at", "tulip"]  # J0, J2, J2-Lip order
+    source = preset_block("oberman_table")["oberman_table"]["source"]["rows"]
     for _, row in table.iterrows():
         assert row.median_l2 == pytest.approx(np.mean(medians[row.defense]))
         assert row["error_at_0.1"] == pytest.approx(np.mean(errors[row.defense]))
-        assert (row.oberman_median_l2, row["oberman_error_at_0.1"]) == OBERMAN_CIFAR10[row.defense][1:]
+        assert (row.oberman_median_l2, row["oberman_error_at_0.1"]) == tuple(source[row.defense][1:])
     grid = c.tables["oberman_error_vs_eps"]
     assert {"err@0", "err@0.1", "err@0.3"} <= set(grid.columns)
     assert (sweep / "collected" / "table_oberman_table.csv").is_file()
@@ -140,11 +142,12 @@ def test_szegedy_table_means_over_seeds_beside_bell(tmp_path):
     assert list(t.index) == ["FC10-4", "FC200-200-10"]  # Bell's row order
     assert t.loc["FC200-200-10", "test_acc"] == pytest.approx(96.5)
     assert t.loc["FC200-200-10", "persist_adv"] == pytest.approx(0.4)
-    assert t.loc["FC200-200-10", "bell_test_acc"] == BELL_TABLE1["FC200-200-10"][0]
+    assert t.loc["FC200-200-10", "bell_test_acc"] == 97.61  # Bell (2023) Table 1
     assert bool(t.loc["FC200-200-10", "nat>adv"]) and not bool(t.loc["FC10-4", "nat>adv"])
     assert t.loc["FC200-200-10", "points"] == 20 and t.loc["FC200-200-10", "runs"] == 2
     assert (sweep / "collected" / "persistence.png").stat().st_size > 1000
-    assert [bell_name(m) for m in ("fc10_0", "fc100_100_10", "c_512")] == ["FC10-0", "FC100-100-10", "C-512"]
+    names = preset_block("szegedy_table")["szegedy_table"]["names"]
+    assert [names[m] for m in ("fc10_0", "fc100_100_10", "c_512")] == ["FC10-0", "FC100-100-10", "C-512"]
 
 
 def test_ibp_table_seconds_per_epoch_relative_to_none_at_each_size(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from robust_cli.cli import CONF_DIR
-from robust_cli.collect import BELL_TABLE1, DEMYANOV_ORDER, bell_name
+from robust_cli.paper_tables import preset_block
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=fc10_4", "train.epochs=1", "data.n_train=200"]
@@ -72,7 +72,8 @@ def sweep_config(command, overrides):
 
 def test_szegedy_preset_sweeps_bells_networks():
     _, full = sweep_config("persistence", ["experiment=szegedy_table", "scale=full"])
-    assert {bell_name(m) for m in full["model"].split(",")} == set(BELL_TABLE1)
+    spec = preset_block("szegedy_table")["szegedy_table"]
+    assert {spec["names"][m] for m in full["model"].split(",")} == set(spec["source"]["rows"])  # all 14 rows of Bell's Table 1
     assert full["n_points"] == "300" and full["gamma"] == "0.7" and full["data.n_train"] == "null" and full["dataset"] == "mnist"
     cfg, cpu = sweep_config("persistence", ["experiment=szegedy_table"])
     assert cfg.attack._target_.endswith("LBFGS") and cfg.scale == "cpu"
@@ -96,7 +97,8 @@ def test_oberman_objectives_carry_their_settings():
 
 def test_ibp_preset_compares_demyanovs_objectives_on_two_evaluations():
     _, params = sweep_config("attack", ["experiment=ibp_comparison"])
-    assert tuple(params["defense"].split(",")) == DEMYANOV_ORDER
+    order = preset_block("ibp_comparison")["ibp_comparison"]["sort"]["defense"]
+    assert params["defense"].split(",") == order
     assert len(params["data.n_train"].split(",")) >= 2
     for evaluation, attack in (("adversarial", "FGSM"), ("gaussian", "Noise")):
         cfg, _ = sweep_config("attack", ["experiment=ibp_comparison", f"experiment/ibp_eval={evaluation}"])
@@ -119,6 +121,15 @@ def test_reproduce_smoke_scale_builds_the_table(tmp_path, preset):
     table_line = [line for line in proc.stdout.splitlines() if line.startswith("table: ")][-1]
     table = pd.read_csv(table_line.removeprefix("table: "))
     assert len(table) == 2 and table.notna().any(axis=1).all()
+    # the table from the preset's YAML block is the one the Python function of the previous release built
+    from robust_cli.collect import collect
+
+    import legacy_tables
+
+    c = collect([Path(table_line.removeprefix("table: ")).parent.parent], out=tmp_path / "recollected")
+    old = getattr(legacy_tables, preset)(c)
+    for name, expected in (old if isinstance(old, dict) else {preset: old}).items():
+        pd.testing.assert_frame_equal(c.tables[name].reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False, rtol=1e-12)
 
 
 def test_unknown_scale_stops_with_one_line(capsys):
