@@ -11,6 +11,11 @@ if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell) >/dev/null 2>&1 \
     || echo "test.sh: could not install chromium-headless-shell; the headless-browser check of robust report will be skipped"
 fi
+# tests/test_slurm.py starts a one-node SLURM cluster (scripts/test_slurm.sh): Debian's slurm-wlm and munge, same terms
+if ! command -v slurmctld >/dev/null 2>&1 && ! [ -x /usr/sbin/slurmctld ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge) >/dev/null 2>&1 \
+    || echo "test.sh: could not install slurm-wlm and munge; the SLURM cluster test will be skipped"
+fi
 if [ "${1:-}" = "--slow" ]; then
   shift
   exec .venv/bin/python -m pytest -m slow -n "${ROBUST_TEST_WORKERS:-auto}" --dist worksteal "$@"
