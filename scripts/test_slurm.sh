@@ -5,7 +5,7 @@
 # (SLURM's SIGTERM, as on a time-out or pre-emption) and its run.json checked for status=interrupted.
 # Everything it starts is stopped and its folder removed on exit, also on failure or Ctrl-C.
 #   scripts/test_slurm.sh            (root, or sudo, to install Debian's slurm-wlm and munge when missing)
-# Environment: ROBUST (default .venv/bin/robust), KEEP=1 keeps the temporary folder for a look afterwards.
+# Exit status 77: SLURM is missing and could not be installed (the test skips). Environment: ROBUST (default .venv/bin/robust), KEEP=1 keeps the temporary folder for a look afterwards.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ROBUST="${ROBUST:-$REPO/.venv/bin/robust}"
@@ -24,7 +24,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     say "installing slurm-wlm and munge"
     $SUDO apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
-        || fail "apt-get install slurm-wlm munge did not work (needs root or passwordless sudo)"
+        || { echo "test_slurm: SKIPPED: apt-get install slurm-wlm munge did not work (needs root or passwordless sudo, and Debian's mirrors)" >&2; exit 77; }
 fi
 export PATH="/usr/sbin:$PATH"
 

@@ -24,6 +24,8 @@ def test_a_sweep_runs_on_a_one_node_slurm_cluster_and_scancel_is_recorded_as_int
     proc = subprocess.run(["bash", str(REPO / "scripts" / "test_slurm.sh")], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "ROBUST": str(robust)})
     out = proc.stdout + proc.stderr
+    if proc.returncode == 77:
+        pytest.skip(out.strip().splitlines()[-1])
     assert proc.returncode == 0, out[-6000:]
     assert "sweep: 4 jobs completed, collected runs.csv 4 rows" in out
     assert '"status": "interrupted", "error": "SIGTERM"' in out
