@@ -66,8 +66,9 @@ def _records(runs: pd.DataFrame) -> list[tuple[Path, dict]]:
 
 def _what_was_run(runs: pd.DataFrame, records) -> str:
     commands = sorted({str(r.get("command")) for _, r in records if r.get("command")})
-    varying = [c for c in runs.columns if c not in ("run", "status") and runs[c].map(str).nunique() > 1 and not pd.api.types.is_float_dtype(runs[c])]
-    axes = {c: sorted(set(runs[c].map(str)))[:20] for c in varying[:12]}
+    # a failed run has no value for most keys: its empty cells are not a swept value
+    values = {c: sorted(set(runs[c].dropna().map(str)))[:20] for c in runs.columns if c not in ("run", "status") and not pd.api.types.is_float_dtype(runs[c])}
+    axes = dict([(c, v) for c, v in values.items() if len(v) > 1][:12])
     versions = {}
     for _, r in records:
         for k, v in (r.get("versions") or {}).items():

@@ -41,6 +41,7 @@ def test_report_is_self_contained_with_every_section(quickstart_report):
     for heading in ("What was run", "Tables", "Figures", "Audit and warnings", "Failed runs"):
         assert f"<h2>{heading}</h2>" in page
     assert "<code>robust attack</code>" in page and "swept <code>defense</code>: fgsm_at, none" in page
+    assert "swept <code>eps</code>" not in page  # the failed job has no eps: that is not a second value of it
     assert page.count('src="data:image/png;base64,') >= 2  # collected figures, embedded
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing from the network
     assert "audit monotone" in page or "audit " in page  # the attack runs' audit rows
