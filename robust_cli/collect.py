@@ -25,7 +25,7 @@ import torch
 from robust_cli import paper_tables, store
 from robust_cli.errors import UserError
 
-KINDS = ("train_log", "curve", "distances", "persistence", "summary")
+KINDS = ("train_log", "curve", "distances", "persistence", "summary", "certified_accuracy")
 FORMATS = ("csv", "parquet", "markdown", "latex", "robustbench")
 SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md", "latex": ".tex"}
 CHOICE_COLUMNS = ("model", "dataset", "defense", "attack", "experiment")

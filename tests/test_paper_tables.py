@@ -107,6 +107,25 @@ def test_bell_table2_from_yaml_equals_the_python_table():
     same(paper_tables.render(spec("bell_table2"), frames), legacy.bell_table2(Frames(frames)))
 
 
+def test_cohen_table_is_certified_accuracy_per_sigma_at_each_radius():
+    rng = np.random.default_rng(0)
+    rows = []
+    for sigma in (0.5, 0.25):
+        for seed in range(3):
+            for radius in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75):
+                rows.append({"run": f"{sigma}-{seed}", "sigma": sigma, "model": "lenet", "dataset": "mnist", "radius": radius,
+                             "certified_accuracy": rng.uniform(0, 1), "n": 50, "abstain_rate": rng.uniform(0, 0.2)})
+    frame = pd.DataFrame(rows)
+    table = paper_tables.render(spec("cohen_table"), {"certified_accuracy": frame}).set_index("sigma")
+    assert list(table.index) == [0.25, 0.5]
+    assert [c for c in table.columns if c.startswith("r=")] == ["r=0", "r=0.25", "r=0.5", "r=0.75", "r=1", "r=1.25", "r=1.5"]
+    for sigma in (0.25, 0.5):
+        for radius in (0.0, 0.75, 1.5):
+            want = 100 * frame[(frame.sigma == sigma) & (frame.radius == radius)].certified_accuracy.mean()
+            assert table.loc[sigma, f"r={radius:g}"] == pytest.approx(want, rel=1e-12)
+        assert table.loc[sigma, "points"] == 150 and table.loc[sigma, "runs"] == 3
+
+
 # ----------------------------------------------------------------------------------------------- a user's own table
 OWN_TABLE = """
 table:
@@ -165,7 +184,7 @@ def test_a_bad_table_block_is_one_line_naming_what_is_wrong(edit, message):
 
 def test_every_shipped_table_block_is_valid():
     tables = paper_tables.shipped_tables()
-    assert {"szegedy_table", "oberman_table", "oberman_error_vs_eps", "ibp_comparison", "bell_table2"} <= set(tables)
+    assert {"szegedy_table", "oberman_table", "oberman_error_vs_eps", "ibp_comparison", "bell_table2", "cohen_table"} <= set(tables)
     for name, block in tables.items():
         paper_tables.validate_block({name: block}, name)
 
