@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from robust_cli import audit
 from robust_cli import evaluate as ev
-from robust_cli.attacks import APGD, APGDT, FABT, PGD, AutoAttack, Square, cascade
+from robust_cli.attacks import APGD, APGDT, FAB, FABT, PGD, AutoAttack, Square, cascade
 from robust_cli.attacks.apgd import checkpoints
 from robust_cli.attacks.fab import project_halfspace
 
@@ -130,6 +130,52 @@ def test_fab_finds_the_exact_distance_to_a_hyperplane(norm):
     exact = (x @ w - 0.3).abs() / (w.abs().sum() if norm == "linf" else w.norm())
     assert (model(x + d).argmax(1) != y).all()
     assert torch.allclose(found, exact, rtol=0.06)  # within the 1.05 overshoot
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_untargeted_fab_finds_the_closest_of_several_hyperplanes(norm):
+    """Five-class linear model without a box: the minimal distance is min over l != y of
+    |(w_l - w_y).x + b_l - b_y| / ||w_l - w_y||_dual, a closed form FAB-T reaches only through the right target."""
+    torch.manual_seed(0)
+    model = nn.Linear(20, 5)
+    x = torch.randn(60, 20)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        W, b = model.weight, model.bias
+        dw = W[None, :, :] - W[y][:, None, :]  # (B, K, n)
+        db = b[None, :] - b[y][:, None]
+        gap = (dw @ x[:, :, None]).squeeze(2) + db
+        dual = dw.abs().sum(2) if norm == "linf" else dw.norm(dim=2)
+        exact = (gap.abs() / dual).scatter(1, y[:, None], math.inf).min(1).values
+    fab = FAB(norm=norm, minimal=True, n_iter=30, bounds=None)
+    d = fab(model, x, y) - x
+    assert torch.equal(fab(model, x, y, math.inf) - x, d)  # the CLI calls minimal attacks with eps = inf: no budget
+    found = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (model(x + d).argmax(1) != y).all()
+    assert (found >= exact * (1 - 1e-4)).all() and torch.allclose(found, exact, rtol=0.06)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_untargeted_fab_agrees_with_torchattacks(digits_model, norm):
+    ta = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    tnorm = "Linf" if norm == "linf" else "L2"
+    for eps in ((0.05, 0.1) if norm == "linf" else (0.5, 1.0)):
+        torch.manual_seed(1)
+        ours = accuracy(model, FAB(norm=norm, n_iter=100)(model, x, y, eps), y)
+        theirs = accuracy(model, ta.FAB(model, norm=tnorm, eps=eps, steps=100, n_classes=10, multi_targeted=False, seed=0)(x, y), y)
+        assert abs(ours - theirs) <= 0.01, (norm, eps, ours, theirs)  # measured: equal at all four budgets
+
+
+def test_autoattack_plus_is_the_papers_list_and_never_above_standard(digits_model):
+    model, x, y = digits_model
+    plus = AutoAttack(version="plus", n_iter=20, n_queries=200)
+    assert [m.name for m in plus.members] == ["apgd_ce", "apgd_dlr", "fab", "square", "apgd_t", "fab_t"]
+    assert [m.restarts for m in plus.members[:3]] == [5, 5, 5]
+    torch.manual_seed(0)
+    standard = accuracy(model, AutoAttack(version="standard", n_iter=20, n_queries=200)(model, x, y, 0.1), y)
+    torch.manual_seed(0)
+    assert accuracy(model, plus(model, x, y, 0.1), y) <= standard + 0.0025  # a superset of attacks, up to one example's noise
 
 
 def test_halfspace_projection_is_minimal_and_feasible():

@@ -13,7 +13,7 @@ import torch
 from robust_cli.attacks import norms
 from robust_cli.attacks.apgd import APGD, APGDT
 from robust_cli.attacks.base import Attack, vote_labels
-from robust_cli.attacks.fab import FABT
+from robust_cli.attacks.fab import FAB, FABT
 from robust_cli.attacks.square import Square
 from robust_cli.engine import exact
 from robust_cli.errors import UserError
@@ -44,10 +44,11 @@ def standard_members(version, norm, n_iter, n_queries, n_target_classes, eot_ite
     if version == "standard":
         return [APGD(norm=norm, n_iter=n_iter, loss="ce", **common), APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
                 FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common), Square(norm=norm, n_queries=n_queries, **common)]
-    if version == "plus":  # more restarts and the untargeted DLR loss (no untargeted FAB: FAB-T with restarts instead)
+    if version == "plus":  # AutoAttack's plus: 5 restarts, the untargeted DLR loss and untargeted FAB, then the targeted ones
         return [APGD(norm=norm, n_iter=n_iter, loss="ce", restarts=5, **common), APGD(norm=norm, n_iter=n_iter, loss="dlr", restarts=5, **common),
-                FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, restarts=5, **common),
-                Square(norm=norm, n_queries=n_queries, **common), APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common)]
+                FAB(norm=norm, n_iter=n_iter, restarts=5, **common), Square(norm=norm, n_queries=n_queries, **common),
+                APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
+                FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common)]
     if version == "rand":  # expectation over transformation for randomised models
         common = {**common, "eot_iter": eot_iter}
         return [APGD(norm=norm, n_iter=n_iter, loss="ce", **common), APGD(norm=norm, n_iter=n_iter, loss="dlr", **common)]

@@ -1,8 +1,10 @@
-"""FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack"),
-targeted over the top classes as in AutoAttack (FAB-T), linf and l2.
+"""FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack"):
+untargeted (FAB, the paper's Algorithm) and targeted over the top classes as in AutoAttack (FAB-T), linf and l2.
 
 At the iterate x_i the decision boundary between the label y and the target t is linearised,
     pi = {z : g(x_i) + grad g(x_i) . (z - x_i) = 0},  g = Z_t - Z_y,
+where untargeted FAB takes, at every iterate, the class whose linearised boundary is closest,
+    t = argmin_{l != y} |Z_l - Z_y| / ||grad (Z_l - Z_y)||_q   (q the dual norm: 1 for linf, 2 for l2),
 and both the iterate and the original point are projected onto pi within the box (minimal norm, exactly):
     d_i = proj(x_i) - x_i,  d_0 = proj(x_0) - x_0,  a = min(|d_i| / (|d_i| + |d_0|), alpha_max)
     x_{i+1} = clip((1 - a)(x_i + eta d_i) + a (x_0 + eta d_0))
@@ -137,11 +139,9 @@ class FABT(Attack):
         fooled = logits.argmax(dim=1) != y
         best_norm = torch.where(fooled, torch.zeros(len(x), device=x.device, dtype=x.dtype), torch.full((len(x),), math.inf, device=x.device, dtype=x.dtype))
         best_adv = x.clone()
-        order = logits.argsort(dim=1, descending=True)
-        if self.n_target_classes > logits.shape[1] - 1:
-            self.note(f"fab_t: {logits.shape[1]} classes give {logits.shape[1] - 1} target class(es), not {self.n_target_classes}")
-        targets = [order[:, j] for j in range(1, 1 + min(self.n_target_classes, logits.shape[1] - 1))]
-        eps_vec = None if eps is None else (eps.to(x.dtype) if isinstance(eps, torch.Tensor) else torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype))
+        targets = self._targets(logits)
+        # minimal mode ignores a budget (the CLI passes eps = inf to minimal attacks): every example runs to the boundary
+        eps_vec = None if eps is None or self.kind == "minimal" else (eps.to(x.dtype) if isinstance(eps, torch.Tensor) else torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype))
         for tgt in targets:
             for r in range(self.restarts):
                 # a budgeted run only needs examples not yet broken within eps
@@ -158,6 +158,13 @@ class FABT(Attack):
         within = (best_norm <= eps_vec).reshape(-1, *([1] * (x.dim() - 1)))
         return torch.where(within, best_adv, x)
 
+    def _targets(self, logits):
+        """One pass per target: the classes ranked 2nd, 3rd, ... by the clean logits."""
+        order = logits.argsort(dim=1, descending=True)
+        if self.n_target_classes > logits.shape[1] - 1:
+            self.note(f"fab_t: {logits.shape[1]} classes give {logits.shape[1] - 1} target class(es), not {self.n_target_classes}")
+        return [order[:, j] for j in range(1, 1 + min(self.n_target_classes, logits.shape[1] - 1))]
+
     def _random_start(self, x, best_norm, eps):
         """A restart from a random point at half the smaller of eps and the best distance found (as in the paper)."""
         radius = best_norm.clone()
@@ -165,3 +172,34 @@ class FABT(Attack):
             radius = torch.minimum(radius, eps)
         radius = torch.where(torch.isfinite(radius), radius, torch.full_like(radius, 0.1 if self.norm == "linf" else 1.0)) / 2
         return norms.random_start(x, radius, self.norm, self.bounds)
+
+
+class FAB(FABT):
+    """Untargeted FAB: every iterate steps to the closest linearised boundary of any other class (one gradient per
+    class and iterate, so K times FAB-T's cost per pass, in one pass instead of n_target_classes)."""
+
+    def __init__(self, norm: str = "linf", n_iter: int = 100, restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
+                 beta: float = 0.9, minimal: bool = False, **kwargs):
+        super().__init__(norm=norm, n_iter=n_iter, n_target_classes=1, restarts=restarts, alpha_max=alpha_max, eta=eta,
+                         beta=beta, minimal=minimal, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return "fab"
+
+    def _targets(self, logits):
+        return [logits.argmax(dim=1)]  # a placeholder: _boundary picks the class at each iterate
+
+    def _boundary(self, model, x, y, t):
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        diff = logits - logits.gather(1, y[:, None])  # Z_l - Z_y for every class l
+        grads = torch.stack([torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < diff.shape[1] - 1)[0]
+                             for k in range(diff.shape[1])], dim=1)  # (B, K, ...)
+        flat = grads.flatten(2)
+        dual = flat.abs().sum(dim=2) if self.norm == "linf" else flat.norm(dim=2)
+        distance = diff.detach().abs() / dual.clamp_min(1e-12)
+        distance.scatter_(1, y[:, None], math.inf)  # not the label's own "boundary"
+        s = distance.argmin(dim=1)
+        rows = torch.arange(len(x), device=x.device)
+        return diff.detach()[rows, s], grads[rows, s].detach(), logits.argmax(dim=1).detach() != y
