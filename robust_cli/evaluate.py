@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -82,6 +82,7 @@ class BatchPlan:
     resume: bool = False
     saved: int = 0  # batches written by this run (for the test hook below)
     batch_size: int | None = None  # recorded beside the batches, so that a resume with batch_size=auto reuses it
+    resumed_stages: list = field(default_factory=list)  # the steps after the curve that a resume read back
 
     def batch_seed(self, eps, batch: int, what: str = "attack") -> int:
         digest = hashlib.sha256(f"{self.seed}|{float(eps)!r}|{self.first_batch + batch}|{what}".encode()).digest()
@@ -109,6 +110,27 @@ class BatchPlan:
             self.saved += 1
             if os.environ.get("ROBUST_STOP_AFTER_BATCHES") == str(self.saved):  # test hook: a kill between batches
                 raise SystemExit(3)
+
+    def stage(self, name: str, compute):
+        """The result of a step after the curve (report_each, the eps search, the audit): seeded by its name, so that
+        it draws the same whether or not an earlier step was read back; kept beside the batches; resume reads it."""
+        torch.manual_seed(self.batch_seed(0, 0, name))
+        path = Path(self.directory) / f"stage={name}.pt" if self.directory is not None else None
+        if path is not None and self.resume and path.is_file():
+            try:
+                result = torch.load(path, map_location="cpu", weights_only=True)
+                self.resumed_stages.append(name)
+                return result
+            except Exception:  # noqa: BLE001 - unreadable: compute it again
+                pass
+        result = compute()
+        if path is not None:
+            from robust_cli import store
+
+            store.save_torch(path, result)
+            if os.environ.get("ROBUST_STOP_AFTER_STAGE") == name:  # test hook: a kill between the steps
+                raise SystemExit(3)
+        return result
 
     def saved_batch_size(self) -> int | None:
         path = Path(self.directory) / "batch_size.txt" if self.directory is not None else None

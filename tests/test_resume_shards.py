@@ -69,3 +69,22 @@ def test_batch_seeds_depend_on_the_global_batch_only():
     assert whole.batch_seed(0.1, 5) == second_half.batch_seed(0.1, 1)
     assert len({whole.batch_seed(e, b) for e in (0.1, 0.2) for b in range(5)}) == 10
     assert BatchPlan(seed=1).batch_seed(0.1, 5) != whole.batch_seed(0.1, 5)
+
+
+STAGED = ("attack", "attack=autoattack", "attack.n_iter=5", "attack.n_queries=20", "attack.report_each=true", "search=binary",
+          "eps=[0,0.1]", "data.n_test=64", "batch_size=32", "train.epochs=1", "data.n_train=300")
+
+
+def test_a_run_killed_after_the_curve_keeps_report_each_and_the_search_and_computes_the_audit_the_same(robust, tmp_path):
+    """The steps after the curve (report_each, search=binary, the audit) are kept as they finish: a resume reads them
+    back instead of recomputing, and every CSV equals the uninterrupted run's."""
+    robust(*STAGED, "outputs_root=whole/outputs", check=True)
+    killed = robust(*STAGED, "outputs_root=second/outputs", env={"ROBUST_STOP_AFTER_STAGE": "search"})
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "second" / "outputs" / "evaluations").glob("*/stage=*.pt")) == ["stage=report_each.pt", "stage=search.pt"]
+    robust(*STAGED, "outputs_root=second/outputs", "resume=true", check=True)
+    whole, resumed = latest_run(tmp_path / "whole", "attack"), latest_run(tmp_path / "second", "attack")
+    assert json.loads((resumed / "run.json").read_text())["resumed_stages"] == ["report_each", "search"]
+    for name in ("curve", "audit", "distances", "examples"):
+        pd.testing.assert_frame_equal(without_seconds(pd.read_csv(resumed / f"{name}.csv")), without_seconds(pd.read_csv(whole / f"{name}.csv")))
+    assert not list((tmp_path / "second" / "outputs" / "evaluations").glob("*/*.pt"))

@@ -121,19 +121,23 @@ def run(cfg, ctx):
             sizes = ev.perturbation_sizes(x, o.x_adv)
             rows.append(ev.curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, sizes, o.seconds, o.precision, o.fp32_rejected))
             examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names, index_offset=start)
+        # each step after the curve is a stage of the plan: kept when done, read back by a resume
         if names and getattr(attack, "report_each", False):  # every member alone on every example
-            for member in attack.members:
-                rows += ev.curve_rows(fast, member, x, y, clean_pred, epsilons, bs, device)
+            rows += plan.stage("report_each", lambda: [r for member in attack.members
+                                                       for r in ev.curve_rows(fast, member, x, y, clean_pred, epsilons, bs, device)])
         shown = outcomes[-1]
         if cfg.search.mode == "binary":
-            with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
-                found, x_found = ev.binary_search_eps(fast, attack, x, y, target, float(cfg.search.tol), float(cfg.search.max_eps), bs, device, advance)
+            def search():
+                with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
+                    return list(ev.binary_search_eps(fast, attack, x, y, target, float(cfg.search.tol), float(cfg.search.max_eps), bs, device, advance))
+
+            found, x_found = plan.stage("search", search)
             sizes = ev.perturbation_sizes(x, x_found)
             distances_rows = _distance_rows(y, found, sizes, clean_pred)
             summary = ev.distance_summary(found, y, clean_pred)
             tensors["search_eps"] = found
         if cfg.audit and attack.name != "noise":
-            audit_rows = audit.run_audit(fast, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded)
+            audit_rows = plan.stage("audit", lambda: audit.run_audit(fast, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded))
             ctx.write_csv("audit.csv", audit_rows)
             for r in audit_rows:
                 if r["status"] != "ok":
@@ -181,6 +185,9 @@ def run(cfg, ctx):
         headline.update({f"{k}_{attack.norm if attack.kind == 'minimal' else 'eps'}": v for k, v in summary.items()})
     headline["seconds"] = sum(o.seconds for o in outcomes)
     ctx.headline(**headline)
+    if plan.resumed_stages:
+        ctx.record["resumed_stages"] = list(plan.resumed_stages)
+        store.console.print(f"[cyan]read back from the interrupted run: {', '.join(plan.resumed_stages)}[/]")
     plan.discard()  # the results are in the run directory now
 
 
