@@ -435,7 +435,19 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    _raise_terminated.received = True
     raise Terminated()
+
+
+_raise_terminated.received = False  # set for good: a library may turn the raised Terminated into another error
+
+
+def _exit_interrupted(how, command, record, run_json, run_dir, ctx, beat):
+    record.update(status="interrupted", error=how)
+    _finish(record, run_json, ctx, beat)
+    saved = "the last finished epoch is kept: rerun the same command with resume=true" if command == "train" else "rerun the same command"
+    print(f"interrupted ({how}): {run_json or run_dir} says status=interrupted; {saved}", file=sys.stderr, flush=True)
+    sys.exit(143 if how == "SIGTERM" else 130)
 
 
 def run_command(command: str, cfg):
@@ -507,17 +519,14 @@ def run_command(command: str, cfg):
             _finish(record, run_json, ctx, beat)
             sys.exit(2)
     except KeyboardInterrupt as exc:
-        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        record.update(status="interrupted", error=how)
-        _finish(record, run_json, ctx, beat)
-        saved = "the last finished epoch is kept: rerun the same command with resume=true" if command == "train" else "rerun the same command"
-        print(f"interrupted ({how}): {run_json or run_dir} says status=interrupted; {saved}", file=sys.stderr, flush=True)
-        sys.exit(143 if how == "SIGTERM" else 130)
+        _exit_interrupted("SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C", command, record, run_json, run_dir, ctx, beat)
     except SystemExit:
         record.update(status="interrupted", error="SystemExit")
         _finish(record, run_json, ctx, beat)
         raise
     except Exception as exc:
+        if _raise_terminated.received:  # SIGTERM inside a library whose clean-up raised another error (seen in OmegaConf)
+            _exit_interrupted("SIGTERM", command, record, run_json, run_dir, ctx, beat)
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         if not multirun:
             _finish(record, run_json, ctx, beat)
