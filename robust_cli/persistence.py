@@ -6,15 +6,15 @@ persistence(x, gamma) = the largest sigma* with stability >= gamma for every sig
 Two estimators of the same persistence:
 - `bracketing`: Bell's Algorithm 1 (RANGEFINDER from [0.5, 1.5] by halving/doubling, then bisection in sigma with
   fresh `n_samples` draws per evaluation until |stability - gamma| < precision or `max_steps`).
-- `fast`: common random numbers (one sequence of standard-normal draws z per point, reused at every sigma, so the
-  estimated stability curve is one fixed function of sigma and bisection on it is stable), bisection in log sigma,
-  each sigma first judged on a few draws and given more only while a Wilson (or Clopper-Pearson) interval for its
-  stability still contains gamma, all points of a batch searched together, a secant step on the common draws at
-  the end. It returns sigma, an approximate confidence interval and the number of evaluations.
+- `fast`: common random numbers (one pool of standard-normal rays z per point, reused at every sigma), where the
+  persistence is an order statistic of the rays' crossing radii: each ray is classified only at the sigmas where
+  it can still change the answer, the pool grows until an exact confidence interval for sigma itself is within
+  1 +- rtol (at most three pools, Bonferroni over them), and all points of a batch are searched together. It
+  returns sigma, the interval and the number of evaluations (see `_Search`).
 
-Both stop at `sigma_cap` and report +inf when the stability is not shown to fall below gamma there (k = 1,
-gamma = 0.5 for the wedge: it tends to 0.5 from above forever), and at `sigma_floor` and report 0 when the point
-is not shown stable even there (a point on the decision boundary).
+Both report +inf when the stability at `sigma_cap` is not shown below gamma (k = 1, gamma = 0.5 for the wedge:
+it tends to 0.5 from above forever) and 0 when it is not shown above gamma at `sigma_floor` (a point on the
+decision boundary); `fast` decides +inf by one test at the cap, Algorithm 1 by doubling sigma up to it.
 
 Draws: ray j of point i comes from page j // PAGE of that point's sequence; each page has its own seed (seed, index,
 page), index = index_offset + position (or the given per-point indices), so a point's draws do not depend on the
@@ -27,11 +27,10 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm
+from scipy.stats import beta, binom, norm
 
 from robust_cli.engine import AUTO_SAMPLE_START, BatchSize, chunked
 from robust_cli.errors import UserError
@@ -189,6 +188,40 @@ class _Sampler:
             flush()
         return [torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64) for parts in results]
 
+    def classify_rays(self, requests):
+        """requests: list of (i, sigma, rays): point i at sigma on the given rays of its sequence (indices, any
+        order). Returns one label tensor per request, in the order of its rays; only their pages are drawn."""
+        results = [torch.empty(len(rays), dtype=torch.int64, device=self.x.device) for _, _, rays in requests]
+        pending, owners, size = [], [], 0
+
+        def flush():
+            nonlocal pending, owners, size
+            if pending:
+                labels, pos = self._forward(torch.cat(pending)), 0
+                for r, where in owners:
+                    results[r][where] = labels[pos : pos + len(where)]
+                    pos += len(where)
+            pending, owners, size = [], [], 0
+
+        per_call = max(1, self.batch_size // PAGE)
+        with torch.no_grad(), _eval_mode(self.classifier):
+            for r, (i, sigma, rays) in enumerate(requests):
+                self.evaluations[i] += len(rays)
+                pages, slot = torch.unique(rays // PAGE, return_inverse=True)  # sorted pages; slot: each ray's page
+                for c in range(0, len(pages), per_call):
+                    where = ((slot >= c) & (slot < c + per_call)).nonzero().squeeze(1)
+                    z = self.rays(i, pages[c : c + per_call].tolist())[(slot[where] - c) * PAGE + rays[where] % PAGE]
+                    samples = self.x[i].reshape(1, -1) + float(sigma) * z
+                    if self.clip:
+                        samples = samples.clamp(0.0, 1.0)
+                    pending.append(samples.view(-1, *self.shape))
+                    owners.append((r, where.to(self.x.device)))
+                    size += len(where)
+                    if size >= self.batch_size:
+                        flush()
+            flush()
+        return results
+
 
 # ----------------------------------------------------------------------------------------------- stability
 @dataclass
@@ -333,184 +366,192 @@ def bracketing(classifier, x, gamma: float = 0.7, *, n_samples: int = 1000, max_
 
 
 
-_probit = NormalDist().inv_cdf  # scalar inverse normal CDF (scipy's is slow per call)
+STAGES = 3  # pools a fast search may be judged on (pilot, sized from the pilot, top-up); each at (1 - confidence) / STAGES
 
 
-def _fraction(point, pages=None) -> float:
-    """Stability at a visited sigma: fraction of its rays (or of those on `pages`) classified as C(x)."""
-    chunks = [point[1][p] for p in (point[1] if pages is None else pages)]
-    return torch.cat(chunks).double().mean().item()
+def acceptance_counts(n: int, gamma: float, alpha: float, pair_variance: float | None = None) -> tuple[int, int]:
+    """(c_lo, c_hi): the level-alpha two-sided test of "stability == gamma" on n rays rejects when the number of rays
+    classified as C(x) is <= c_lo or >= c_hi, each side with probability at most alpha / 2. Independent rays: exact
+    binomial quantiles. Antithetic rays (n / 2 pairs): normal quantiles with the variance of a pair's count."""
+    if pair_variance is None:
+        return int(binom.ppf(alpha / 2, n, gamma)) - 1, int(binom.isf(alpha / 2, n, gamma)) + 1
+    half = float(norm.isf(alpha / 2)) * math.sqrt(n / 2 * pair_variance)
+    return math.floor(gamma * n - half - 0.5), math.ceil(gamma * n + half + 0.5)
 
 
 class _Search:
-    """The fast search of one point.
+    """The fast search of one point, on a pool of rays z_j shared by every sigma (common random numbers).
 
-    Draws: a pool of `pool` pages (n_samples rays) shared by every sigma. Each sigma visits the pool in its own
-    seeded page order, so the few rays that decide a sigma far from the root differ from sigma to sigma (an
-    unlucky first page cannot bias every decision the same way) while two sigmas evaluated on the same pages see
-    the same draws. Visited sigmas are kept as (sigma, {page: bool tensor, ray classified as C(x)}):
-    `lo` confidently stable, `hi` confidently unstable, `anchor` undecided on the whole pool.
+    Along a ray the point x + sigma z_j stays in C(x) up to a crossing radius t_j and leaves it after (one
+    crossing: exact for a convex class region, such as the wedge's). The pool's stability at sigma is then the
+    fraction of rays with t_j > sigma, and the quantities sought are order statistics of the t_j (descending,
+    t_[1] >= t_[2] >= ...): the estimate is t_[ceil(gamma n)], where the pool's stability crosses gamma, and the
+    interval is [t_[c_hi], t_[c_lo + 1]] with c_lo, c_hi the acceptance counts of the test "stability == gamma":
+    sigma* < t_[c_hi] means at least c_hi rays survive at sigma*, where the stability is exactly gamma, which has
+    probability <= alpha / 2; likewise above. An exact interval for sigma itself, not one for the stability mapped
+    through a slope.
+
+    Each ray keeps the largest sigma it was seen in C(x) (`L`) and the smallest it was seen outside (`U`), so
+    t_j is in (L_j, U_j] and t_[r] lies between the r-th largest L and the r-th largest U. A sigma is evaluated
+    only on the rays it can tell something about (L_j < sigma < U_j): far from the order statistics sought a ray
+    is settled by one or two evaluations. Each order statistic is bracketed by stepping sigma by 4 (bounded by
+    the floor and the cap), then narrowed by interpolating the rank in log sigma until its bracket is rtol / 8.
+
+    The pool starts at n_init rays (a pilot). When the interval is wider than 1 +- rtol the pool grows once to the
+    size the pilot's width asks for (width ~ 1 / sqrt(n)), then once more if still needed, up to n_samples: at
+    most STAGES pools, each interval at (1 - confidence) / STAGES, so the one reported covers at `confidence`
+    whichever pool it came from (Bonferroni over the looks at the data).
     """
 
-    def __init__(self, sigma_start, pool, init, order_seed, gamma, confidence, interval, rtol, sigma_floor, sigma_cap):
-        self.sigma, self.pool, self.init, self.order_seed = sigma_start, pool, init, order_seed
-        self.gamma, self.confidence, self.interval = gamma, confidence, interval
-        self.rtol, self.sigma_floor, self.sigma_cap = rtol, sigma_floor, sigma_cap
-        self.lo = self.hi = self.anchor = None
+    pool_margin = 1.15  # a grown pool this much larger than the pilot's width asks for (a top-up costs more)
+    end_margin = 2.0  # the new rays are first classified at the predicted ends of the interval, this much further out
+
+    def __init__(self, pages, max_pages, gamma, alpha, rtol, antithetic, sigma_start, sigma_floor, sigma_cap):
+        self.pages, self.max_pages = pages, max_pages
+        self.gamma, self.alpha, self.rtol, self.antithetic = gamma, alpha, rtol, antithetic
+        self.floor, self.cap, self.tol = sigma_floor, sigma_cap, rtol / 8
+        self.L = torch.zeros(PAGE * pages, dtype=torch.float64)
+        self.U = torch.full((PAGE * pages,), math.inf, dtype=torch.float64)
+        self.stage, self.pair_variance, self.value = 0, None, None  # value: the estimate, once located in this pool
+        self.start = float(sigma_start)
+        self.queue = [self.start]  # sigmas to evaluate first: the start, then a grown pool's new rays at the old answers
         self.answer = self.ci = None
-        self.visited = []  # every judged sigma: the secant partner is chosen among them
-        self._new_sigma()
 
-    def _new_sigma(self):
-        self.inside = {}
-        gen = torch.Generator().manual_seed(_mix(*self.order_seed, len(self.visited)))
-        self.order = torch.randperm(self.pool, generator=gen).tolist()
+    # ---- what the rays say
+    def undetermined(self, sigma: float) -> torch.Tensor:
+        return ((self.L < sigma) & (self.U > sigma)).nonzero().squeeze(1)
 
-    def next_pages(self):
-        """The next pages at this sigma: sizes run pool/2^k, ..., pool/4, pool/2, pool (rounded up, the first at
-        least `init`), so the last doubling lands exactly on the whole pool."""
-        done, size = len(self.inside), self.pool
-        while size > 1 and math.ceil(size / 2) > done and math.ceil(size / 2) >= self.init:
-            size = math.ceil(size / 2)
-        return self.order[done:size]
+    def record(self, sigma: float, rays: torch.Tensor, inside: torch.Tensor) -> None:
+        self.L[rays[inside]] = sigma
+        self.U[rays[~inside]] = sigma
 
-    def record(self, pages, inside):
-        for page, chunk in zip(pages, inside.split(PAGE)):
-            self.inside[page] = chunk
+    def bracket(self, r: int) -> tuple[float, float]:
+        """(a, b) with t_[r] in (a, b]: the r-th largest L and the r-th largest U."""
+        return -torch.kthvalue(-self.L, r).values.item(), -torch.kthvalue(-self.U, r).values.item()
 
-    def counts(self):
-        return sum(int(v.sum()) for v in self.inside.values()), sum(len(v) for v in self.inside.values())
+    def ranks(self):
+        """Ranks of the estimate and of the interval's ends (None: not yet known, or no such rank in this pool)."""
+        n = len(self.L)
+        estimate = max(1, math.ceil(self.gamma * n - 1e-9))
+        if self.antithetic and self.pair_variance is None:  # set with the estimate
+            return estimate, None, None
+        c_lo, c_hi = acceptance_counts(n, self.gamma, self.alpha / STAGES, self.pair_variance if self.antithetic else None)
+        return estimate, (c_hi if c_hi <= n else None), (c_lo + 1 if c_lo >= 0 else None)
 
-    def decide(self, low, high) -> None:
-        """Judge the current sigma by the interval (low, high) for its stability; move on, or return with the
-        sigma unchanged to ask for more pages."""
-        point = (self.sigma, self.inside)
-        if low > self.gamma:
-            self.lo = point
-        elif high < self.gamma:
-            self.hi = point
-        elif len(self.inside) < self.pool:
-            return  # undecided: double the rays at this sigma
-        else:
-            self.anchor = point  # gamma is within sampling error of the stability here
-        self.visited.append(point)
-        self._new_sigma()
-        if self.hi is None:  # nothing unstable yet: look further out
-            self.sigma = 2.0 * max(point[0], self.lo[0] if self.lo else 0.0, self.anchor[0] if self.anchor else 0.0)
-            if self.sigma > self.sigma_cap:
-                self.answer, self.ci = math.inf, (self.lo[0] if self.lo else self.sigma_cap, math.inf)
-        elif self.lo is None:  # nothing stable yet: look further in
-            self.sigma = 0.5 * min(point[0], self.hi[0], self.anchor[0] if self.anchor else math.inf)
-            if self.sigma < self.sigma_floor:
-                self.answer, self.ci = 0.0, (0.0, self.hi[0])
-        elif self._ready() or self.hi[0] / self.lo[0] <= 1 + self.rtol:
-            self.finish()
-        else:
-            self.sigma = self._between()
+    def _pair_variance(self, sigma: float) -> float:
+        """Variance of a pair's count at sigma (rays still undetermined there count 1/2), at least a quarter of
+        the independent pair's 2 gamma (1 - gamma): a guard against a pilot whose pairs happen to agree."""
+        s = (self.L >= sigma).double() + 0.5 * ((self.L < sigma) & (self.U > sigma)).double()
+        pairs = s.view(-1, 2).sum(1)
+        return max(pairs.var().item(), 0.5 * self.gamma * (1 - self.gamma))
 
-    def _between(self) -> float:
-        """Next sigma inside (lo, hi): where the line through (log sigma, probit(stability)) of the two ends meets
-        probit(gamma) (exact for a probit-shaped curve; plain bisection in log sigma when the curve is not
-        resolved), kept at least a quarter of the bracket from either end so the bracket always shrinks."""
-        (lo, lo_in), (hi, hi_in) = self.lo, self.hi
-        clip = lambda p, d: min(max(_fraction(p), 0.5 / d), 1 - 0.5 / d)  # noqa: E731
-        z_lo = _probit(clip(self.lo, sum(len(v) for v in lo_in.values())))
-        z_hi = _probit(clip(self.hi, sum(len(v) for v in hi_in.values())))
-        t = (z_lo - _probit(self.gamma)) / (z_lo - z_hi) if z_lo > z_hi else 0.5
-        return lo * (hi / lo) ** min(max(t, 0.25), 0.75)
+    def _resolved(self, r: int) -> bool:
+        a, b = self.bracket(r)
+        return a >= self.cap or b <= self.floor or (a > 0 and b <= a * (1 + self.tol))
 
-    def _secant_points(self):
-        """a: the best-sampled sigma in [lo, hi] (most draws, then stability nearest gamma); b: the nearest visited
-        sigma whose stability lies on gamma's other side and shares rays with a (None if none); m: rays shared."""
-        lo, hi = self.lo[0], self.hi[0]
-        inside = [p for p in self.visited if lo <= p[0] <= hi]
-        a = max(inside, key=lambda p: (len(p[1]), -abs(_fraction(p) - self.gamma)))
-        side = _fraction(a) > self.gamma
-        beyond = [p for p in inside if p[0] != a[0] and (p[0] > a[0]) == side and any(q in a[1] for q in p[1])]
-        b = min(beyond, key=lambda p: (abs(math.log(p[0] / a[0])), -len(p[1]))) if beyond else None
-        return a, b, (PAGE * sum(q in a[1] for q in b[1]) if b else 0)
+    def _step(self, r: int) -> float:
+        a, b = self.bracket(r)
+        # an open bracket: steps of 4 while looking for the estimate; for an end of the interval, twice its
+        # present distance from the estimate (at least 2 rtol): a step too far re-classifies the rays beyond
+        factor = 4.0 if self.value is None else math.exp(max(2 * math.log1p(self.rtol), 2 * abs(math.log(max(a, b if b < math.inf else a) / self.value))))
+        if b == math.inf:
+            return min(factor * a, self.cap) if a > 0 else self.start
+        if a == 0:
+            return max(b / factor, self.floor)
+        c_a, c_b = int((self.L >= a).sum()), int((self.U > b).sum())  # rays known inside at a; possibly inside at b
+        t = (c_a - r + 0.5) / (c_a - c_b) if c_a > c_b else 0.5
+        return a * (b / a) ** min(max(t, 0.2), 0.8)
 
-    def _ready(self) -> bool:
-        """Stop bisecting once a sigma in the bracket has the whole pool and either is undecided (gamma within its
-        sampling error) or has a secant partner sharing at least a quarter of the pool (a precise slope); another
-        bisection step would cost a whole pool again."""
-        a, b, m = self._secant_points()
-        if len(a[1]) < self.pool:
-            return False
-        return a is self.anchor or 4 * m >= PAGE * self.pool
+    # ---- the search
+    def next_request(self):
+        """(sigma, rays to classify there), or None once the answer is set."""
+        while True:
+            while self.queue:
+                sigma = self.queue.pop(0)
+                rays = self.undetermined(sigma)
+                if len(rays):
+                    return sigma, rays
+            estimate, low, high = self.ranks()
+            if not self._resolved(estimate):
+                return self._request(self._step(estimate))
+            if self.value is None:
+                a, b = self.bracket(estimate)
+                self.value = math.sqrt(a * b) if 0 < a and b < math.inf else max(a, min(b, self.cap))
+                if self.antithetic:
+                    self.pair_variance = self._pair_variance(self.value)
+                continue
+            for r in (high, low):  # the upper end first: past the cap it decides +inf
+                if r is not None and not self._resolved(r):
+                    return self._request(self._step(r))
+            if self._finish_stage(estimate, low, high):
+                return None
 
-    def finish(self) -> None:
-        """Secant step in log sigma from a towards b (see _secant_points) on the probit scale (a sigmoid-shaped
-        stability curve is nearly straight there), the slope taken on the rays a and b share (common random
-        numbers: only rays that change class count); clipped to the bracket [lo, hi]."""
-        lo, hi = self.lo[0], self.hi[0]
-        a, b, m = self._secant_points()
-        s_a = _fraction(a)
-        slope = 0.0  # -d probit(stability) / d log sigma
-        if b is not None:
-            common = [page for page in b[1] if page in a[1]]
-            probit = lambda f: _probit(min(max(f, 0.5 / m), 1 - 0.5 / m))  # noqa: E731
-            slope = (probit(_fraction(a, common)) - probit(_fraction(b, common))) / math.log(b[0] / a[0])
-        k, n = sum(int(v.sum()) for v in a[1].values()), sum(len(v) for v in a[1].values())
-        low, high = (v.item() for v in binomial_interval(k, n, self.confidence, self.interval))
-        if slope > 0:
-            z_gamma = _probit(self.gamma)
-            step = lambda f: min(hi, max(lo, a[0] * math.exp((_probit(min(max(f, 0.5 / n), 1 - 0.5 / n)) - z_gamma) / slope)))  # noqa: E731
-            self.answer, self.ci = step(s_a), (step(low), step(high))
-        else:  # flat or rising between a and b: no secant; report the bracket
-            self.answer, self.ci = (a[0] if lo < a[0] < hi else math.sqrt(lo * hi)), (lo, hi)
+    def _request(self, sigma):
+        return sigma, self.undetermined(sigma)
+
+    def _finish_stage(self, estimate, low, high) -> bool:
+        """Set the answer, or grow the pool and return False."""
+        sigma_low = self.bracket(low)[0] if low is not None else 0.0
+        high_a, high_b = self.bracket(high) if high is not None else (0.0, math.inf)
+        if high is not None and high_a >= self.cap:  # not shown below gamma at the cap: +inf
+            self.answer, self.ci = math.inf, (sigma_low, math.inf)
+            return True
+        if low is not None and self.bracket(low)[1] <= self.floor:  # not shown above gamma at the floor: 0
+            self.answer, self.ci = 0.0, (0.0, high_b)
+            return True
+        value = self.value
+        width = math.log(high_b / sigma_low) if sigma_low > 0 else math.inf
+        if width <= 2 * math.log1p(self.rtol) or self.pages >= self.max_pages or self.stage >= STAGES - 1:
+            self.answer, self.ci = value, (sigma_low, high_b)
+            return True
+        # the interval narrows as 1 / sqrt(n): the pool that width asks for, a little more (a top-up costs more)
+        need = self.pool_margin * len(self.L) * (width / (2 * math.log1p(self.rtol))) ** 2 if math.isfinite(width) else 4 * len(self.L)
+        pages = min(self.max_pages, max(math.ceil(1.25 * self.pages), math.ceil(need / PAGE)))
+        shrink = min(1.0, self.end_margin * math.sqrt(self.pages / pages))  # predicted ends, further out: too near costs more
+        grow = PAGE * (pages - self.pages)
+        self.L = torch.cat([self.L, torch.zeros(grow, dtype=torch.float64)])
+        self.U = torch.cat([self.U, torch.full((grow,), math.inf, dtype=torch.float64)])
+        self.pages, self.stage, self.pair_variance, self.value = pages, self.stage + 1, None, None
+        # the new rays first at the predicted ends, the majority's end first: a ray in C(x) at the upper end (a
+        # fraction ~gamma of them) or out of it at the lower end is then settled for all three order statistics
+        ends = [value * (high_b / value) ** shrink, value * (sigma_low / value) ** shrink] if sigma_low > 0 and high_b < math.inf else [value]
+        self.queue = [s for s in (ends if self.gamma >= 0.5 else ends[::-1]) if 0 < s < math.inf]
+        return False
 
 
-def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 1024, n_init: int = 16, confidence: float = 0.99,
-                     interval: str = "wilson", rtol: float = 0.01, sigma_start: float = 1.0, sigma_floor: float = 1e-4,
-                     sigma_cap: float = 1e3, antithetic: bool = True, refine_samples: int = 0, clip: bool = False,
-                     distribution: str = "gaussian", seed: int = 0, index_offset: int | list[int] = 0, batch_size: int = 1024) -> Persistence:
-    """gamma-persistence of every point of x with common random numbers and confidence-interval early stopping.
+def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 16384, n_init: int = 128, confidence: float = 0.99,
+                     rtol: float = 0.07, sigma_start: float = 1.0, sigma_floor: float = 1e-4, sigma_cap: float = 1e3,
+                     antithetic: bool = True, clip: bool = False, distribution: str = "gaussian", seed: int = 0,
+                     index_offset: int | list[int] = 0, batch_size: int = 1024) -> Persistence:
+    """gamma-persistence of every point of x, to a relative precision `rtol`, with an exact interval (see _Search).
 
-    Per point, one pool of `n_samples` draws (rounded up to pages of 32) serves every sigma. A sigma is first
-    judged on `n_init` of them; while the `interval` at `confidence` for its stability still contains gamma the
-    number of draws doubles (only the new ones are classified), up to the whole pool. A confident "stable" sets
-    the lower end `lo` of the bracket, "unstable" the upper end `hi`; an open side is searched by doubling or
-    halving sigma, a bracketed one by bisection in log sigma. The search ends when a sigma stays undecided on the
-    whole pool (gamma is within sampling error of its stability) or when hi/lo <= 1 + rtol. The answer is a secant
-    step in log sigma from the best-sampled sigma towards the bracket end on gamma's side, clipped to [lo, hi];
-    the interval maps the stability interval at that sigma through the same slope (approximate).
-    `antithetic` draws come in pairs (z, -z) (unbiased; about 30 % less variance than independent draws on MNIST
-    nets). `refine_samples` > 0 classifies that many draws (the pool first) at the answer and repeats the secant
-    step from there. All points advance together: each round classifies the requests of every unfinished point
-    in shared batches.
+    Per point a pool of rays (common random numbers, pages of 16 seeded per point): a pilot of `n_init`, grown
+    (at most twice, up to `n_samples`) until the `confidence` interval for sigma is within 1 +- rtol. A flat
+    stability curve (a half-space) needs many rays, a steep one few: the work goes where the precision needs it.
+    +inf: the stability at `sigma_cap` is not shown below gamma (one test at the cap; k = 1, gamma = 0.5 for the
+    wedge tends to 0.5 from above forever); 0: not shown above gamma at `sigma_floor` (a point on the boundary).
+    `antithetic` draws come in pairs (z, -z): unbiased, less variance near a flat boundary (43 % less for a
+    half-space at gamma = 0.7); the interval then uses the pairs' measured variance (normal quantiles) instead
+    of the exact binomial. All points advance together: each round classifies every unfinished point's rays in
+    shared batches.
     """
     _check_common(gamma, clip, distribution, batch_size)
-    _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, interval)
+    _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, "wilson")
     if not isinstance(n_init, int) or n_init < 1 or n_init > n_samples:
         raise UserError(f"n_init must be an integer in 1..n_samples ({n_samples}), got {n_init!r}")
     if not rtol > 0 or not sigma_floor <= sigma_start <= sigma_cap:
         raise UserError(f"need rtol > 0 and sigma_floor <= sigma_start <= sigma_cap, got {rtol!r}, {sigma_start!r}")
     sampler = _Sampler(classifier, x, clip=clip, distribution=distribution, antithetic=antithetic, seed=seed, index_offset=index_offset, batch_size=batch_size)
     labels = sampler.center_labels().cpu()
-    pool, init = -(-n_samples // PAGE), -(-n_init // PAGE)
-    searches = [_Search(float(sigma_start), pool, init, (int(seed), index, 1), gamma, confidence, interval, rtol, sigma_floor, sigma_cap)
-                for index in sampler.indices]
-
-    while active := [i for i, s in enumerate(searches) if s.answer is None]:
-        requests = [(i, searches[i].sigma, searches[i].next_pages(), None) for i in active]
-        requests = [(i, sigma, pages, PAGE * len(pages)) for i, sigma, pages, _ in requests]
-        for (i, _, pages, _), pred in zip(requests, sampler.classify(requests)):
-            searches[i].record(pages, pred.cpu() == labels[i])
-        counts = torch.tensor([searches[i].counts() for i in active])
-        lows, highs = binomial_interval(counts[:, 0], counts[:, 1], confidence, interval)  # one call for all points
-        for i, low, high in zip(active, lows.tolist(), highs.tolist()):
-            searches[i].decide(low, high)
-
-    if refine_samples > 0:
-        refine = [i for i, s in enumerate(searches) if 0 < s.answer < math.inf]
-        pages = list(range(-(-refine_samples // PAGE)))  # the pool's pages first: common with every visited sigma
-        requests = [(i, searches[i].answer, pages, PAGE * len(pages)) for i in refine]
-        for (i, sigma, _, _), pred in zip(requests, sampler.classify(requests)):
-            s = searches[i]
-            s.visited.append((sigma, dict(zip(pages, (pred.cpu() == labels[i]).split(PAGE)))))
-            s.finish()
-
+    max_pages = -(-n_samples // PAGE)
+    searches = [_Search(min(max_pages, -(-n_init // PAGE)), max_pages, gamma, 1.0 - confidence, rtol, antithetic, sigma_start, sigma_floor, sigma_cap)
+                for _ in range(len(x))]
+    while True:
+        requests = [(i, *request) for i, s in enumerate(searches) if s.answer is None and (request := s.next_request()) is not None]
+        if not requests:
+            break
+        for (i, sigma, rays), pred in zip(requests, sampler.classify_rays(requests)):
+            searches[i].record(sigma, rays, pred.cpu() == labels[i])
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
     return Persistence(as_tensor([s.answer for s in searches]), as_tensor([s.ci[0] for s in searches]),
                        as_tensor([s.ci[1] for s in searches]), sampler.evaluations, labels, "fast")

@@ -59,7 +59,7 @@ def load(args):
     dist = ((adv - x[ok][: args.points]).flatten(1).norm(dim=1) / math.sqrt(x[0].numel())).mean().item()
     print(f"model {args.model}: test accuracy {(pred == data.test_y).double().mean().item():.4f}; "
           f"{len(adv)} adversarial of {int(ok.numel())} attacked (success {ok.double().mean().item():.2f}), mean distortion {dist:.4f}")
-    return model, device, torch.cat([nat, adv]).to(device), ["natural"] * len(nat) + ["adversarial"] * len(adv)
+    return model, device, torch.cat([nat, adv]).to(device), ["natural"] * len(nat) + ["adversarial"] * len(adv), cfg
 
 
 def reference(model, x, gamma, guesses, n_ref, seed, step=1.04):
@@ -117,13 +117,16 @@ def main():
     p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. attack.c_search=minimal")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, device, x, kinds = load(args)
+    model, device, x, kinds, cfg = load(args)
+    from robust_cli.commands.persistence import persistence_options
+
+    cli = persistence_options(cfg) | {"seed": 2}  # the CLI's defaults (persistence.yaml), as `robust persistence` runs them
 
     methods = {"bracketing (n=1000, precision=0.01)": lambda: bracketing(model, x, args.gamma, n_samples=1000, precision=0.01, seed=1),
-               "fast (defaults)": lambda: fast_persistence(model, x, args.gamma, seed=2)}
+               "fast (CLI defaults)": lambda: fast_persistence(model, x, args.gamma, **cli)}
     for spec in args.fast:
         opts = {k: (v == "true" if v in ("true", "false") else float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in spec.split(","))}
-        methods[f"fast ({spec})"] = lambda opts=opts: fast_persistence(model, x, args.gamma, seed=2, **opts)
+        methods[f"fast ({spec})"] = lambda opts=opts: fast_persistence(model, x, args.gamma, **(cli | opts))
     results = {}
     for name, run in methods.items():
         results[name], seconds = timed(run)

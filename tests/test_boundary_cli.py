@@ -37,7 +37,7 @@ def test_digits_adversarial_pairs(robust, tmp_path):
     assert (table.x1_index == table.x2_index).all() and (table.class_a != table.class_b).all()
 
 
-ORTHANT = ("boundary", "model=orthant", "k=4", "n_points=2", "n_samples=150", "method=descent")
+ORTHANT = ("boundary", "model=orthant", "k=4", "n_points=2", "n_samples=150")
 
 
 def test_orthant_counts_k(robust, tmp_path):
@@ -45,6 +45,26 @@ def test_orthant_counts_k(robust, tmp_path):
     table = pd.read_csv(latest_run(tmp_path, "boundary") / "boundary.csv")
     assert (table.pair == "centerline").all()
     assert (table[table.distribution == "flat_svd"].n_degenerate == 4).all()  # k faces meet at the apex
+
+
+def orthant_with_defaults(robust, tmp_path, k, *extra):
+    robust("boundary", "model=orthant", f"k={k}", *extra, f"hydra.run.dir=outputs/boundary/k{k}", check=True)
+    table = pd.read_csv(tmp_path / f"outputs/boundary/k{k}/boundary.csv")
+    record = json.loads((tmp_path / f"outputs/boundary/k{k}/run.json").read_text())
+    return table[table.distribution == "flat_svd"].n_degenerate, record["headline"]["method"]
+
+
+def test_orthant_known_answer_with_defaults(robust, tmp_path):
+    # nothing but the object and k: method=auto picks the nearest-point projection for the cones
+    counts, method = orthant_with_defaults(robust, tmp_path, 3, "n_points=10")
+    assert method == "descent" and counts.median() == 3 and (counts == 3).mean() >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", range(1, 9))
+def test_orthant_known_answer_with_all_defaults(robust, tmp_path, k):
+    counts, _ = orthant_with_defaults(robust, tmp_path, k)  # 50 points, 500 samples each
+    assert counts.median() == k
 
 
 @pytest.mark.slow

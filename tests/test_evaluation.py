@@ -316,3 +316,41 @@ def test_run_json_has_no_bare_nan(tmp_path):
         raise AssertionError(f"bare {name} in JSON")
 
     assert json.loads((tmp_path / "run.json").read_text(), parse_constant=refuse) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
+
+
+def test_minimal_ensemble_is_never_farther_than_any_member(digits_model):
+    # each member alone (same settings, deterministic members), then the ensemble: per example its distance is the
+    # smallest of theirs, and broken_by names the member that found it
+    from robust_cli.attacks import DeepFool, MinimalEnsemble
+    from robust_cli.errors import UserError
+
+    model, x, y = digits_model
+    x, y = x[:60], y[:60]
+    ensemble = MinimalEnsemble(attacks=["deepfool", "fab"])
+    alone = [DeepFool(), FAB(norm="l2", minimal=True)]
+    sizes = []
+    for attack in alone:
+        xa = attack(model, x, y)
+        fooled = model(xa).argmax(1) != y
+        sizes.append(torch.where(fooled, (xa - x).flatten(1).norm(dim=1), torch.tensor(float("inf"))))
+    x_ens = ensemble(model, x, y)
+    fooled = model(x_ens).argmax(1) != y
+    d_ens = torch.where(fooled, (x_ens - x).flatten(1).norm(dim=1), torch.tensor(float("inf")))
+    best, which = torch.stack(sizes).min(0)
+    assert torch.allclose(d_ens, best, rtol=1e-5) and fooled.all()
+    by = ensemble.last_broken_by
+    assert ((by == which) | (sizes[0] - sizes[1]).abs().lt(1e-6)).all()
+    assert ensemble.member_names == ["deepfool", "fab"] and 0 < (by == 1).sum() < len(y)  # each member wins somewhere
+    with pytest.raises(UserError, match="minimal attack"):
+        MinimalEnsemble(attacks=["pgd"])
+
+
+def test_minimal_ensemble_cli(robust, tmp_path):
+    proc = robust("attack", "attack=minimal_ensemble", "attack.attacks=[deepfool,fab]", "data.n_test=30", "train.epochs=2", "eps=[0.5,1.0]")
+    assert proc.returncode == 0, proc.stderr
+    run = sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1]
+    examples = pd.read_csv(run / "examples.csv", keep_default_na=False)
+    broken = examples[examples["success"] & (examples["clean_pred"] == examples["label"])]
+    assert len(broken) and set(broken["broken_by"]) <= {"deepfool", "fab"}
+    distances = pd.read_csv(run / "distances.csv")
+    assert len(distances) == 30

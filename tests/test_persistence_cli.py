@@ -8,7 +8,7 @@ from scipy.special import erfinv
 
 from tests.conftest import latest_run
 
-SMALL = ["train.epochs=3", "data.n_train=600", "attack.max_iter=50", "persistence.n_samples=256", "stability.n_samples=64", "sigma_grid.num=4",
+SMALL = ["train.epochs=3", "data.n_train=600", "attack.max_iter=50", "persistence.max_samples=256", "stability.n_samples=64", "sigma_grid.num=4",
          "line.points=2", "line.steps=4"]
 
 
@@ -48,7 +48,7 @@ def test_wedge_known_answer_and_determinism(robust, tmp_path):
     # (class 1) at distance 0.25 from the one sheet; Prop. 4.3 (a half-space either side) gives the persistence
     # 0.25 / (sqrt(2) erfinv(2 gamma - 1)). DeepFool (untargeted) just crosses the sheet.
     args = ["persistence", "model=wedge", "model.apex=0.25", "attack=deepfool", "n_points=3", "train.epochs=1",
-            "persistence.n_samples=8192", "stability.points=1", "stability.n_samples=32", "sigma_grid.num=2", "line.points=0"]
+            "persistence.max_samples=8192", "stability.points=1", "stability.n_samples=32", "sigma_grid.num=2", "line.points=0"]
     robust(*args, check=True)
     run = latest_run(tmp_path, "persistence")
     table = pd.read_csv(run / "persistence.csv")
@@ -67,7 +67,7 @@ def test_wedge_known_answer_and_determinism(robust, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["gamma=1.5"], "gamma must be in (0, 1)"),
     (["persistence.method=exact"], "persistence.method must be one of"),
-    (["persistence.n_init=2000"], "must not exceed persistence.n_samples"),
+    (["persistence.n_init=20000"], "must not exceed persistence.max_samples"),
     (["attack=pgd"], "budgeted attack"),
     (["line.steps=1"], "line.steps must be an integer >= 2"),
 ])

@@ -8,30 +8,61 @@ import pytest
 import torch
 
 from robust_cli.analytic import Wedge
-from robust_cli.persistence import bracketing, fast_persistence
+from robust_cli.persistence import bracketing, persistence
 from tests.conftest import latest_run
 from tests.test_persistence import sd_for
 
 torch.set_num_threads(1)
 
 
+def cli_defaults():
+    """The `robust persistence` defaults (persistence.yaml), as the command passes them to the estimator."""
+    from hydra import compose, initialize_config_dir
+
+    from robust_cli.cli import CONF_DIR
+    from robust_cli.commands.persistence import persistence_options
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
+        cfg = compose(config_name="persistence")
+    return cfg.persistence.method, persistence_options(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gamma", [0.5, 0.7, 0.9])
 @pytest.mark.parametrize("k", range(1, 9))
-def test_prop_4_3_grid_n784(k, gamma):
+def test_prop_4_3_grid_with_the_cli_defaults(k, gamma):
+    # Bell's wedge at n = 784, 200 points per case (each its own draws), the command's own settings: the median
+    # relative error is below 2 %, the 99 % interval covers the exact value for at least 98 % of the points
+    # (k = 1, gamma = 0.5: +inf for at least 98 %)
+    method, options = cli_defaults()
+    w = Wedge((1, 28, 28), 10, k=k, d=0.1, apex=0.5)
+    exact = w.persistence(gamma)
+    x = w.point()[None].expand(200, -1, -1, -1)
+    r = persistence(w, x, gamma, method=method, **(options | {"seed": 100 * k + int(10 * gamma)}))
+    if math.isinf(exact):
+        assert torch.isinf(r.sigma).double().mean().item() >= 0.98
+        return
+    rel = (r.sigma - exact) / exact
+    covered = ((r.ci_low <= exact) & (exact <= r.ci_high)).double().mean().item()
+    print(f"k={k} gamma={gamma}: median |rel err| {rel.abs().median().item():.4f}, median rel err {rel.median().item():+.4f}, "
+          f"coverage {covered:.3f}, evaluations {r.evaluations.double().mean().item():.0f}")
+    assert rel.abs().median().item() < 0.02
+    assert covered >= 0.98
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gamma", [0.5, 0.7, 0.9])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_bracketing_grid_n784(k, gamma):
     w = Wedge((1, 28, 28), 10, k=k, d=1.0)
     exact = w.persistence(gamma)
     x = w.point()[None]
-    if math.isinf(exact):  # k = 1, gamma = 0.5: stability -> 0.5 from above; both stop at the cap
-        assert fast_persistence(w, x, gamma, sigma_cap=200.0, seed=k).sigma.item() == math.inf
+    if math.isinf(exact):  # k = 1, gamma = 0.5: stability -> 0.5 from above; Algorithm 1 stops at the cap
         assert bracketing(w, x, gamma, sigma_cap=200.0, seed=k).sigma.item() == math.inf
         return
     n = sd_for(k, gamma, 1.0, 0.01)  # draws for a 1 % standard deviation: 3 % is three of them
-    fast = fast_persistence(w, x, gamma, n_samples=n, seed=k)
     brk = bracketing(w, x, gamma, n_samples=n, precision=0.002, seed=k)
-    assert fast.sigma.item() == pytest.approx(exact, rel=0.03), (fast.sigma.item(), exact)
     assert brk.sigma.item() == pytest.approx(exact, rel=0.03), (brk.sigma.item(), exact)
-    assert fast.ci_low.item() <= fast.sigma.item() <= fast.ci_high.item()
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_torchvision_model_runs_persistence_and_boundary(robust, tmp_path):
     make_folder(tmp_path / "data")
     _resnet_weights(tmp_path / "r18.pth", 3)
     args = ["dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18.pth'}"]
-    for command in (["persistence", "attack=fgsm", "eps=0.05", "n_points=2", "stability.points=0", "line.points=0", "persistence.n_samples=64", "persistence.n_init=8"],
+    for command in (["persistence", "attack=fgsm", "eps=0.05", "n_points=2", "stability.points=0", "line.points=0", "persistence.max_samples=64", "persistence.n_init=8"],
                     ["boundary", "n_points=2", "pairs=natural_adversarial", "attack=deepfool"]):
         proc = robust(command[0], *args, *command[1:])
         assert proc.returncode == 0, proc.stderr[-2000:]

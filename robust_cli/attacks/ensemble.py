@@ -1,8 +1,10 @@
-"""AutoAttack-style ensembles (Croce & Hein 2020): a list of attacks and one cascade.
+"""Ensembles: a list of attacks and one short function that combines them.
 
-An example is robust only if every attack in the list fails on it. The cascade runs each attack only on the examples
-all earlier ones failed on, so the result is the per-example worst case at the cost of the survivors, and it says
-which attack broke each example first (`broken_by`).
+AutoAttack (Croce & Hein 2020): an example is robust only if every attack in the list fails on it. The cascade
+runs each attack only on the examples all earlier ones failed on, so the result is the per-example worst case at
+the cost of the survivors, and it says which attack broke each example first (`broken_by`).
+MinimalEnsemble: every minimal attack runs on every example and the smallest misclassifying perturbation is kept
+(`broken_by`: the member that found it).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from robust_cli.engine import exact
 from robust_cli.errors import UserError
 
 VERSIONS = ("standard", "plus", "rand", "custom")
+ENSEMBLES = ("autoattack", "minimal_ensemble")
 ATTACK_CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 
 
@@ -55,21 +58,27 @@ def standard_members(version, norm, n_iter, n_queries, n_target_classes, eot_ite
     raise UserError(f"autoattack version must be one of {', '.join(VERSIONS)}, got {version!r}")
 
 
-def custom_member(name, norm, common):
-    """An attack YAML of conf/attack by name, instantiated with the ensemble's norm, box and randomness settings."""
+def custom_member(name, norm, common, kind="budgeted"):
+    """An attack YAML of conf/attack by name, instantiated with the ensemble's norm, box and randomness settings
+    (kind="minimal": as a minimal attack; FAB is either)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     path = ATTACK_CONF / f"{name}.yaml"
-    if not path.is_file() or name == "autoattack":
-        options = sorted(p.stem for p in ATTACK_CONF.glob("*.yaml") if p.stem != "autoattack")
+    if not path.is_file() or name in ENSEMBLES:
+        options = sorted(p.stem for p in ATTACK_CONF.glob("*.yaml") if p.stem not in ENSEMBLES)
         raise UserError(f"attack.attacks: no attack named {name!r}; pick from {', '.join(options)}")
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if "norm" in spec:
         spec["norm"] = norm
+    if "minimal" in spec:
+        spec["minimal"] = kind == "minimal"
     member = instantiate({**spec, **common})
-    if member.kind != "budgeted":
-        raise UserError(f"attack.attacks: {name} is a minimal attack; an ensemble takes budgeted attacks (fab_t is both)")
+    if member.kind != kind:
+        other = "budgeted attacks (fab_t is both)" if kind == "budgeted" else "minimal attacks (deepfool, cw, fab, fab_t, lbfgs)"
+        raise UserError(f"attack.attacks: {name} is a {member.kind} attack; this ensemble takes {other}")
+    if member.norm != norm:
+        raise UserError(f"attack.attacks: {name} measures {member.norm}, the ensemble {norm}")
     return member
 
 
@@ -112,6 +121,55 @@ class AutoAttack(Attack):
         if target is not None:
             raise UserError("autoattack is untargeted (APGD-T and FAB-T pick their own targets): drop attack.targeted")
         x_adv, self.last_broken_by = cascade(self.members, model, x, y, eps, lambda z, yz: self.judge(model, z, yz))
+        return x_adv
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for m in self.members for n in m.notes]
+
+
+def smallest(members, model, x, y, judge):
+    """(x_adv, found_by): per example the smallest L2 perturbation, among the members' results, that `judge` finds
+    misclassified (x itself and -1 where none is)."""
+    x_adv, found_by = x.clone(), torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    best = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+    for i, attack in enumerate(members):
+        xa = attack(model, x, y)
+        size = (xa - x).flatten(1).double().norm(dim=1)
+        better = (judge(xa, y) != y) & (size < best)
+        x_adv[better], best[better], found_by[better] = xa[better], size[better], i
+    return x_adv, found_by
+
+
+class MinimalEnsemble(Attack):
+    """The per-example smallest L2 adversarial perturbation over minimal attacks (default DeepFool, CW, FAB, L-BFGS).
+    A distance no member beats: below every member's for each example, by construction."""
+
+    kind = "minimal"
+    norm = "l2"
+    iterative = True
+
+    def __init__(self, attacks=("deepfool", "cw", "fab", "lbfgs"), **kwargs):
+        super().__init__(**kwargs)
+        if self.targeted is not None:
+            raise UserError("minimal_ensemble is untargeted (L-BFGS picks its own targets): drop attack.targeted")
+        if not attacks:
+            raise UserError("minimal_ensemble needs a list of minimal attacks, e.g. 'attack.attacks=[deepfool,cw,fab]'")
+        common = {"bounds": self.bounds, "model_mode": self.model_mode, "eval_draws": self.eval_draws, "vote": self.vote}
+        self.members = [custom_member(str(a), self.norm, common, kind="minimal") for a in attacks]
+        self.last_broken_by = None  # per example of the last batch: index of the member whose result was kept, -1 none
+
+    @property
+    def name(self) -> str:
+        return "minimal_ensemble"
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def perturb(self, model, x, y, eps, target):
+        judge = lambda z, yz: vote_labels(exact(model), z, yz, self.eval_draws, self.vote)  # noqa: E731  fp32 decides
+        x_adv, self.last_broken_by = smallest(self.members, model, x, y, judge)
         return x_adv
 
     @property

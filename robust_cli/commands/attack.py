@@ -150,7 +150,9 @@ def run(cfg, ctx):
         key = attack.norm  # robust accuracy at radius eps in the attack's own norm
         rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds, o.precision)
         rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds, o.precision, o.fp32_rejected))
-        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, index_offset=start)
+        names = getattr(attack, "member_names", None)  # minimal_ensemble: broken_by is the member whose result was kept
+        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by if names else None, names,
+                                   index_offset=start)
         distances_rows = _distance_rows(y, dist[key], sizes, clean_pred, dist)
         summary = ev.distance_summary(dist[key], y, clean_pred)
         shown = o

@@ -23,7 +23,7 @@ from robust_cli.boundary import boundary_dimension, boundary_point, project_to_b
 from robust_cli.errors import UserError
 
 PAIRS = ("auto", "natural_natural", "natural_adversarial", "centerline", "parallel")
-METHODS = ("interpolate", "descent")
+METHODS = ("auto", "interpolate", "descent")
 DISTRIBUTIONS = ("gaussian", "flat_svd")
 
 
@@ -46,7 +46,7 @@ def validate(cfg):
     if not isinstance(cfg.min_gap, (int, float)) or not cfg.min_gap > 1:
         raise UserError(f"min_gap must be a ratio > 1, got {cfg.min_gap!r}")
     if cfg.method not in METHODS:
-        raise UserError(f"method must be interpolate or descent, got {cfg.method!r}")
+        raise UserError(f"method must be auto, interpolate or descent, got {cfg.method!r}")
     distributions = list(cfg.distributions) if not isinstance(cfg.distributions, str) else [cfg.distributions]
     if not distributions or any(d not in DISTRIBUTIONS for d in distributions):
         raise UserError(f"distributions must be a list drawn from gaussian, flat_svd, got {cfg.distributions!r}")
@@ -179,8 +179,13 @@ def run(cfg, ctx):
     model, data = _model_and_data(cfg, ctx)
     device = ctx.device
     pairs = cfg.pairs
+    cone = hasattr(getattr(model, "net", model), "centerline")  # model=orthant / theta_wedge
     if pairs == "auto":
-        pairs = "centerline" if hasattr(getattr(model, "net", model), "centerline") else "natural_natural"
+        pairs = "centerline" if cone else "natural_natural"
+    # auto: the cones' crossings are corners where k faces meet; bisecting towards the opposite parent is a central
+    # projection from it, which spreads the samples over the k faces instead of onto their common (n-k)-flat, so
+    # only the nearest-point projection (descent) drops the k singular values Bell states (section 31)
+    method = cfg.method if cfg.method != "auto" else ("descent" if cone else "interpolate")
     if pairs in ("centerline", "parallel"):
         x1, x2, idx1, idx2 = _cone_crossings(pairs, float(cfg.offset), cfg.n_points, model, device, gen)
     elif pairs == "natural_adversarial":
@@ -212,7 +217,7 @@ def run(cfg, ctx):
         for i in range(len(x1)):
             for dist in distributions:
                 samples = sample_around(found.points[i], cfg.n_samples, cfg.sigma, dist, gen)
-                proj = project_to_boundary(model, samples, x1[i], x2[i], cfg.method, cfg.tol, cfg.max_steps,
+                proj = project_to_boundary(model, samples, x1[i], x2[i], method, cfg.tol, cfg.max_steps,
                                            classes=(a[i], b[i]))
                 ok = proj.converged
                 row = {
@@ -255,7 +260,7 @@ def run(cfg, ctx):
     failed = int((table.n_degenerate < 0).sum())
     if failed:
         ctx.warn(f"{failed} (point, distribution) rows had fewer than 3 converged projections (n_degenerate=-1)")
-    headline = {"pairs": pairs, "n_points": len(x1), "method": cfg.method, "sigma": float(cfg.sigma), "n_samples": cfg.n_samples}
+    headline = {"pairs": pairs, "n_points": len(x1), "method": method, "sigma": float(cfg.sigma), "n_samples": cfg.n_samples}
     for dist in distributions:
         part = table[(table.distribution == dist) & (table.n_degenerate >= 0)]
         headline[f"planar_fraction_{dist}"] = float((part.n_degenerate == 1).mean()) if len(part) else math.nan

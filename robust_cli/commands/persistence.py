@@ -22,7 +22,7 @@ from robust_cli.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistenc
 
 CHUNK = 32  # points searched together between progress-bar updates
 
-FAST_KEYS = ("n_samples", "n_init", "confidence", "interval", "rtol", "antithetic", "refine_samples")
+FAST_KEYS = ("n_init", "confidence", "rtol", "antithetic")  # and max_samples, fast_persistence's n_samples
 BRACKETING_KEYS = ("n_samples", "precision", "max_steps", "confidence", "interval")
 COMMON_KEYS = ("clip", "distribution", "sigma_floor", "sigma_cap", "batch_size")
 
@@ -34,7 +34,8 @@ def persistence_options(cfg, sample_batch=None) -> dict:
     so that a size found by batch_size=auto is remembered)."""
     p = cfg.persistence
     keys = (FAST_KEYS if p.method == "fast" else BRACKETING_KEYS) + COMMON_KEYS
-    return {k: p[k] for k in keys} | {"seed": int(cfg.seed)} | ({"batch_size": sample_batch} if sample_batch is not None else {})
+    pool = {"n_samples": p.max_samples} if p.method == "fast" else {}
+    return {k: p[k] for k in keys} | pool | {"seed": int(cfg.seed)} | ({"batch_size": sample_batch} if sample_batch is not None else {})
 
 
 def _positive_int(value, name, minimum=1):
@@ -55,10 +56,10 @@ def validate(cfg):
     _positive_int(p.n_samples, "persistence.n_samples", 2)
     _positive_int(p.n_init, "persistence.n_init")
     _positive_int(p.max_steps, "persistence.max_steps")
-    _positive_int(p.refine_samples, "persistence.refine_samples", 0)
+    _positive_int(p.max_samples, "persistence.max_samples", 2)
     BatchSize(p.batch_size, "persistence.batch_size", torch.device("cpu"))
     checks = [
-        (p.n_init <= p.n_samples, f"persistence.n_init ({p.n_init}) must not exceed persistence.n_samples ({p.n_samples})"),
+        (p.n_init <= p.max_samples, f"persistence.n_init ({p.n_init}) must not exceed persistence.max_samples ({p.max_samples})"),
         (isinstance(p.precision, (int, float)) and 0 < p.precision < 1, f"persistence.precision must be in (0, 1), got {p.precision!r}"),
         (isinstance(p.confidence, (int, float)) and 0 < p.confidence < 1, f"persistence.confidence must be in (0, 1), got {p.confidence!r}"),
         (p.interval in INTERVALS, f"persistence.interval must be one of {', '.join(INTERVALS)}, got {p.interval!r}"),
@@ -181,7 +182,7 @@ def run(cfg, ctx):
         "persistence_nat": mean_nat, "persistence_adv": mean_adv, "median_nat": median_nat, "median_adv": median_adv,
         "n_nat": n_nat, "n_adv": n_adv, "n_inf_nat": inf_nat, "n_inf_adv": inf_adv, "attack_success": success.double().mean().item(),
         "dataset": store.choice(cfg, "dataset"), "defense": store.choice(cfg, "defense"), "attack": attack_name, "gamma": gamma,
-        "method": method, "n_samples": int(cfg.persistence.n_samples), "evaluations_per_point": evaluations,
+        "method": method, "n_samples": int(cfg.persistence.max_samples if method == "fast" else cfg.persistence.n_samples), "evaluations_per_point": evaluations,
         "attack_seconds": attack_seconds, "persistence_seconds": persistence_seconds, "seed": int(cfg.seed),
     }
     ctx.write_csv("summary.csv", [summary])
