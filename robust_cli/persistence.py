@@ -519,7 +519,7 @@ class _Search:
         return False
 
 
-def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 16384, n_init: int = 128, confidence: float = 0.99,
+def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192, n_init: int = 128, confidence: float = 0.99,
                      rtol: float = 0.07, sigma_start: float = 1.0, sigma_floor: float = 1e-4, sigma_cap: float = 1e3,
                      antithetic: bool = True, clip: bool = False, distribution: str = "gaussian", seed: int = 0,
                      index_offset: int | list[int] = 0, batch_size: int = 1024) -> Persistence:
