@@ -89,4 +89,7 @@ def test_methods_agree_on_digits(robust, tmp_path):
     brk = pd.read_csv(latest_run(tmp_path, "persistence") / "persistence.csv")
     ratio = (fast.persistence / brk.persistence).dropna()
     assert len(ratio) >= 30 and ratio.median() == pytest.approx(1.0, abs=0.05)
-    assert (fast.evaluations.mean() * 4) < brk.evaluations.mean()
+    # fast's pool grows until its 99 % interval is within 1 +- 0.07, for a smaller error than Algorithm 1's (MNIST:
+    # 1.32 % vs 1.54 %, scripts/bench_persistence.py), at about half its evaluations
+    print(f"evaluations per point: fast {fast.evaluations.mean():.0f}, bracketing {brk.evaluations.mean():.0f}")
+    assert (fast.evaluations.mean() * 1.5) < brk.evaluations.mean()
