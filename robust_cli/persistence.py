@@ -155,38 +155,11 @@ class _Sampler:
 
     def classify(self, requests):
         """requests: list of (i, sigma, pages, n): point i at sigma on the rays of `pages`, the first n of them.
-        Returns one label tensor of length n per request, classified in shared batches of about batch_size."""
-        results = [[] for _ in requests]
-        pending, owners, size = [], [], 0
+        Returns one label tensor of length n per request (see classify_rays)."""
+        def rays(pages, n):
+            return (torch.tensor(list(pages), dtype=torch.long).view(-1, 1) * PAGE + torch.arange(PAGE)).flatten()[:n]
 
-        def flush():
-            nonlocal pending, owners, size
-            if pending:
-                labels, pos = self._forward(torch.cat(pending)), 0
-                for r, n in owners:
-                    results[r].append(labels[pos : pos + n])
-                    pos += n
-            pending, owners, size = [], [], 0
-
-        per_call = max(1, self.batch_size // PAGE)
-        with torch.no_grad(), _eval_mode(self.classifier):
-            for r, (i, sigma, pages, n) in enumerate(requests):
-                self.evaluations[i] += n
-                pages = list(pages)
-                for c in range(0, len(pages), per_call):
-                    take = min(PAGE * len(pages[c : c + per_call]), n - PAGE * c)
-                    if take <= 0:
-                        break
-                    samples = self.x[i].reshape(1, -1) + float(sigma) * self.rays(i, pages[c : c + per_call])[:take]
-                    if self.clip:
-                        samples = samples.clamp(0.0, 1.0)
-                    pending.append(samples.view(-1, *self.shape))
-                    owners.append((r, take))
-                    size += take
-                    if size >= self.batch_size:
-                        flush()
-            flush()
-        return [torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64) for parts in results]
+        return self.classify_rays([(i, sigma, rays(pages, n)) for i, sigma, pages, n in requests])
 
     def classify_rays(self, requests):
         """requests: list of (i, sigma, rays): point i at sigma on the given rays of its sequence (indices, any
@@ -284,7 +257,7 @@ def _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, interval
         raise UserError(f"need 0 < sigma_floor < sigma_cap, got {sigma_floor!r}, {sigma_cap!r}")
     if confidence is not None and not 0 < confidence < 1:
         raise UserError(f"confidence must be in (0, 1), got {confidence!r}")
-    if interval not in INTERVALS:
+    if interval is not None and interval not in INTERVALS:  # None: a method without an interval option (fast)
         raise UserError(f"interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
 
 
@@ -473,7 +446,8 @@ class _Search:
                     return sigma, rays
             estimate, low, high = self.ranks()
             if not self._resolved(estimate):
-                return self._request(self._step(estimate))
+                sigma = self._step(estimate)
+                return sigma, self.undetermined(sigma)
             if self.value is None:
                 a, b = self.bracket(estimate)
                 self.value = math.sqrt(a * b) if 0 < a and b < math.inf else max(a, min(b, self.cap))
@@ -482,12 +456,10 @@ class _Search:
                 continue
             for r in (high, low):  # the upper end first: past the cap it decides +inf
                 if r is not None and not self._resolved(r):
-                    return self._request(self._step(r))
+                    sigma = self._step(r)
+                    return sigma, self.undetermined(sigma)
             if self._finish_stage(estimate, low, high):
                 return None
-
-    def _request(self, sigma):
-        return sigma, self.undetermined(sigma)
 
     def _finish_stage(self, estimate, low, high) -> bool:
         """Set the answer, or grow the pool and return False."""
@@ -536,7 +508,7 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
     shared batches.
     """
     _check_common(gamma, clip, distribution, batch_size)
-    _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, "wilson")
+    _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, None)
     if not isinstance(n_init, int) or n_init < 1 or n_init > n_samples:
         raise UserError(f"n_init must be an integer in 1..n_samples ({n_samples}), got {n_init!r}")
     if not rtol > 0 or not sigma_floor <= sigma_start <= sigma_cap:
