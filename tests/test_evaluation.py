@@ -11,7 +11,7 @@ from robust_cli import audit
 from robust_cli import evaluate as ev
 from robust_cli.attacks import APGD, APGDT, FAB, FABT, PGD, AutoAttack, Square, cascade
 from robust_cli.attacks.apgd import checkpoints
-from robust_cli.attacks.fab import project_halfspace
+from robust_cli.attacks.fab import project_halfspace, project_halfspace_sorted
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,30 @@ def test_halfspace_projection_is_minimal_and_feasible():
         assert ((w * d).sum(1)[feasible] >= c[feasible] - 1e-4).all()
         # no feasible point of the box has a smaller norm: scaling d down by 1 % breaks the constraint
         assert ((w * d * 0.99).sum(1)[feasible] < c[feasible]).all()
+
+
+def test_halfspace_projection_newton_equals_the_sorting_solver():
+    """Newton's method on the concave piecewise-linear constraint vs sorting the breakpoints (float64), on random
+    boxes, an MNIST-like box (pixels at 0 or 1, ties), infeasible and c <= 0 rows, and the fallback (no Newton step
+    at all): equal to float32 rounding for float32 inputs, to 1e-12 for float64 ones."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 784)
+    w[:, :50] = 0  # coordinates the constraint does not see
+    random_box = (-torch.rand(64, 784), torch.rand(64, 784))
+    pixels = (torch.rand(64, 784) < 0.2).float()
+    pixels[torch.rand(64, 784) < 0.1] = 0.37
+    pixel_box = (-pixels, 1 - pixels)
+    c = torch.rand(64) * 8
+    c[:4] = -1.0  # nothing to do
+    c[4:8] = 1e6  # beyond the corner
+    for norm in ("l2", "linf"):
+        for lower, upper in (random_box, pixel_box):
+            reference = project_halfspace_sorted(w, c, lower, upper, norm)
+            for dtype, atol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+                for steps in (30, 0):
+                    d = project_halfspace(w.to(dtype), c, lower.to(dtype), upper.to(dtype), norm, newton_steps=steps)
+                    assert d.dtype == dtype
+                    assert torch.allclose(d.double(), reference, rtol=0, atol=atol), (norm, dtype, steps, (d - reference).abs().max())
 
 
 class HardThreshold(nn.Module):

@@ -25,14 +25,50 @@ from robust_cli.attacks.gradient import _positive_int
 from robust_cli.errors import UserError
 
 
-def project_halfspace(w, c, lower, upper, norm):
+NEWTON_STEPS = 30  # rows not settled by then (none seen on MNIST or random boxes: 1-3 steps) take the sorting solver
+
+
+def project_halfspace(w, c, lower, upper, norm, newton_steps=NEWTON_STEPS):
     """Per example: the smallest d (in linf or l2) with w . d >= c and lower <= d <= upper (lower <= 0 <= upper).
 
-    Both are exact by sorting the breakpoints of a piecewise-linear increasing function:
-      l2:   d = clip(lam w, lower, upper), lam the smallest with w . d >= c;
-      linf: d = sign(w) min(t, room), room = upper where w > 0 else -lower, t the smallest with w . d >= c.
+    Both norms share one family, d(s) = sign(w) min(s v, room), with v = 1 (linf) or |w| (l2) and room = how far
+    each coordinate can move along sign(w); the answer is the smallest s with F(s) = w . d(s) >= c. F is concave,
+    increasing and piecewise linear, so Newton's method from s = 0 stays below the answer and lands on it once it
+    reaches the last piece (1-3 steps in practice): no sort of the breakpoints, which costs several times more.
+    Elementwise work in the inputs' dtype, sums and s in float64 (every term is >= 0, so a sum's relative error is
+    the dtype's rounding); arithmetic only, as boolean selects (where, masked_fill) cost ten times an add on the CPU.
     Where even the box corner cannot reach c, the corner (the best the box allows) is returned; c <= 0 gives 0.
     """
+    c = c.double()
+    sign = w.sign()
+    u = w.abs()
+    room = torch.maximum(upper * sign, lower * sign)  # upper where w > 0, -lower where w < 0, 0 where w = 0
+    v = u if norm == "l2" else sign.abs()
+    uv, ur = u * v, u * room
+    reach = ur.sum(dim=1, dtype=torch.float64)  # F at the corner
+    tolerance = 1e-12 if w.dtype == torch.float64 else 1e-6
+    settled = (c <= 0) | (c >= reach)  # 0 and the corner need no search
+    s = torch.zeros_like(c)
+    for _ in range(newton_steps):
+        moving = (s.to(w.dtype)[:, None] * v < room).to(w.dtype)  # coordinates not yet at their box face
+        slope = (uv * moving).sum(dim=1, dtype=torch.float64)
+        value = reach - (ur * moving).sum(dim=1, dtype=torch.float64) + s * slope
+        settled = settled | (value >= c - tolerance * c.abs())
+        if bool(settled.all()):
+            break
+        s = s + (~settled).double() * ((c - value) / slope.clamp_min(1e-300)).clamp_min(0)
+    d = sign * torch.minimum(s.to(w.dtype)[:, None] * v, room)
+    corner = (c >= reach).nonzero().squeeze(1)
+    if len(corner):
+        d[corner] = sign[corner] * room[corner]
+    stuck = (~settled).nonzero().squeeze(1)
+    if len(stuck):
+        d[stuck] = project_halfspace_sorted(w[stuck], c[stuck], lower[stuck], upper[stuck], norm).to(d.dtype)
+    return d
+
+
+def project_halfspace_sorted(w, c, lower, upper, norm):
+    """project_halfspace by sorting the breakpoints (exact, any number of pieces; the Newton solver's fallback)."""
     w = w.double()
     c = c.double()
     lower, upper = lower.double(), upper.double()
@@ -101,13 +137,14 @@ class FABT(Attack):
         (grad,) = torch.autograd.grad(g.sum(), x)
         return g.detach(), grad.detach(), logits.argmax(dim=1).detach() != y
 
-    def _project(self, point, g, grad, x_i):
-        """Minimal step from `point` onto the linearised boundary at x_i (within the box)."""
-        flat = point.flatten(1)
+    def _projections(self, x_i, x, g, grad):
+        """Minimal steps from x_i and from x onto the boundary linearised at x_i (within the box), one batched solve."""
+        n, w = len(x), grad.flatten(1)
+        points = torch.cat([x_i.flatten(1), x.flatten(1)])
+        c = -torch.cat([g, g + (w * (points[n:] - points[:n])).sum(dim=1)])  # need w . d >= c
         lo, hi = self.bounds if self.bounds is not None else (-math.inf, math.inf)
-        c = -(g + (grad.flatten(1) * (flat - x_i.flatten(1))).sum(dim=1))  # need grad . d >= c
-        d = project_halfspace(grad.flatten(1), c, (lo - flat).clamp(max=0), (hi - flat).clamp(min=0), self.norm)
-        return d.to(point.dtype).reshape(point.shape)
+        d = project_halfspace(w.repeat(2, 1), c, (lo - points).clamp(max=0), (hi - points).clamp(min=0), self.norm)
+        return d[:n].reshape(x.shape), d[n:].reshape(x.shape)
 
     def single_run(self, model, x, y, t, start, best_norm, best_adv):
         x_i = start.clone()
@@ -118,8 +155,7 @@ class FABT(Attack):
                 size = norms.lp_norm(x_i - x, self.norm)
                 closer = fooled & (size < best_norm)
                 best_norm[closer], best_adv[closer] = size[closer], x_i[closer]
-                d_i = self._project(x_i, g, grad, x_i)
-                d_0 = self._project(x, g, grad, x_i)
+                d_i, d_0 = self._projections(x_i, x, g, grad)
                 n_i, n_0 = norms.lp_norm(d_i, self.norm), norms.lp_norm(d_0, self.norm)
                 a = torch.clamp(n_i / (n_i + n_0).clamp_min(1e-12), max=self.alpha_max).reshape(-1, *([1] * (x.dim() - 1)))
                 x_new = ((1 - a) * (x_i + self.eta * d_i) + a * (x + self.eta * d_0)).clamp(lo, hi)

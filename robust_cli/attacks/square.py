@@ -105,33 +105,52 @@ class Square(Attack):
         else:
             x_best = norms.clip_box(x + self._l2_init(x) * eps_b, self.bounds)
         margin = self.margin(model(x_best), y, target)
+        # the examples still running, gathered once and again only when some finish (not every iteration)
+        active = (margin > 0).nonzero().squeeze(1)
+        xa, xb, ya, ea_b, ma = x[active], x_best[active], y[active], eps_b[active], margin[active]
+        ta = None if target is None else target[active]
         for i in range(self.n_queries - 1):
-            active = (margin > 0).nonzero().squeeze(1)
             if len(active) == 0:
                 break
-            xa, xb, ya, ea_b = x[active], x_best[active], y[active], eps_b[active]
             p = p_at(i, self.n_queries, self.p_init)
-            if self.norm == "linf":
-                candidate = self._linf_step(xa, xb, ea_b, p)
-            else:
-                candidate = self._l2_step(xa, xb, ea_b, p)
-            ta = None if target is None else target[active]
+            candidate = self._linf_step(xa, xb, ea_b, p) if self.norm == "linf" else self._l2_step(xa, xb, ea_b, p)
             m_new = self.margin(model(candidate), ya, ta)
-            better = m_new < margin[active]
-            idx = active[better]
-            x_best[idx] = candidate[better]
-            margin[idx] = m_new[better]
+            better = (m_new < ma).nonzero().squeeze(1)
+            if len(better) == 0:
+                continue
+            xb[better], ma[better] = candidate[better], m_new[better]
+            if bool((ma[better] <= 0).any()):  # some are adversarial now: they stop
+                x_best[active], margin[active] = xb, ma
+                keep = (ma > 0).nonzero().squeeze(1)
+                active, xa, xb, ya, ea_b, ma = active[keep], xa[keep], xb[keep], ya[keep], ea_b[keep], ma[keep]
+                ta = None if ta is None else ta[keep]
+        x_best[active], margin[active] = xb, ma
         return x_best, margin <= 0
 
     # ----------------------------------------------------------------------------------- linf (Algorithm 2)
     def _linf_step(self, x, x_best, eps_b, p):
-        """eps_b: (n, 1, 1, 1). The window gets one random +-eps per channel."""
+        """eps_b: (n, 1, 1, 1). The window gets one random +-eps per channel; a draw that would leave the window as
+        it is (a wasted query) is drawn again, as the authors' code does. Only the window's pixels are computed."""
         n, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), max(h, w))
-        _, _, window = _window(n, h, w, min(s, h), min(s, w), x.device)
-        sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
-        delta = torch.where(window, sign * eps_b, x_best - x)
-        return norms.clip_box(x + delta, self.bounds)
+        sh, sw = min(s, h), min(s, w)
+        top = torch.randint(0, h - sh + 1, (n, 1), device=x.device)
+        left = torch.randint(0, w - sw + 1, (n, 1), device=x.device)
+        pixels = ((top + torch.arange(sh, device=x.device))[:, :, None] * w
+                  + (left + torch.arange(sw, device=x.device))[:, None, :]).reshape(n, 1, sh * sw).expand(n, c, sh * sw)
+        x_win = x.reshape(n, c, h * w).gather(2, pixels)
+        current = x_best.reshape(n, c, h * w).gather(2, pixels)
+        sign = torch.randint(0, 2, (n, c, 1), device=x.device).to(x.dtype) * 2 - 1
+        value = norms.clip_box(x_win + sign * eps_b.reshape(n, 1, 1), self.bounds)
+        for _ in range(10):  # with one channel the redraw is the other sign; bounded so a stuck window cannot hang
+            same = ((value - current).abs() < 1e-7).flatten(1).all(dim=1).nonzero().squeeze(1)
+            if len(same) == 0:
+                break
+            sign[same] = torch.randint(0, 2, (len(same), c, 1), device=x.device).to(x.dtype) * 2 - 1 if c > 1 else -sign[same]
+            value[same] = norms.clip_box(x_win[same] + sign[same] * eps_b[same].reshape(-1, 1, 1), self.bounds)
+        candidate = x_best.clone()
+        candidate.reshape(n, c, h * w).scatter_(2, pixels, value)
+        return candidate
 
     # ----------------------------------------------------------------------------------- l2 (Algorithm 3)
     def _l2_init(self, x):
