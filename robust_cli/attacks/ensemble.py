@@ -44,12 +44,16 @@ def cascade(members, model, x, y, eps, judge):
 
 
 def standard_members(version, norm, n_iter, n_queries, n_target_classes, eot_iter, common):
+    # AutoAttack's p_init 0.8. Its code keeps the halving checkpoints at fixed iterations; rescaled to n_queries
+    # (torchattacks' choice) is stronger here: MNIST fc200, 300 digits, linf 0.1, 2 seeds: 0.287 / 0.287 robust
+    # accuracy vs 0.350 / 0.333 fixed (0.290 / 0.313 with the standalone p_init 0.05)
+    square = {"norm": norm, "n_queries": n_queries, "p_init": 0.8, **common}
     if version == "standard":
         return [APGD(norm=norm, n_iter=n_iter, loss="ce", **common), APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
-                FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common), Square(norm=norm, n_queries=n_queries, **common)]
+                FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common), Square(**square)]
     if version == "plus":  # AutoAttack's plus: 5 restarts, the untargeted DLR loss and untargeted FAB, then the targeted ones
         return [APGD(norm=norm, n_iter=n_iter, loss="ce", restarts=5, **common), APGD(norm=norm, n_iter=n_iter, loss="dlr", restarts=5, **common),
-                FAB(norm=norm, n_iter=n_iter, restarts=5, **common), Square(norm=norm, n_queries=n_queries, **common),
+                FAB(norm=norm, n_iter=n_iter, restarts=5, **common), Square(**square),
                 APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
                 FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common)]
     if version == "rand":  # expectation over transformation for randomised models

@@ -24,9 +24,10 @@ from robust_cli.errors import UserError
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def p_at(iteration: int, n_queries: int, p_init: float) -> float:
-    """p_init halved once for each of the paper's checkpoints passed (rescaled from 10,000 queries)."""
-    i = int(iteration / n_queries * 10000)
+def p_at(iteration: int, n_queries: int, p_init: float, rescale: bool = True) -> float:
+    """p_init halved once for each of the paper's checkpoints passed (rescaled from 10,000 queries, or not:
+    AutoAttack keeps the checkpoints at the same iterations whatever the budget)."""
+    i = int(iteration / n_queries * 10000) if rescale else iteration
     return p_init / 2 ** sum(i > h for h in _HALVINGS)
 
 
@@ -64,14 +65,16 @@ def meta_pattern(s: int, device, generator=None) -> torch.Tensor:
 class Square(Attack):
     """Budgeted score-based attack; `n_queries` model evaluations at most per example (5000, the paper's value)."""
 
-    def __init__(self, norm: str = "linf", n_queries: int = 5000, p_init: float | None = None, restarts: int = 1, **kwargs):
+    def __init__(self, norm: str = "linf", n_queries: int = 5000, p_init: float | None = None, restarts: int = 1,
+                 rescale_schedule: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.norm = norms.check_norm(norm)
         self.n_queries = _positive_int("n_queries", n_queries)
-        p_init = (0.05 if self.norm == "linf" else 0.1) if p_init is None else float(p_init)  # AutoAttack's values
+        p_init = (0.05 if self.norm == "linf" else 0.1) if p_init is None else float(p_init)  # the paper's ImageNet values
         if not 0 < p_init <= 1:
             raise UserError(f"square p_init must be in (0, 1], got {p_init!r}")
         self.p_init = p_init
+        self.rescale_schedule = bool(rescale_schedule)
         self.restarts = _positive_int("restarts", restarts)
         self.loss = "margin"  # the base class's logit margin, ascended there, lowered here
 
@@ -112,7 +115,7 @@ class Square(Attack):
         for i in range(self.n_queries - 1):
             if len(active) == 0:
                 break
-            p = p_at(i, self.n_queries, self.p_init)
+            p = p_at(i, self.n_queries, self.p_init, self.rescale_schedule)
             candidate = self._linf_step(xa, xb, ea_b, p) if self.norm == "linf" else self._l2_step(xa, xb, ea_b, p)
             m_new = self.margin(model(candidate), ya, ta)
             better = (m_new < ma).nonzero().squeeze(1)
