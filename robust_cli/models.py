@@ -228,6 +228,64 @@ def timm_model(input_shape, num_classes, arch: str):
     return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), in_chans=int(input_shape[0]))
 
 
+ROBUSTBENCH_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+
+
+def _robustbench_zoo():
+    """RobustBench's model table (dataset -> threat model -> name -> {'model': constructor, ...}).
+
+    robustbench 1.1.1's top-level __init__ imports its evaluation code, which needs pkg_resources and the git-only
+    autoattack package; the model zoo needs neither. When the package itself does not import, its folder is
+    mounted as a bare package (no __init__ run) and only robustbench.model_zoo is imported from it."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    fix = "pip install 'robust[zoo]' (robustbench, timm, geotorch, torchdiffeq)"
+    try:
+        zoo = importlib.import_module("robustbench.model_zoo")
+    except ImportError:
+        sys.modules.pop("robustbench", None)
+        spec = importlib.util.find_spec("robustbench")
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model=robustbench needs the robustbench package: {fix}") from None
+        bare = types.ModuleType("robustbench")
+        bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules["robustbench"] = bare
+        try:
+            zoo = importlib.import_module("robustbench.model_zoo")
+        except ImportError as exc:
+            raise UserError(f"model=robustbench: robustbench's model zoo needs {exc.name}: {fix}") from None
+    enums = importlib.import_module("robustbench.model_zoo.enums")
+    return zoo.model_dicts, enums.BenchmarkDataset, enums.ThreatModel
+
+
+def robustbench_model(input_shape, num_classes, name: str, threat_model: str = "Linf", dataset: str = "cifar10"):
+    """A RobustBench model's architecture by its id (model.name=Carmon2019Unlabeled), untrained; its checkpoint
+    comes from model.weights (a local file: nothing is downloaded). RobustBench models take [0, 1] inputs and
+    normalise inside themselves where they need it, so robust adds no normalisation (the YAML's normalize: false)."""
+    import difflib
+
+    if dataset not in ROBUSTBENCH_CLASSES:
+        raise UserError(f"model.dataset must be one of {', '.join(ROBUSTBENCH_CLASSES)} (RobustBench's datasets), got {dataset!r}")
+    if ROBUSTBENCH_CLASSES[dataset] != int(num_classes):
+        raise UserError(f"model=robustbench model.dataset={dataset} has {ROBUSTBENCH_CLASSES[dataset]} classes, the dataset here has {num_classes}; "
+                        f"use the dataset the model was trained on")
+    tables, benchmark, threat = _robustbench_zoo()
+    threats = [t.value for t in threat]
+    if threat_model not in threats:
+        raise UserError(f"model.threat_model must be one of {', '.join(threats)}, got {threat_model!r}")
+    models = tables[benchmark(dataset)].get(threat(threat_model), {})
+    if name not in models:
+        close = difflib.get_close_matches(str(name), list(models), n=3)
+        raise UserError(f"model.name={name!r} is not a RobustBench {dataset} {threat_model} model" +
+                        (f"; did you mean {', '.join(close)}?" if close else f" ({len(models)} are: {', '.join(list(models)[:4])}, ...)"))
+    if isinstance(models[name].get("gdrive_id"), list):
+        raise UserError(f"model.name={name} is an ensemble of several checkpoints in RobustBench; robust loads single-checkpoint models only")
+    return models[name]["model"]()
+
+
 def torchvision_weights_name(model_cfg) -> str | None:
     """model.weights when it names torchvision weights (IMAGENET1K_V1, DEFAULT) rather than a file, else None."""
     from pathlib import Path
@@ -262,6 +320,18 @@ def torchvision_weights(arch: str, name: str):
     return cache, weights
 
 
+def _fit_model_prefix(state: dict, own: dict) -> dict:
+    """Codebases that wrap their network keep it as `self.model` (RobustBench's checkpoints, both ways round): drop
+    or add a `model.` prefix on every key, but only when that makes the keys exactly the model's."""
+    if set(state) == set(own):
+        return state
+    if all(k.startswith("model.") for k in state) and {k[len("model."):] for k in state} == set(own):
+        return {k[len("model."):]: v for k, v in state.items()}
+    if {f"model.{k}" for k in state} == set(own):
+        return {f"model.{k}": v for k, v in state.items()}
+    return state
+
+
 def load_weights(net: nn.Module, path, what: str) -> None:
     """Weights from elsewhere into `net`: any format registry.load_checkpoint reads; a head of another size is one
     line naming both sizes, other mismatches name the first differing keys."""
@@ -269,6 +339,7 @@ def load_weights(net: nn.Module, path, what: str) -> None:
 
     state = registry.load_checkpoint(path)["state_dict"]
     own = net.state_dict()
+    state = _fit_model_prefix(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -24,7 +24,7 @@ from robust_cli import store
 from robust_cli.errors import UserError
 
 
-WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where other codebases put the weights
+WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict", "last")  # where other codebases put the weights ("last": RobustBench's last-epoch ones)
 
 
 def load_checkpoint(path) -> dict:

@@ -100,9 +100,9 @@ def main():
             print(f"round {r} {name:12s} {seconds:8.1f} s  forward {counter.forward:>10,}  backward {counter.backward:>10,}  robust accuracy {acc:.4f}", flush=True)
     print(f"\n{args.model}, n={len(y)}, linf eps={args.eps}, threads={args.threads}, n_iter=100, square queries={args.n_queries}")
     for name, rows in results.items():
-        secs = [r[0] for r in rows]
-        print(f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy {rows[0][3]:.4f}  "
-              f"forward {rows[0][1]:,}  backward {rows[0][2]:,}")
+        secs, accs = [r[0] for r in rows], [r[3] for r in rows]
+        print(f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy "
+              f"{min(accs):.4f}-{max(accs):.4f} (median {statistics.median(accs):.4f})  forward {rows[0][1]:,}  backward {rows[0][2]:,}")
     ratio_min = min(r[0] for r in results["torchattacks"]) / min(r[0] for r in results["robust"])
     ratio_med = statistics.median(r[0] for r in results["torchattacks"]) / statistics.median(r[0] for r in results["robust"])
     print(f"speed ratio torchattacks / robust: min {ratio_min:.2f}x, median {ratio_med:.2f}x (target >= 1.5)")

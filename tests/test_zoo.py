@@ -325,3 +325,46 @@ def test_torchvision_weights_bring_their_resize_and_crop(tmp_path, monkeypatch):
     ds, _ = dataset("model=torchvision", "model.arch=resnet50", "model.weights=weights.pth")
     assert (ds.resize, ds.image_size) == (256, 224)
     assert str(ds.root) == "somewhere"  # the interpolated root still resolves
+
+
+def _fake_robustbench(root):
+    """A package laid out as robustbench 1.1.1 is: a top-level __init__ that cannot import (as the real one, which
+    needs pkg_resources and a git-only package), and a model zoo that can. One single-checkpoint model, one ensemble."""
+    pkg = root / "robustbench"
+    (pkg / "model_zoo").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    (pkg / "model_zoo" / "__init__.py").write_text("from .models import model_dicts\n")
+    (pkg / "model_zoo" / "enums.py").write_text(
+        "from enum import Enum\n"
+        "class BenchmarkDataset(Enum):\n    cifar_10 = 'cifar10'\n    cifar_100 = 'cifar100'\n    imagenet = 'imagenet'\n"
+        "class ThreatModel(Enum):\n    Linf = 'Linf'\n    L2 = 'L2'\n    corruptions = 'corruptions'\n")
+    (pkg / "model_zoo" / "models.py").write_text(
+        "from collections import OrderedDict\nimport torch.nn as nn\n"
+        "from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel\n"
+        "def tiny():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))\n"
+        "model_dicts = OrderedDict([(BenchmarkDataset.cifar_10, OrderedDict([(ThreatModel.Linf, OrderedDict(["
+        "('Tiny2024Made', {'model': tiny, 'gdrive_id': 'x'}), ('Ens2024Made', {'model': tiny, 'gdrive_id': ['a', 'b']})]))]))])\n")
+
+
+def test_robustbench_model_from_its_zoo_and_a_local_checkpoint(robust, tmp_path):
+    _fake_robustbench(tmp_path / "site")
+    make_folder(tmp_path / "data", classes=tuple(f"c{i}" for i in range(10)), per_class=(1, 2))
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    # as RobustBench's checkpoints come: wrapped, DataParallel's module. and the wrapper's model. prefix
+    torch.save({"state_dict": {f"module.model.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "Tiny2024Made.pt")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    base = ["dataset=imagefolder", *IMG, "model=robustbench", "model.name=Tiny2024Made", f"model.weights={tmp_path / 'Tiny2024Made.pt'}"]
+    robust("attack", *base, "attack=fgsm", "eps=[0,0.03]", env=env, check=True)
+    adv = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(adv["clean_pred"], reference(adv["x"]).argmax(1))  # its weights, its own [0, 1] inputs: no normalisation added
+    for override, expected in (("model.name=Tiny2024Mad", "did you mean Tiny2024Made"), ("model.name=Ens2024Made", "ensemble"),
+                               ("model.dataset=cifar100", "has 100 classes, the dataset here has 10")):
+        proc = robust("attack", *base, override, env=env)
+        assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-800:]
+    import importlib.util
+
+    if importlib.util.find_spec("robustbench") is None:  # without the package (where it is not installed)
+        proc = robust("attack", *base)
+        assert proc.returncode != 0 and "pip install 'robust[zoo]'" in proc.stderr, proc.stderr[-800:]
