@@ -64,12 +64,30 @@ def test_wedge_known_answer_and_determinism(robust, tmp_path):
     pd.testing.assert_frame_equal(table, again)  # same config and seed: identical CSV
 
 
+def test_several_random_targets_per_point(robust, tmp_path):
+    """Bell's Table 2 protocol: K distinct random targets per natural point, one adversarial row each; the natural
+    point is measured once."""
+    robust("persistence", "n_points=4", "targets_per_point=3", *SMALL, "line.points=1", check=True)
+    table = pd.read_csv(latest_run(tmp_path, "persistence") / "persistence.csv")
+    nat, adv = table[table.kind == "natural"], table[table.kind == "adversarial"]
+    assert len(nat) == 4 and len(adv) == 12 and (nat.target == -1).all()
+    for index, rows in adv.groupby("index"):
+        label = nat[nat["index"] == index].label.item()
+        assert len(rows) == 3 and rows.target.nunique() == 3 and (rows.target != label).all() and (rows.label == label).all()
+    ok = adv[adv.success.astype(bool)]
+    assert len(ok) > 0 and (ok.pred == ok.target).all()
+    summary = pd.read_csv(latest_run(tmp_path, "persistence") / "summary.csv").iloc[0]
+    assert summary.n_nat == 4 and summary.n_adv == len(ok)
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["gamma=1.5"], "gamma must be in (0, 1)"),
     (["persistence.method=exact"], "persistence.method must be one of"),
     (["persistence.n_init=20000"], "must not exceed persistence.max_samples"),
     (["attack=pgd"], "budgeted attack"),
     (["line.steps=1"], "line.steps must be an integer >= 2"),
+    (["attack=deepfool", "targets_per_point=2"], "add attack.targeted=random"),
+    (["targets_per_point=10"], "10 classes leave 9 other classes"),
 ])
 def test_user_errors_are_one_line(robust, args, fragment):
     proc = robust("persistence", *args)

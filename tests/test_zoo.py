@@ -277,6 +277,10 @@ def test_bell_table2_smoke_runs_end_to_end_with_both_columns(tmp_path):
     assert table[["network", "attack"]].values.tolist() == [["alexnet", "total"], ["alexnet", "bim"], ["alexnet", "pgd"]]
     assert table.bell_persist_nat.tolist() == [0.0155, 0.0162, 0.0162] and table.bell_persist_adv.tolist() == [0.0049, 0.0050, 0.0050]
     assert (table.persist_nat > 0).all() and (table.persist_adv > 0).all() and (table.points_adv > 0).all()
+    for run in (tmp_path / "outputs" / "persistence" / "multirun").glob("*/*/[0-9]*"):  # 2 distinct targets per image (full: 28)
+        rows = pd.read_csv(run / "persistence.csv")
+        adv = rows[rows.kind == "adversarial"]
+        assert len(adv) == 2 * (rows.kind == "natural").sum() and (adv.groupby("index").target.nunique() == 2).all()
 
 
 def test_timm_model_or_one_line_saying_how_to_get_it(robust, tmp_path):

@@ -78,6 +78,13 @@ def validate(cfg):
     _positive_int(cfg.line.points, "line.points", 0)
     _positive_int(cfg.line.steps, "line.steps", 2)
     attack = build_attack(cfg)
+    _positive_int(cfg.targets_per_point, "targets_per_point")
+    if cfg.targets_per_point > 1 and attack.targeted != "random":
+        raise UserError(f"targets_per_point={cfg.targets_per_point} draws distinct random targets: add attack.targeted=random "
+                        f"(it is {attack.targeted or 'untargeted'} now)")
+    classes = cfg.dataset.get("num_classes")  # known before any data is read, except for an image folder
+    if isinstance(classes, int) and cfg.targets_per_point > classes - 1:
+        raise UserError(f"targets_per_point={cfg.targets_per_point}, but {classes} classes leave {classes - 1} other classes to aim at")
     if attack.kind == "budgeted" and cfg.get("eps") is None:
         raise UserError(f"{attack.name} is a budgeted attack: give its budget with eps=..., or use a minimal attack such as attack=lbfgs")
 
@@ -119,34 +126,44 @@ def run(cfg, ctx):
     if len(chosen) < cfg.n_points:
         ctx.warn(f"only {len(chosen)} correctly classified test points (n_points={cfg.n_points}): using them all")
     x, y = data.test_x[chosen], data.test_y[chosen]
+    per_point = int(cfg.targets_per_point)
+    if per_point > data.meta.num_classes - 1:
+        raise UserError(f"targets_per_point={per_point}, but {data.meta.num_classes} classes leave {data.meta.num_classes - 1} other classes to aim at")
+    # the attacked pairs: point_of[j] is the natural point of adversarial example j (each point once, or per target)
+    point_of = torch.arange(len(x)).repeat_interleave(per_point)
 
     torch.manual_seed(int(cfg.seed))
     started = time.perf_counter()
-    target = ev.choose_targets(attack, model, x, y, device=device)
+    if per_point > 1:  # distinct targets per point, uniform over the other classes (Bell: 28 per ImageNet image)
+        others = torch.rand(len(x), data.meta.num_classes, generator=gen).scatter(1, y.view(-1, 1), math.inf)
+        target = others.argsort(dim=1)[:, :per_point].reshape(-1)
+    else:
+        target = ev.choose_targets(attack, model, x, y, device=device)
+    x_nat, y_pair = x[point_of], y[point_of]
     eps = float(cfg.eps) if attack.kind == "budgeted" else None
-    attack_batch = BatchSize(cfg.batch_size, "batch_size", device, limit=len(x))
+    attack_batch = BatchSize(cfg.batch_size, "batch_size", device, limit=len(x_nat))
 
     def attack_all(bs):
-        with ctx.progress(math.ceil(len(x) / bs), f"{attack.name} on {len(x)} points") as advance:
-            return ev.run_attack(fast, attack, x, y, eps, target, bs, device, advance)
+        with ctx.progress(math.ceil(len(x_nat) / bs), f"{attack.name} on {len(x_nat)} points") as advance:
+            return ev.run_attack(fast, attack, x_nat, y_pair, eps, target, bs, device, advance)
 
     x_adv = fit_batch(attack_all, attack_batch)
     attack_seconds = time.perf_counter() - started
     adv_pred = ev.predict(model, x_adv, device=device)
-    success = ev.success_mask(adv_pred, y, target)
-    sizes = ev.perturbation_sizes(x, x_adv)
+    success = ev.success_mask(adv_pred, y_pair, target)
+    sizes = ev.perturbation_sizes(x_nat, x_adv)
     if not success.any():
-        raise UserError(f"{attack.name} found no adversarial example among {len(x)} points: strengthen the attack (see conf/attack/{store.choice(cfg, 'attack')}.yaml)")
+        raise UserError(f"{attack.name} found no adversarial example among {len(x_nat)} points: strengthen the attack (see conf/attack/{store.choice(cfg, 'attack')}.yaml)")
     if not success.all():
-        ctx.warn(f"{attack.name} failed on {int((~success).sum())} of {len(x)} points: their adversarial rows have persistence NaN")
+        ctx.warn(f"{attack.name} failed on {int((~success).sum())} of {len(x_nat)} points: their adversarial rows have persistence NaN")
 
     started = time.perf_counter()
-    indices = list(range(len(x)))  # natural point i and its adversarial example share draws
-    nat = _persist(fast, x, indices, cfg, ctx, f"persistence ({method}) natural", sample_batch)
+    nat = _persist(fast, x, list(range(len(x))), cfg, ctx, f"persistence ({method}) natural", sample_batch)
     ok = success.nonzero().squeeze(1)
-    adv_part = _persist(fast, x_adv[ok], ok.tolist(), cfg, ctx, f"persistence ({method}) adversarial", sample_batch)
-    adv = {k: torch.full((len(x),), math.nan, dtype=torch.float64) for k in ("sigma", "ci_low", "ci_high")}
-    adv["evaluations"] = torch.zeros(len(x), dtype=torch.int64)
+    # an adversarial example shares its natural point's draws
+    adv_part = _persist(fast, x_adv[ok], point_of[ok].tolist(), cfg, ctx, f"persistence ({method}) adversarial", sample_batch)
+    adv = {k: torch.full((len(x_nat),), math.nan, dtype=torch.float64) for k in ("sigma", "ci_low", "ci_high")}
+    adv["evaluations"] = torch.zeros(len(x_nat), dtype=torch.int64)
     for k in adv:
         adv[k][ok] = adv_part[k].to(adv[k].dtype)
     persistence_seconds = time.perf_counter() - started
@@ -155,11 +172,13 @@ def run(cfg, ctx):
     attack_name = store.choice(cfg, "attack")
     rows = []
     for kind, res, pred in (("natural", nat, test_pred[chosen]), ("adversarial", adv, adv_pred)):
-        for i in range(len(x)):
-            perturbed = kind == "adversarial"
+        perturbed = kind == "adversarial"
+        for i in range(len(x_nat) if perturbed else len(x)):
+            point = int(point_of[i]) if perturbed else i
+            aimed = target is not None and (perturbed or per_point == 1)
             rows.append({
-                "index": int(chosen[i]), "kind": kind, "label": int(y[i]), "pred": int(pred[i]),
-                "target": int(target[i]) if target is not None else -1, "attack": attack_name,
+                "index": int(chosen[point]), "kind": kind, "label": int(y[point]), "pred": int(pred[i]),
+                "target": int(target[i]) if aimed else -1, "attack": attack_name,
                 "success": bool(success[i]) if perturbed else math.nan,
                 "distortion": (sizes["distortion"][i].item() if success[i] else math.inf) if perturbed else math.nan,
                 "l2": sizes["l2"][i].item() if perturbed else math.nan, "linf": sizes["linf"][i].item() if perturbed else math.nan,
@@ -188,12 +207,12 @@ def run(cfg, ctx):
     ctx.write_csv("summary.csv", [summary])
 
     pairs = ok[: max(int(cfg.stability.points), int(cfg.line.points))]
-    _stability_outputs(cfg, ctx, fast, x, x_adv, y, adv_pred, target, chosen, pairs[: int(cfg.stability.points)], data.meta.num_classes, sample_batch)
-    _line_outputs(cfg, ctx, fast, x, x_adv, chosen, pairs[: int(cfg.line.points)])
+    _stability_outputs(cfg, ctx, fast, x_nat, x_adv, y_pair, adv_pred, target, chosen[point_of], pairs[: int(cfg.stability.points)], data.meta.num_classes, sample_batch)
+    _line_outputs(cfg, ctx, fast, x_nat, x_adv, chosen[point_of], pairs[: int(cfg.line.points)])
     _histogram(ctx, nat["sigma"], adv["sigma"][ok], cfg)
     ctx.headline(network=summary["network"], test_acc=summary["test_acc"], avg_distortion=summary["avg_distortion"],
                  persistence_nat=mean_nat, persistence_adv=mean_adv, median_nat=median_nat, median_adv=median_adv,
-                 n_points=len(x), method=method, evaluations_per_point=evaluations, seconds=attack_seconds + persistence_seconds)
+                 n_points=len(x), n_adversarial=len(x_nat), method=method, evaluations_per_point=evaluations, seconds=attack_seconds + persistence_seconds)
 
 
 # ----------------------------------------------------------------------------------------------- figures
