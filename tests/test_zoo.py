@@ -372,3 +372,14 @@ def test_robustbench_model_from_its_zoo_and_a_local_checkpoint(robust, tmp_path)
     if importlib.util.find_spec("robustbench") is None:  # without the package (where it is not installed)
         proc = robust("attack", *base)
         assert proc.returncode != 0 and "pip install 'robust[zoo]'" in proc.stderr, proc.stderr[-800:]
+
+
+def test_a_missing_or_misshapen_image_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    from tests.test_reliability import refused_in_process
+
+    (tmp_path / "flat" / "stuff").mkdir(parents=True)  # no val/ inside
+    for root in (tmp_path / "nowhere", tmp_path / "flat"):
+        for dataset in ("imagefolder", "imagenet"):
+            line = refused_in_process(["attack", f"dataset={dataset}", f"data.root={root}", *IMG, "model=torchvision", "model.arch=resnet18"],
+                                      tmp_path, monkeypatch, capsys)
+            assert f"'{root / 'val'}' not found" in line and "val/<class>/<image>" in line, line
