@@ -89,24 +89,36 @@ class APGD(Attack):
         return self.is_adversarial(logits, y, target)
 
     def single_run(self, model, x, y, eps, target):
-        """One APGD run from a random start: (result, fooled mask, best loss) per example."""
-        n = len(x)
-        eps_b = norms.per_example(eps, x)
-        project = norms.projector(x, eps, self.norm, self.bounds)
+        """One APGD run from a random start: (result, fooled mask, best loss) per example.
+
+        An example leaves the batch at its first success (its answer is that point, as in the paper); the others
+        go on unchanged, since every step-size decision is per example. Most of a weak model's examples fall in
+        the first steps, so the rest of the run costs only the survivors' passes."""
         x_adv = norms.random_start(x, eps, self.norm, self.bounds)
-        eta = torch.ones((n,) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) * (2 * eps_b)  # eta_0 = 2 eps
         logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
         fooled = self.is_success(logits, y, target)
         x_found = x_adv.clone()
+        best_loss_all = loss.clone()
+        run = (~fooled).nonzero().squeeze(1)  # the examples still running, as indices into the batch
+
+        def rows(index, *tensors):
+            return [None if t is None else t[index] for t in tensors]
+
+        x, y, target, x_adv, loss, grad = rows(run, x, y, target, x_adv, loss, grad)
+        eps = norms.per_example_slice(eps, run)
+        project = norms.projector(x, eps, self.norm, self.bounds)
+        eta = torch.ones((len(run),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) * (2 * norms.per_example(eps, x))  # eta_0 = 2 eps
         best_loss, x_best, grad_best = loss.clone(), x_adv.clone(), grad.clone()
         marks = set(checkpoints(self.n_iter)[1:])
         last_mark = 0
-        increases = torch.zeros(n, device=x.device)
+        increases = torch.zeros(len(run), device=x.device)
         loss_at_mark = best_loss.clone()
-        reduced_at_mark = torch.ones(n, dtype=torch.bool, device=x.device)
+        reduced_at_mark = torch.ones(len(run), dtype=torch.bool, device=x.device)
         x_prev = x_adv.clone()
         prev_loss = loss
         for k in range(self.n_iter):
+            if len(run) == 0:
+                break
             with torch.no_grad():
                 z = project(x_adv + eta * norms.normalize(grad, self.norm))
                 alpha = self.momentum if k > 0 else 1.0  # the first step has no previous step to carry
@@ -115,9 +127,16 @@ class APGD(Attack):
             logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
             with torch.no_grad():
                 success = self.is_success(logits, y, target)
-                new = success & ~fooled
-                x_found[new] = x_adv[new]
-                fooled |= success
+                if bool(success.any()):  # done: the first adversarial point is the answer; the rest go on
+                    x_found[run[success]] = x_adv[success]
+                    fooled[run[success]] = True
+                    keep = (~success).nonzero().squeeze(1)
+                    run = run[keep]
+                    (x, y, target, x_adv, loss, grad, x_prev, prev_loss, eta, best_loss, x_best, grad_best, increases,
+                     loss_at_mark, reduced_at_mark) = rows(keep, x, y, target, x_adv, loss, grad, x_prev, prev_loss, eta, best_loss,
+                                                           x_best, grad_best, increases, loss_at_mark, reduced_at_mark)
+                    eps = norms.per_example_slice(eps, keep)
+                    project = norms.projector(x, eps, self.norm, self.bounds)
                 increases += (loss > prev_loss).to(increases.dtype)
                 prev_loss = loss
                 improved = loss > best_loss
@@ -135,8 +154,8 @@ class APGD(Attack):
                     loss_at_mark = best_loss.clone()
                     increases.zero_()
                     last_mark = k + 1
-        x_found[~fooled] = x_best[~fooled]
-        return x_found, fooled, torch.where(fooled, torch.full_like(best_loss, math.inf), best_loss)
+        x_found[run], best_loss_all[run] = x_best, best_loss
+        return x_found, fooled, torch.where(fooled, torch.full_like(best_loss_all, math.inf), best_loss_all)
 
 
 class APGDT(APGD):
