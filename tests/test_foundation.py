@@ -18,7 +18,7 @@ from robust_cli.models import build_model
 from tests.conftest import latest_run
 
 # the analytic objects have their own tests; python (a user's class) and timm (an optional extra) are in test_zoo
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem not in ("wedge", "orthant", "theta_wedge", "voronoi", "python", "timm"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem not in ("wedge", "orthant", "theta_wedge", "voronoi", "python", "timm", "robustbench"))  # external zoos: tests/test_zoo.py
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
 HEAVY = {"resnet18", "resnext", "c_256", "c_512", "torchvision"}
 
