@@ -31,15 +31,18 @@ def p_at(iteration: int, n_queries: int, p_init: float, rescale: bool = True) ->
     return p_init / 2 ** sum(i > h for h in _HALVINGS)
 
 
-def _window(n, h, w, sh, sw, device):
-    """A random sh x sw window per example: its rows (n, sh), columns (n, sw) and mask (n, 1, h, w)."""
+def _window(n, h, w, sh, sw, device, mask=True):
+    """A random sh x sw window per example: its rows (n, sh), columns (n, sw) and, unless mask=False, its mask
+    (n, 1, h, w)."""
     vh = torch.randint(0, h - sh + 1, (n,), device=device)
     vw = torch.randint(0, w - sw + 1, (n,), device=device)
     rows = vh[:, None] + torch.arange(sh, device=device)
     cols = vw[:, None] + torch.arange(sw, device=device)
-    mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
-    mask[torch.arange(n, device=device)[:, None, None], 0, rows[:, :, None], cols[:, None, :]] = True
-    return rows, cols, mask
+    if not mask:
+        return rows, cols, None
+    inside = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
+    inside[torch.arange(n, device=device)[:, None, None], 0, rows[:, :, None], cols[:, None, :]] = True
+    return rows, cols, inside
 
 
 def _rectangles(rows: int, cols: int, device) -> torch.Tensor:
@@ -137,10 +140,8 @@ class Square(Attack):
         n, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), max(h, w))
         sh, sw = min(s, h), min(s, w)
-        top = torch.randint(0, h - sh + 1, (n, 1), device=x.device)
-        left = torch.randint(0, w - sw + 1, (n, 1), device=x.device)
-        pixels = ((top + torch.arange(sh, device=x.device))[:, :, None] * w
-                  + (left + torch.arange(sw, device=x.device))[:, None, :]).reshape(n, 1, sh * sw).expand(n, c, sh * sw)
+        rows, cols, _ = _window(n, h, w, sh, sw, x.device, mask=False)
+        pixels = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, sh * sw).expand(n, c, sh * sw)
         x_win = x.reshape(n, c, h * w).gather(2, pixels)
         current = x_best.reshape(n, c, h * w).gather(2, pixels)
         sign = torch.randint(0, 2, (n, c, 1), device=x.device).to(x.dtype) * 2 - 1

@@ -83,10 +83,15 @@ def validate(cfg):
         raise UserError(f"targets_per_point={cfg.targets_per_point} draws distinct random targets: add attack.targeted=random "
                         f"(it is {attack.targeted or 'untargeted'} now)")
     classes = cfg.dataset.get("num_classes")  # known before any data is read, except for an image folder
-    if isinstance(classes, int) and cfg.targets_per_point > classes - 1:
-        raise UserError(f"targets_per_point={cfg.targets_per_point}, but {classes} classes leave {classes - 1} other classes to aim at")
+    if isinstance(classes, int):
+        _check_targets_per_point(cfg.targets_per_point, classes)
     if attack.kind == "budgeted" and cfg.get("eps") is None:
         raise UserError(f"{attack.name} is a budgeted attack: give its budget with eps=..., or use a minimal attack such as attack=lbfgs")
+
+
+def _check_targets_per_point(per_point: int, classes: int):
+    if per_point > classes - 1:
+        raise UserError(f"targets_per_point={per_point}, but {classes} classes leave {classes - 1} other classes to aim at")
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -127,8 +132,7 @@ def run(cfg, ctx):
         ctx.warn(f"only {len(chosen)} correctly classified test points (n_points={cfg.n_points}): using them all")
     x, y = data.test_x[chosen], data.test_y[chosen]
     per_point = int(cfg.targets_per_point)
-    if per_point > data.meta.num_classes - 1:
-        raise UserError(f"targets_per_point={per_point}, but {data.meta.num_classes} classes leave {data.meta.num_classes - 1} other classes to aim at")
+    _check_targets_per_point(per_point, data.meta.num_classes)
     # the attacked pairs: point_of[j] is the natural point of adversarial example j (each point once, or per target)
     point_of = torch.arange(len(x)).repeat_interleave(per_point)
 
