@@ -272,6 +272,10 @@ def robustbench_model(input_shape, num_classes, name: str, threat_model: str = "
     if ROBUSTBENCH_CLASSES[dataset] != int(num_classes):
         raise UserError(f"model=robustbench model.dataset={dataset} has {ROBUSTBENCH_CLASSES[dataset]} classes, the dataset here has {num_classes}; "
                         f"use the dataset the model was trained on")
+    wanted = (3, 32, 32) if dataset != "imagenet" else (3,)
+    if tuple(input_shape)[: len(wanted)] != wanted:
+        raise UserError(f"model=robustbench model.dataset={dataset} takes images of shape {'x'.join(map(str, wanted))}{' x H x W' if dataset == 'imagenet' else ''}, "
+                        f"the dataset here gives {'x'.join(map(str, input_shape))}; use dataset={dataset}")
     tables, benchmark, threat = _robustbench_zoo()
     threats = [t.value for t in threat]
     if threat_model not in threats:

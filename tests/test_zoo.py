@@ -367,6 +367,8 @@ def test_robustbench_model_from_its_zoo_and_a_local_checkpoint(robust, tmp_path)
                                ("model.dataset=cifar100", "has 100 classes, the dataset here has 10")):
         proc = robust("attack", *base, override, env=env)
         assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-800:]
+    proc = robust("attack", "dataset=digits", "model=robustbench", "model.name=Tiny2024Made", env=env)  # 1x8x8 images, not CIFAR's
+    assert proc.returncode != 0 and "takes images of shape 3x32x32" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-800:]
     import importlib.util
 
     if importlib.util.find_spec("robustbench") is None:  # without the package (where it is not installed)
