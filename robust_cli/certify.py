@@ -37,6 +37,7 @@ class Certificate:
     radius: torch.Tensor  # (B,) certified L2 radius sigma * Phi^-1(p_a_lower); NaN where abstained
     counts: torch.Tensor  # (B, C) estimation counts per class
     evaluations: torch.Tensor  # (B,) inputs classified per point (n0 + n)
+    draws: torch.Tensor | None = None  # (B, keep) labels of each point's first `keep` estimation draws (for persistence)
 
 
 def _check(sigma, n, alpha, batch_size):
@@ -50,10 +51,12 @@ def _check(sigma, n, alpha, batch_size):
         raise UserError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
 
 
-def _counts(sampler: _Sampler, sigma: float, n: int, num_classes: int) -> torch.Tensor:
+def _counts(sampler: _Sampler, sigma: float, n: int, num_classes: int, keep: int = 0):
+    """(counts (B, C), labels of the first `keep` draws (B, keep)) of each point's n draws at sigma."""
     pages = range(-(-n // PAGE))
     labels = sampler.classify([(i, sigma, pages, n) for i in range(len(sampler.x))])
-    return torch.stack([torch.bincount(lab.cpu(), minlength=num_classes)[:num_classes] for lab in labels])
+    counts = torch.stack([torch.bincount(lab.cpu(), minlength=num_classes)[:num_classes] for lab in labels])
+    return counts, torch.stack([lab[:keep].cpu().to(torch.int16) for lab in labels]) if labels else torch.empty(0, keep, dtype=torch.int16)
 
 
 def _num_classes(classifier, x) -> int:
@@ -65,22 +68,23 @@ def _num_classes(classifier, x) -> int:
 
 
 def certify(classifier, x, sigma: float, n0: int = 100, n: int = 100_000, alpha: float = 0.001, *, seed: int = 0,
-            index_offset: int | list[int] = 0, batch_size: int = 1024) -> Certificate:
-    """Cohen's CERTIFY for every point of x (B, ...); deterministic for a seed, independent of the batch size."""
+            index_offset: int | list[int] = 0, batch_size: int = 1024, keep: int = 0) -> Certificate:
+    """Cohen's CERTIFY for every point of x (B, ...); deterministic for a seed, independent of the batch size.
+    `keep`: also return the labels of the first `keep` estimation draws, which persistence can reuse (`shared`)."""
     _check(sigma, n, alpha, batch_size)
     _check(sigma, n0, alpha, batch_size)
     num_classes = _num_classes(classifier, x)
     common = {"seed": seed, "index_offset": index_offset, "batch_size": batch_size}
     estimate = _Sampler(classifier, x, **common)
     select = _Sampler(classifier, x, **{**common, "seed": _mix(seed, 0x5E1EC7)})  # independent of the estimation draws
-    guess = _counts(select, float(sigma), n0, num_classes).argmax(dim=1)
-    counts = _counts(estimate, float(sigma), n, num_classes)
+    guess = _counts(select, float(sigma), n0, num_classes)[0].argmax(dim=1)
+    counts, draws = _counts(estimate, float(sigma), n, num_classes, min(int(keep), n))
     k = counts.gather(1, guess.view(-1, 1)).squeeze(1)
     p_low = torch.tensor([lower_confidence_bound(int(ki), n, float(alpha)) for ki in k], dtype=torch.float64)
     certified = p_low > 0.5
     radius = torch.where(certified, float(sigma) * torch.as_tensor(norm.ppf(p_low.clamp(max=1.0).numpy())), torch.tensor(float("nan"), dtype=torch.float64))
     predicted = torch.where(certified, guess, torch.full_like(guess, ABSTAIN))
-    return Certificate(predicted, p_low, radius, counts, select.evaluations + estimate.evaluations)
+    return Certificate(predicted, p_low, radius, counts, select.evaluations + estimate.evaluations, draws if keep else None)
 
 
 def predict(classifier, x, sigma: float, n: int = 100_000, alpha: float = 0.001, *, seed: int = 0,
@@ -89,7 +93,7 @@ def predict(classifier, x, sigma: float, n: int = 100_000, alpha: float = 0.001,
     _check(sigma, n, alpha, batch_size)
     num_classes = _num_classes(classifier, x)
     sampler = _Sampler(classifier, x, seed=_mix(seed, 0x9E7D1C7), index_offset=index_offset, batch_size=batch_size)
-    counts = _counts(sampler, float(sigma), n, num_classes)
+    counts = _counts(sampler, float(sigma), n, num_classes)[0]
     top2 = counts.topk(min(2, num_classes), dim=1)
     out = torch.full((len(x),), ABSTAIN, dtype=torch.long)
     for i in range(len(x)):

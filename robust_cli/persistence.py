@@ -149,6 +149,24 @@ class _Sampler:
             z = torch.stack([z, -z], dim=1).reshape(PAGE, self.dim)
         return z
 
+    def independent_index(self, rays: torch.Tensor) -> torch.Tensor:
+        """For rays of this sequence, the index of the same draw in the independent (non-antithetic) gaussian
+        sequence of the same seed and index, as certify draws it; -1 where there is none (the negated half of an
+        antithetic pair). A pair's first ray is row k of its page's draw of PAGE/2 rows; it is row k of the page's
+        draw of PAGE rows only if the generator fills a prefix alike, which is checked once, not assumed."""
+        if self.distribution != "gaussian" or self.clip:
+            return torch.full_like(rays, -1)
+        if not self.antithetic:
+            return rays.clone()
+        if not hasattr(self, "_prefix_alike"):
+            gen = torch.Generator(device=self.x.device)
+            short = torch.randn((PAGE // 2, self.dim), generator=gen.manual_seed(1), device=self.x.device, dtype=self.x.dtype)
+            full = torch.randn((PAGE, self.dim), generator=gen.manual_seed(1), device=self.x.device, dtype=self.x.dtype)
+            self._prefix_alike = bool(torch.equal(short, full[: PAGE // 2]))
+        q = rays % PAGE
+        same = (rays // PAGE) * PAGE + q // 2
+        return torch.where((q % 2 == 0) & self._prefix_alike, same, torch.full_like(rays, -1))
+
     def rays(self, i: int, pages) -> torch.Tensor:
         """The rays of the given pages of point i's sequence, shape (PAGE * len(pages), dim)."""
         return torch.cat([self._page(i, p) for p in pages])
@@ -389,6 +407,18 @@ class _Search:
         self.start = float(sigma_start)
         self.queue = [self.start]  # sigmas to evaluate first: the start, then a grown pool's new rays at the old answers
         self.answer = self.ci = None
+        self.shared = []  # (sigma, ray -> inside or None): classifications made elsewhere on the same rays (see share)
+
+    def share(self, sigma: float, inside_of) -> None:
+        """Take classifications of this pool's rays at sigma made elsewhere (certify's draws): `inside_of(rays)`
+        gives (rays it knows, inside C(x) there). They are recorded now and for every ray a grown pool adds."""
+        self.shared.append((float(sigma), inside_of))
+        self._record_shared(0, len(self.L))
+
+    def _record_shared(self, start: int, stop: int) -> None:
+        for sigma, inside_of in self.shared:
+            rays, inside = inside_of(torch.arange(start, stop))
+            self.record(sigma, rays, inside)
 
     # ---- what the rays say
     def undetermined(self, sigma: float) -> torch.Tensor:
@@ -483,6 +513,7 @@ class _Search:
         grow = PAGE * (pages - self.pages)
         self.L = torch.cat([self.L, torch.zeros(grow, dtype=torch.float64)])
         self.U = torch.cat([self.U, torch.full((grow,), math.inf, dtype=torch.float64)])
+        self._record_shared(len(self.L) - grow, len(self.L))
         self.pages, self.stage, self.pair_variance, self.value = pages, self.stage + 1, None, None
         # the new rays first at the predicted ends, the majority's end first: a ray in C(x) at the upper end (a
         # fraction ~gamma of them) or out of it at the lower end is then settled for all three order statistics
@@ -494,7 +525,7 @@ class _Search:
 def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192, n_init: int = 128, confidence: float = 0.99,
                      rtol: float = 0.07, sigma_start: float = 1.0, sigma_floor: float = 1e-4, sigma_cap: float = 1e3,
                      antithetic: bool = True, clip: bool = False, distribution: str = "gaussian", seed: int = 0,
-                     index_offset: int | list[int] = 0, batch_size: int = 1024) -> Persistence:
+                     index_offset: int | list[int] = 0, batch_size: int = 1024, shared=None) -> Persistence:
     """gamma-persistence of every point of x, to a relative precision `rtol`, with an exact interval (see _Search).
 
     Per point a pool of rays (common random numbers, pages of 16 seeded per point): a pilot of `n_init`, grown
@@ -506,6 +537,10 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
     half-space at gamma = 0.7); the interval then uses the pairs' measured variance (normal quantiles) instead
     of the exact binomial. All points advance together: each round classifies every unfinished point's rays in
     shared batches.
+    `shared`: labels already computed on the same draws, per point a list of (sigma, labels of the first m draws of
+    the point's independent gaussian sequence at this seed and index), which is what certify's estimation draws
+    are: the rays they cover start with those classifications and are not classified there again (`evaluations`
+    counts only this call's own).
     """
     _check_common(gamma, clip, distribution, batch_size)
     _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, None)
@@ -518,6 +553,12 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
     max_pages = -(-n_samples // PAGE)
     searches = [_Search(min(max_pages, -(-n_init // PAGE)), max_pages, gamma, 1.0 - confidence, rtol, antithetic, sigma_start, sigma_floor, sigma_cap)
                 for _ in range(len(x))]
+    if shared is not None:
+        if len(shared) != len(x):
+            raise ValueError(f"shared needs one list of (sigma, labels) per point ({len(x)}), got {len(shared)}")
+        for search, known, label in zip(searches, shared, labels):
+            for sigma, their in known:
+                search.share(sigma, _inside_of(sampler, their.cpu(), label))
     while True:
         requests = [(i, *request) for i, s in enumerate(searches) if s.answer is None and (request := s.next_request()) is not None]
         if not requests:
@@ -527,6 +568,16 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
     return Persistence(as_tensor([s.answer for s in searches]), as_tensor([s.ci[0] for s in searches]),
                        as_tensor([s.ci[1] for s in searches]), sampler.evaluations, labels, "fast")
+
+
+def _inside_of(sampler: _Sampler, labels: torch.Tensor, label):
+    """rays -> (the rays `labels` covers, whether each is classified as `label` there)."""
+    def inside_of(rays):
+        index = sampler.independent_index(rays)
+        known = (index >= 0) & (index < len(labels))
+        return rays[known], labels[index[known]] == label
+
+    return inside_of
 
 
 def persistence(classifier, x, gamma: float = 0.7, method: str = "fast", **options) -> Persistence:

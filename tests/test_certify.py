@@ -99,6 +99,38 @@ def test_certify_is_reproducible_and_independent_of_the_batch_size():
     assert not torch.equal(certify(model, x, 0.5, n0=50, n=3000, seed=8).counts, a.counts)
 
 
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_persistence_rays_that_certify_drew_are_the_same_draws(antithetic):
+    from robust_cli.persistence import _Sampler
+
+    model, x, _ = linear_points(3, 30, 0.5, [1.0, 1.0, 1.0])
+    mine = _Sampler(model, x, antithetic=antithetic, seed=4, index_offset=5)
+    certify_draws = _Sampler(model, x, seed=4, index_offset=5)  # what certify's estimation sampler draws
+    rays = torch.arange(64)
+    index = mine.independent_index(rays)
+    known = index >= 0
+    assert int(known.sum()) == (32 if antithetic else 64)  # an antithetic pair's first ray is shared, not the negated one
+    assert torch.equal(mine.rays(1, range(4))[rays[known]], certify_draws.rays(1, range(4))[index[known]])
+
+
+def test_persistence_reuses_the_certify_draws_and_finds_the_same_sigma():
+    from robust_cli.persistence import fast_persistence
+
+    sigma = 0.5
+    model, x, distance = linear_points(12, 40, sigma, torch.linspace(0.5, 3.0, 12))
+    cert = certify(model, x, sigma, n0=50, n=10_000, seed=3, keep=8192)
+    assert cert.draws.shape == (12, 8192)
+    alone = fast_persistence(model, x, 0.7, seed=3)
+    shared = fast_persistence(model, x, 0.7, seed=3, shared=[[(sigma, cert.draws[i])] for i in range(len(x))])
+    exact = distance / norm.ppf(0.7)  # a half-space: stability Phi(d / sigma)
+    assert shared.evaluations.sum() < 0.97 * alone.evaluations.sum()
+    assert ((shared.sigma / alone.sigma - 1).abs() < 0.02).all()  # the same pool, the same order statistics
+    assert ((shared.ci_low <= exact) & (exact <= shared.ci_high)).float().mean() >= 11 / 12
+    # labels that lie about the draws would move the answer: the sharing is used, not ignored
+    flipped = fast_persistence(model, x, 0.7, seed=3, shared=[[(sigma, 1 - cert.draws[i])] for i in range(len(x))])
+    assert not torch.allclose(flipped.sigma, shared.sigma)
+
+
 def test_predict_abstains_on_the_boundary_and_answers_far_from_it():
     model, x, _ = linear_points(40, 6, 0.5, [0.0] * 20 + [2.0] * 20)
     out = predict(model, x, 0.5, n=2000, alpha=0.001, seed=0)
@@ -127,6 +159,7 @@ def test_robust_certify_end_to_end(robust, tmp_path):
     comparable = sandwich.dropna(subset=["holds"])
     assert len(comparable) > 40 and comparable.holds.astype(bool).all()
     assert (sandwich.persistence_radius - sandwich.persistence * norm.ppf(0.7)).abs().max() < 1e-9
+    assert (sandwich.persistence_evaluations > 0).all()  # beyond the certify draws it reused
     record = json.loads((run / "run.json").read_text())
     assert record["headline"]["sandwich_violations"] == 0 and record["checks"][0]["status"] == "ok"
     assert (run / "certified_accuracy.png").is_file() and (run / "sandwich.png").is_file()

@@ -19,6 +19,7 @@ from robust_cli.persistence import persistence
 from robust_cli.train import load_trained_model
 
 CHUNK = 32  # points certified together between progress-bar updates (draws do not depend on it)
+PERSISTENCE_POOL = 8192  # the fast persistence's largest pool of rays (its n_samples default)
 
 BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
 
@@ -72,6 +73,9 @@ def run(cfg, ctx):
     # certificates are about the fp32 model (no reduced precision here); batch_size=auto halves on out-of-memory
     sample_batch = BatchSize(cfg.batch_size, "batch_size", device, start=AUTO_SAMPLE_START)
     sigmas, options = sigma_list(cfg), {"seed": int(cfg.seed), "batch_size": sample_batch}
+    # with persistence, the labels of the first draws are kept: persistence's rays are the same draws (same seed
+    # and index), and it need not classify them again at these sigmas
+    keep = PERSISTENCE_POOL if cfg.get("persistence") and "attack" in cfg else 0
     rows, results = [], {}
     for sigma in sigmas:
         parts, seconds = [], []
@@ -79,7 +83,7 @@ def run(cfg, ctx):
             for start in range(0, len(x), CHUNK):
                 began = time.perf_counter()
                 xb = x[start : start + CHUNK].to(device)  # index_offset=start: each point's draws are its own
-                cert = certify(model, xb, sigma, int(cfg.n0), int(cfg.n), float(cfg.alpha), index_offset=start, **options)
+                cert = certify(model, xb, sigma, int(cfg.n0), int(cfg.n), float(cfg.alpha), index_offset=start, keep=keep, **options)
                 smoothed = predict(model, xb, sigma, int(cfg.n), float(cfg.alpha), index_offset=start, **options) if cfg.predict else None
                 parts.append((cert, smoothed))
                 seconds += [(time.perf_counter() - began) / len(xb)] * len(xb)
@@ -89,7 +93,7 @@ def run(cfg, ctx):
         p_low = torch.cat([c.p_a_lower for c, _ in parts])
         evaluations = torch.cat([c.evaluations for c, _ in parts])
         smoothed = torch.cat([s for _, s in parts]) if cfg.predict else None
-        results[sigma] = {"predicted": predicted, "radius": radius}
+        results[sigma] = {"predicted": predicted, "radius": radius, "draws": torch.cat([c.draws for c, _ in parts]) if keep else None}
         for i in range(len(y)):
             row = {"index": i, "label": int(y[i]), "sigma": sigma, "predicted": "abstain" if predicted[i] == ABSTAIN else int(predicted[i]),
                    "base_pred": int(base_pred[i]), "p_a_lower": float(p_low[i]), "radius": float(radius[i]),
@@ -137,9 +141,13 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
     distance = torch.where(moved, ev.perturbation_sizes(x, x_adv)["l2"], torch.tensor(math.inf, dtype=torch.float64))
     sigma_star = None
     if cfg.persistence:
-        found = [persistence(model, x[s : s + CHUNK].to(device), float(cfg.gamma), method="fast", seed=int(cfg.seed),
-                             index_offset=s, batch_size=sample_batch).sigma for s in range(0, len(x), CHUNK)]
-        sigma_star = torch.cat(found).double()
+        found = []
+        for s in range(0, len(x), CHUNK):
+            shared = [[(sigma, r["draws"][i]) for sigma, r in results.items() if r.get("draws") is not None] for i in range(s, min(s + CHUNK, len(x)))]
+            found.append(persistence(model, x[s : s + CHUNK].to(device), float(cfg.gamma), method="fast", seed=int(cfg.seed),
+                                     index_offset=s, batch_size=sample_batch, n_samples=PERSISTENCE_POOL, shared=shared))
+        sigma_star = torch.cat([f.sigma for f in found]).double()
+        persistence_evaluations = torch.cat([f.evaluations for f in found])
     rows, violations = [], []
     for sigma, r in results.items():
         for i in range(len(y)):
@@ -151,6 +159,7 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
             if sigma_star is not None:  # at sigma = sigma*, p_A = gamma, so Cohen's formula gives sigma* Phi^-1(gamma)
                 row["persistence"] = float(sigma_star[i])
                 row["persistence_radius"] = float(sigma_star[i] * norm.ppf(float(cfg.gamma)))
+                row["persistence_evaluations"] = int(persistence_evaluations[i])  # beyond the certify draws it reused
             rows.append(row)
             if holds is False:
                 violations.append(row)
