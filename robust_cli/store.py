@@ -35,10 +35,13 @@ FILE_MODE = 0o666 & ~_current_umask()
 
 
 # ----------------------------------------------------------------------------------------------- atomic files
-def atomic_write(path, write) -> Path:
+def atomic_write(path, write, replace: bool = True) -> Path:
     """Write through `write(file_object)` into a temporary file beside `path`, then rename over it.
 
     A crash mid-write leaves the previous file (or none), never a truncated one that looks complete.
+    replace=False publishes the file only if `path` does not exist, decided by the file system at that moment (a
+    hard link fails on an existing name), so of two processes writing the same new file one wins and the other
+    gets FileExistsError; nothing is overwritten.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +52,10 @@ def atomic_write(path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -57,8 +63,20 @@ def atomic_write(path, write) -> Path:
     return path
 
 
-def write_text(path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+def _publish_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # atomic, and fails if the name exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name exclusively, then fill it by rename
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_text(path, text: str, replace: bool = True) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), replace)
 
 
 def _json_safe(obj):
@@ -83,10 +101,10 @@ def write_csv(path, rows) -> Path:
     return atomic_write(path, lambda f: f.write(frame.to_csv(index=False).encode()))
 
 
-def save_torch(path, obj) -> Path:
+def save_torch(path, obj, replace: bool = True) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return atomic_write(path, lambda f: f.write(buf.getvalue()), replace)
 
 
 def choice(cfg, group: str) -> str:

@@ -194,6 +194,37 @@ def test_atomic_write_crash_keeps_the_old_file(tmp_path):
     assert list(tmp_path.iterdir()) == [target]  # no temporary left behind
 
 
+def test_a_new_file_is_published_once_when_writers_race(tmp_path):
+    import threading
+
+    target = tmp_path / "weights.pt"
+    started = threading.Barrier(8)
+    outcomes = []
+
+    def writer(k):
+        def slow(f):
+            started.wait()  # every writer has its temporary before any publishes
+            f.write(f"writer {k}\n".encode())
+
+        try:
+            store.atomic_write(target, slow, replace=False)
+            outcomes.append(("won", k))
+        except FileExistsError:
+            outcomes.append(("lost", k))
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [k for what, k in outcomes if what == "won"]
+    assert len(winners) == 1 and target.read_text() == f"writer {winners[0]}\n"
+    assert list(tmp_path.iterdir()) == [target]  # the losers' temporaries are gone
+    with pytest.raises(FileExistsError):
+        store.write_text(target, "late\n", replace=False)
+    assert target.read_text() == f"writer {winners[0]}\n"
+
+
 def test_checkpoint_key_ignores_device_and_paths():
     a = registry.checkpoint_key(compose_cfg("device=cpu", "data.root=/x"))
     b = registry.checkpoint_key(compose_cfg("device=auto", "data.root=/y", "data.n_test=10"))

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from robust_cli import store
 from tests.conftest import latest_run
 
 IMG = ["dataset.image_size=32", "dataset.resize=36", "data.workers=0"]
@@ -226,6 +227,20 @@ def test_export_loads_back_to_identical_outputs(robust, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as again:
         cli.main(["robust", "export", *common, "format=pt", f"out={out}"])
     assert again.value.code == 2 and "never replaces a file" in capsys.readouterr().err
+    # another export publishing the same name between this one's check and its write: refused, not replaced
+    late = tmp_path / "exported" / "late"
+    real_save = store.save_torch
+
+    def rival_first(path, obj, replace=True):
+        path.write_bytes(b"the other export's file")
+        return real_save(path, obj, replace)
+
+    monkeypatch.setattr(store, "save_torch", rival_first)
+    with pytest.raises(SystemExit) as raced:
+        cli.main(["robust", "export", *common, "format=pt", f"out={late}"])
+    assert raced.value.code == 2 and "another process meanwhile" in capsys.readouterr().err
+    assert late.with_suffix(".pt").read_bytes() == b"the other export's file" and not late.with_suffix(".json").exists()
+    monkeypatch.setattr(store, "save_torch", real_save)
     robust("attack", *common, "attack=fgsm", check=True)  # the CLI reads an export back to the same outputs
     first = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
     robust("attack", *common, "attack=fgsm", f"checkpoint={tmp_path / 'exported' / 'fc200_safetensors.safetensors'}", check=True)

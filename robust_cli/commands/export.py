@@ -36,24 +36,28 @@ def outputs(cfg, source: Path) -> tuple[Path, Path]:
 
 
 def run(cfg, ctx):
-
-
     source = registry.published_checkpoint(cfg)
     state = registry.load_checkpoint(source)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["state_dict"].items()}
     weights, meta = outputs(cfg, source)
-    if cfg.format == "safetensors":
-        try:
-            from safetensors.torch import save
-        except ImportError:
-            raise UserError("format=safetensors needs the safetensors package: pip install safetensors") from None
-        blob = save(tensors, metadata={"format": "pt", "exported_by": "robust"})
-        store.atomic_write(weights, lambda f: f.write(blob))
-    else:
-        store.save_torch(weights, tensors)
+    try:  # new files only, decided when each is published: of two exports to one name started at once, one wins
+        if cfg.format == "safetensors":
+            try:
+                from safetensors.torch import save
+            except ImportError:
+                raise UserError("format=safetensors needs the safetensors package: pip install safetensors") from None
+            blob = save(tensors, metadata={"format": "pt", "exported_by": "robust"})
+            store.atomic_write(weights, lambda f: f.write(blob), replace=False)
+        else:
+            store.save_torch(weights, tensors, replace=False)
+    except FileExistsError:
+        raise UserError(f"'{weights}' was written by another process meanwhile; robust export never replaces a file: give out=OTHER_PATH") from None
     info = {"source": str(source), "weights": str(weights), "format": cfg.format, "config": state.get("config"), "identity": state.get("identity"),
             "epoch": state.get("epoch"), "versions": state.get("versions"), "environment": state.get("environment"),
             "tensors": {k: list(v.shape) for k, v in tensors.items()}, "dtype": sorted({str(v.dtype) for v in tensors.values()})}
-    store.write_text(meta, json.dumps(info, indent=1, default=str) + "\n")
+    try:
+        store.write_text(meta, json.dumps(info, indent=1, default=str) + "\n", replace=False)
+    except FileExistsError:
+        raise UserError(f"'{meta}' was written by another process meanwhile; the weights are in '{weights}', their description is not: give out=OTHER_PATH") from None
     store.results.print(f"wrote {weights} ({len(tensors)} tensors, {sum(v.numel() for v in tensors.values()):,} numbers) and {meta}", soft_wrap=True, highlight=False)
 
