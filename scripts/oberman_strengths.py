@@ -8,8 +8,9 @@ at one strength per objective that it does not state for MNIST. This runs `robus
 experiment=oberman_table scale=cpu` (LeNet, 10,000 MNIST images, 5 epochs, DeepFool on 1,000 test points) once per
 objective with its strength swept: J1 the FGSM step (Linf eps), J2 the L2 step, J2-Lip the tulip step (its
 Lipschitz weight 0.1, tanh head and weight decay as in the preset); J0 once. It writes oberman_strengths.csv
-(objective, strength, median L2 distance, % error at L2 eps 0.1, clean % error) and oberman_strengths.png (median
-distance vs strength, one line per objective, J0 dashed).
+(objective, strength, median L2 distance (with --seeds N: the mean of the N per-seed medians, and their standard
+deviation), % error at L2 eps 0.1, clean % error) and oberman_strengths.png (median distance vs strength, one line
+per objective, J0 dashed).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-STRENGTHS = {"j1": [0.025, 0.05, 0.1, 0.2], "j2": [0.5, 1.0, 2.0, 3.0], "j2_lip": [0.25, 0.5, 1.0, 1.5]}
+STRENGTHS = {"j1": [0.025, 0.05, 0.1, 0.2], "j2": [0.5, 1.0, 2.0, 3.0], "j2_lip": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]}
 NAMES = {"none": "J0", "fgsm_at": "J1 (FGSM AT, Linf eps)", "l2_at": "J2 (L2 AT, L2 eps)", "tulip": "J2-Lip (tulip, L2 eps)"}
 
 
@@ -31,7 +32,8 @@ def run_sweeps(args) -> list[Path]:
     for objective, strengths in [("j0", None), *STRENGTHS.items()]:
         sweep = Path(args.out) / "sweeps" / objective
         axis = [f"defense.eps={','.join(map(str, strengths))}"] if strengths else []
-        subprocess.run([str(robust), "attack", "--multirun", *common, f"experiment/oberman_objective={objective}", *axis,
+        seeds = [f"seed={','.join(str(s) for s in range(args.seeds))}"]
+        subprocess.run([str(robust), "attack", "--multirun", *common, f"experiment/oberman_objective={objective}", *axis, *seeds,
                         f"hydra.sweep.dir={sweep}"], check=True)
         sweeps.append(sweep)
     return sweeps
@@ -50,7 +52,9 @@ def summarise(sweeps) -> pd.DataFrame:
         runs = part["run"].unique()
         cv = curve[curve["run"].isin(runs)]
         at = cv[cv["eps"] == 0.1]
-        rows.append({"objective": NAMES.get(defense, defense), "defense": defense, "strength": s, "median_l2": part["l2"].median(),
+        per_run = part.groupby("run")["l2"].median()  # one median per seed; their mean and spread
+        rows.append({"objective": NAMES.get(defense, defense), "defense": defense, "strength": s, "median_l2": per_run.mean(),
+                     "median_l2_sd": per_run.std() if len(per_run) > 1 else float("nan"),
                      "error_at_0.1": 100 * (1 - at["robust_accuracy"].mean()), "clean_error": 100 * (1 - cv["clean_accuracy"].mean()),
                      "runs": len(runs)})
     return pd.DataFrame(rows).sort_values(["defense", "strength"]).reset_index(drop=True)
@@ -64,7 +68,7 @@ def figure(table: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for defense, part in table[table["defense"] != "none"].groupby("defense"):
-        ax.plot(part["strength"], part["median_l2"], "o-", label=NAMES.get(defense, defense))
+        ax.errorbar(part["strength"], part["median_l2"], yerr=part["median_l2_sd"].fillna(0), fmt="o-", capsize=3, label=NAMES.get(defense, defense))
     for value in table.loc[table["defense"] == "none", "median_l2"]:
         ax.axhline(value, color="k", ls="--", lw=1, label="J0 (no defense)")
     ax.set_xscale("log")
@@ -82,6 +86,7 @@ def main():
     p.add_argument("--outputs-root", default="outputs")
     p.add_argument("--out", default="oberman_strengths")
     p.add_argument("--collect-only", nargs="+", metavar="SWEEP_DIR", help="plot sweeps already run instead of running them")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per strength (seed=0..N-1): median_l2 is then the mean of the per-seed medians")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
