@@ -407,7 +407,7 @@ class _Search:
         self.start = float(sigma_start)
         self.queue = [self.start]  # sigmas to evaluate first: the start, then a grown pool's new rays at the old answers
         self.answer = self.ci = None
-        self.shared = []  # (sigma, ray -> inside or None): classifications made elsewhere on the same rays (see share)
+        self.shared = []  # (sigma, inside_of): classifications of these rays made elsewhere (see share)
 
     def share(self, sigma: float, inside_of) -> None:
         """Take classifications of this pool's rays at sigma made elsewhere (certify's draws): `inside_of(rays)`
