@@ -37,7 +37,7 @@ class Certificate:
     radius: torch.Tensor  # (B,) certified L2 radius sigma * Phi^-1(p_a_lower); NaN where abstained
     counts: torch.Tensor  # (B, C) estimation counts per class
     evaluations: torch.Tensor  # (B,) inputs classified per point (n0 + n)
-    draws: torch.Tensor | None = None  # (B, keep) labels of each point's first `keep` estimation draws (for persistence)
+    draws: torch.Tensor | None = None  # (B, keep) labels of each point's first `keep` estimation draws (uint8 up to 256 classes)
 
 
 def _check(sigma, n, alpha, batch_size):
@@ -56,7 +56,8 @@ def _counts(sampler: _Sampler, sigma: float, n: int, num_classes: int, keep: int
     pages = range(-(-n // PAGE))
     labels = sampler.classify([(i, sigma, pages, n) for i in range(len(sampler.x))])
     counts = torch.stack([torch.bincount(lab.cpu(), minlength=num_classes)[:num_classes] for lab in labels])
-    return counts, torch.stack([lab[:keep].cpu().to(torch.int16) for lab in labels]) if labels else torch.empty(0, keep, dtype=torch.int16)
+    small = torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32767 else torch.int32  # kept labels, small
+    return counts, torch.stack([lab[:keep].cpu().to(small) for lab in labels]) if labels else torch.empty(0, keep, dtype=small)
 
 
 def _num_classes(classifier, x) -> int:
