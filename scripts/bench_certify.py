@@ -46,6 +46,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if any("=" not in item for item in args.checkpoint):
+        parser.error("--checkpoint takes MODEL=PATH, e.g. --checkpoint fc200_200_10=outputs/checkpoints/KEY/model.pt")
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     print(f"CERTIFY, n0=100, n={args.n}, sigma {SIGMA}, {args.points} MNIST test points, device {device}, threads {args.threads}")
     print(f"{'model':<14} {'weights':<8} {'s/point min':>12} {'s/point median':>15} {'evaluations/s':>14}")
