@@ -52,10 +52,12 @@ def _check(sigma, n, alpha, batch_size):
 
 
 def _counts(sampler: _Sampler, sigma: float, n: int, num_classes: int, keep: int = 0):
-    """(counts (B, C), labels of the first `keep` draws (B, keep)) of each point's n draws at sigma."""
+    """(counts (B, C), labels of the first `keep` draws (B, keep), or None for keep=0) of each point's n draws."""
     pages = range(-(-n // PAGE))
     labels = sampler.classify([(i, sigma, pages, n) for i in range(len(sampler.x))])
     counts = torch.stack([torch.bincount(lab.cpu(), minlength=num_classes)[:num_classes] for lab in labels])
+    if not keep:
+        return counts, None
     small = torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32767 else torch.int32  # kept labels, small
     return counts, torch.stack([lab[:keep].cpu().to(small) for lab in labels]) if labels else torch.empty(0, keep, dtype=small)
 
@@ -85,7 +87,7 @@ def certify(classifier, x, sigma: float, n0: int = 100, n: int = 100_000, alpha:
     certified = p_low > 0.5
     radius = torch.where(certified, float(sigma) * torch.as_tensor(norm.ppf(p_low.clamp(max=1.0).numpy())), torch.tensor(float("nan"), dtype=torch.float64))
     predicted = torch.where(certified, guess, torch.full_like(guess, ABSTAIN))
-    return Certificate(predicted, p_low, radius, counts, select.evaluations + estimate.evaluations, draws if keep else None)
+    return Certificate(predicted, p_low, radius, counts, select.evaluations + estimate.evaluations, draws)
 
 
 def predict(classifier, x, sigma: float, n: int = 100_000, alpha: float = 0.001, *, seed: int = 0,

@@ -116,6 +116,7 @@ class _Sampler:
             raise UserError(f"index_offset must be an integer or one index per point ({len(x)}), got {len(self.indices)}")
         self.evaluations = torch.zeros(len(x), dtype=torch.int64)
         self.num_classes = None
+        self._prefix_alike = None  # see independent_index
 
     @property
     def batch_size(self) -> int:
@@ -158,7 +159,7 @@ class _Sampler:
             return torch.full_like(rays, -1)
         if not self.antithetic:
             return rays.clone()
-        if not hasattr(self, "_prefix_alike"):
+        if self._prefix_alike is None:
             gen = torch.Generator(device=self.x.device)
             short = torch.randn((PAGE // 2, self.dim), generator=gen.manual_seed(1), device=self.x.device, dtype=self.x.dtype)
             full = torch.randn((PAGE, self.dim), generator=gen.manual_seed(1), device=self.x.device, dtype=self.x.dtype)

@@ -75,7 +75,7 @@ def run(cfg, ctx):
     sigmas, options = sigma_list(cfg), {"seed": int(cfg.seed), "batch_size": sample_batch}
     # with persistence, the labels of the first draws are kept: persistence's rays are the same draws (same seed
     # and index), and it need not classify them again at these sigmas
-    keep = PERSISTENCE_POOL if cfg.get("persistence") and "attack" in cfg else 0
+    keep = PERSISTENCE_POOL if cfg.persistence else 0  # validate: persistence comes with an attack
     rows, results = [], {}
     for sigma in sigmas:
         parts, seconds = [], []
@@ -143,7 +143,7 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
     if cfg.persistence:
         found = []
         for s in range(0, len(x), CHUNK):
-            shared = [[(sigma, r["draws"][i]) for sigma, r in results.items() if r.get("draws") is not None] for i in range(s, min(s + CHUNK, len(x)))]
+            shared = [[(sigma, r["draws"][i]) for sigma, r in results.items()] for i in range(s, min(s + CHUNK, len(x)))]
             found.append(persistence(model, x[s : s + CHUNK].to(device), float(cfg.gamma), method="fast", seed=int(cfg.seed),
                                      index_offset=s, batch_size=sample_batch, n_samples=PERSISTENCE_POOL, shared=shared))
         sigma_star = torch.cat([f.sigma for f in found]).double()

@@ -40,16 +40,17 @@ def run(cfg, ctx):
     state = registry.load_checkpoint(source)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["state_dict"].items()}
     weights, meta = outputs(cfg, source)
+    if cfg.format == "safetensors":
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            raise UserError("format=safetensors needs the safetensors package: pip install safetensors") from None
+        blob = save(tensors, metadata={"format": "pt", "exported_by": "robust"})
+        publish = lambda: store.atomic_write(weights, lambda f: f.write(blob), replace=False)  # noqa: E731
+    else:
+        publish = lambda: store.save_torch(weights, tensors, replace=False)  # noqa: E731
     try:  # new files only, decided when each is published: of two exports to one name started at once, one wins
-        if cfg.format == "safetensors":
-            try:
-                from safetensors.torch import save
-            except ImportError:
-                raise UserError("format=safetensors needs the safetensors package: pip install safetensors") from None
-            blob = save(tensors, metadata={"format": "pt", "exported_by": "robust"})
-            store.atomic_write(weights, lambda f: f.write(blob), replace=False)
-        else:
-            store.save_torch(weights, tensors, replace=False)
+        publish()
     except FileExistsError:
         raise UserError(f"'{weights}' was written by another process meanwhile; robust export never replaces a file: give out=OTHER_PATH") from None
     info = {"source": str(source), "weights": str(weights), "format": cfg.format, "config": state.get("config"), "identity": state.get("identity"),
