@@ -434,12 +434,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that the same clean-up as for Ctrl-C runs."""
 
 
-def _raise_terminated(signum, frame):
-    _raise_terminated.received = True
-    raise Terminated()
+def _raise_interrupt(signum, frame):
+    """SIGTERM raises Terminated, SIGINT KeyboardInterrupt, and either is remembered: a library may turn the
+    exception raised inside it into another error (seen in OmegaConf), and the run is still an interrupted one."""
+    _raise_interrupt.received = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-_raise_terminated.received = False  # set for good: a library may turn the raised Terminated into another error
+_raise_interrupt.received = None  # set for good
 
 
 def _exit_interrupted(how, command, record, run_json, run_dir, ctx, beat):
@@ -479,7 +481,9 @@ def run_command(command: str, cfg):
         "multirun_job": hydra_cfg.job.num if multirun else None,
     }
     # SIGTERM (SLURM's time-out and pre-emption) is handled like Ctrl-C: status interrupted, checkpoint kept
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the parent ignores Ctrl-C (nohup)
+        signal.signal(signal.SIGINT, _raise_interrupt)
     module = importlib.import_module(f"robust_cli.commands.{command}")
     from robust_cli.engine import ranks_from_environment
 
@@ -525,8 +529,8 @@ def run_command(command: str, cfg):
         _finish(record, run_json, ctx, beat)
         raise
     except Exception as exc:
-        if _raise_terminated.received:  # SIGTERM inside a library whose clean-up raised another error (seen in OmegaConf)
-            _exit_interrupted("SIGTERM", command, record, run_json, run_dir, ctx, beat)
+        if _raise_interrupt.received:  # a signal inside a library whose clean-up raised another error
+            _exit_interrupted(_raise_interrupt.received, command, record, run_json, run_dir, ctx, beat)
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         if not multirun:
             _finish(record, run_json, ctx, beat)

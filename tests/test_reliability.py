@@ -94,12 +94,24 @@ def test_sigint_is_one_line_with_the_resume_hint(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("training", "warning"))]
     assert "Traceback" not in err and lines[-1].startswith("interrupted (Ctrl-C)") and "resume=true" in lines[-1]
 
 
 # ----------------------------------------------------------------------------------------------- the registry
+def test_sigint_while_the_libraries_load_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.3)  # torch alone takes longer than this to import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C) outside a running job")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_train_reuses_a_finished_checkpoint_and_retrain_keeps_the_old_one(robust, tmp_path):
     robust("train", *TINY, check=True)
     entry = registry_entry(tmp_path)
