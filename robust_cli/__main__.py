@@ -3,16 +3,27 @@ while a command line is checked, between sweep jobs) as one line instead of a tr
 Ctrl-C and records its run as interrupted (cli.run_command)."""
 import sys
 
+from robust_cli import interrupts
+
 
 def main() -> None:
+    interrupts.install()  # before the heavy imports: a Ctrl-C during them is remembered too
     try:
         from robust_cli.cli import main as cli_main
 
         cli_main()
+    except Exception:
+        if not interrupts.received:  # a real error: its traceback
+            raise
+        _interrupted()
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C) outside a running job: no run was left half-written; runs already finished are complete",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
+        _interrupted()
+
+
+def _interrupted() -> None:
+    print(f"interrupted ({interrupts.received or 'Ctrl-C'}) outside a running job: no run was left half-written; runs already "
+          "finished are complete", file=sys.stderr, flush=True)
+    sys.exit(143 if interrupts.received == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import robust_cli
+from robust_cli import interrupts
 from robust_cli.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             sweep_dir = Path(root) / command / "multirun" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
             rest.append(f"hydra.sweep.dir={_quote(str(claim_run_dir(str(sweep_dir))))}")
     except UserError as exc:
+        if interrupts.received:  # a signal during the precheck that a library reported as another error
+            raise KeyboardInterrupt() from None
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [argv[0], *rest]
@@ -430,20 +432,6 @@ def validate_job(module, cfg) -> torch.device:
     return device
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that the same clean-up as for Ctrl-C runs."""
-
-
-def _raise_interrupt(signum, frame):
-    """SIGTERM raises Terminated, SIGINT KeyboardInterrupt, and either is remembered: a library may turn the
-    exception raised inside it into another error (seen in OmegaConf), and the run is still an interrupted one."""
-    _raise_interrupt.received = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-_raise_interrupt.received = None  # set for good
-
-
 def _exit_interrupted(how, command, record, run_json, run_dir, ctx, beat):
     record.update(status="interrupted", error=how)
     _finish(record, run_json, ctx, beat)
@@ -481,9 +469,7 @@ def run_command(command: str, cfg):
         "multirun_job": hydra_cfg.job.num if multirun else None,
     }
     # SIGTERM (SLURM's time-out and pre-emption) is handled like Ctrl-C: status interrupted, checkpoint kept
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the parent ignores Ctrl-C (nohup)
-        signal.signal(signal.SIGINT, _raise_interrupt)
+    interrupts.install()  # again: a launcher's worker process did not run main()
     module = importlib.import_module(f"robust_cli.commands.{command}")
     from robust_cli.engine import ranks_from_environment
 
@@ -508,6 +494,8 @@ def run_command(command: str, cfg):
         module.run(cfg, ctx)
         record["status"] = "completed"
     except UserError as exc:
+        if interrupts.received:  # a signal that a library reported as another error
+            _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
         record.update(status="user_error", error=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if not multirun:
@@ -523,14 +511,14 @@ def run_command(command: str, cfg):
             _finish(record, run_json, ctx, beat)
             sys.exit(2)
     except KeyboardInterrupt as exc:
-        _exit_interrupted("SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C", command, record, run_json, run_dir, ctx, beat)
+        _exit_interrupted("SIGTERM" if isinstance(exc, interrupts.Terminated) else "Ctrl-C", command, record, run_json, run_dir, ctx, beat)
     except SystemExit:
         record.update(status="interrupted", error="SystemExit")
         _finish(record, run_json, ctx, beat)
         raise
     except Exception as exc:
-        if _raise_interrupt.received:  # a signal inside a library whose clean-up raised another error
-            _exit_interrupted(_raise_interrupt.received, command, record, run_json, run_dir, ctx, beat)
+        if interrupts.received:  # a signal inside a library whose clean-up raised another error
+            _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         if not multirun:
             _finish(record, run_json, ctx, beat)
