@@ -474,3 +474,35 @@ def test_user_errors_are_one_line():
         PGD()(model, torch.zeros(2, 20), torch.zeros(2, dtype=torch.long), -0.1)
     with pytest.raises(UserError):
         PGD()(model, torch.zeros(2, 20), torch.zeros(2, dtype=torch.long))
+
+
+def test_early_stop_ends_at_the_first_adversarial_iterate_closed_form():
+    """Binary linear model f(x) = w.x + b from the interior of the box: each BIM step lowers the margin by exactly
+    alpha * ||w||_1, so the first adversarial iterate is step k* = floor(m / (alpha ||w||_1)) + 1 and the stopped
+    example sits at linf distance k* alpha from x, while the full run goes on to the budget."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 30)
+    lin = nn.Linear(30, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([w[0], -w[0]]) / 2)
+        lin.bias.zero_()
+    x = torch.full((1, 30), 0.5)
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([0.4, -0.4]))
+    y = torch.tensor([0])
+    alpha, eps = 0.002, 0.2
+    margin = (lin(x)[0, 0] - lin(x)[0, 1]).item()                 # = w0.x + 0.8
+    assert margin > 0
+    per_step = alpha * w[0].abs().sum().item()                     # margin drop per sign step (no clipping inside the box)
+    k_star = math.floor(margin / per_step) + 1
+    assert k_star * alpha < eps, "the budget must not bind for this test"
+    stopped = BIM(steps=200, step_size=alpha, early_stop=True)(lin, x, y, eps)
+    full = BIM(steps=200, step_size=alpha)(lin, x, y, eps)
+    assert lin(stopped).argmax(1).item() == 1
+    assert (stopped - x).abs().max().item() == pytest.approx(k_star * alpha, rel=1e-4)
+    assert (full - x).abs().max().item() == pytest.approx(eps, rel=1e-4)
+    # targeted and PGD too: the same rule, one flag
+    t = BIM(steps=200, step_size=alpha, early_stop=True, targeted="next")(lin, x, y, eps)
+    assert torch.allclose(t, stopped)
+    with pytest.raises(UserError, match="early_stop"):
+        PGD(early_stop="yes")

@@ -105,13 +105,19 @@ class PGD(Attack):
 
     step_size null -> 2.5 * eps / steps (Madry et al.: enough to reach the sphere from any start).
     restarts > 1: each example keeps its own worst case over the restarts (adversarial first, then highest loss).
+    early_stop: an example stops at its first adversarial iterate (judged on the logits the next gradient computes
+    anyway, so it costs nothing): the point just across the boundary, as when IGSM is run "until the target class".
+    Off by default: the papers run every step, which carries the example deeper into the other class.
     """
 
     iterative = True
 
     def __init__(self, norm: str = "linf", steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 restarts: int = 1, loss: str = "ce", **kwargs):
+                 restarts: int = 1, loss: str = "ce", early_stop: bool = False, **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(early_stop, bool):
+            raise UserError(f"early_stop must be true or false, got {early_stop!r}")
+        self.early_stop = early_stop
         self.norm = norms.check_norm(norm)
         self.loss = check_loss(loss)
         self.steps = _positive_int("steps", steps, minimum=0) if steps is not None else None
@@ -144,9 +150,11 @@ class PGD(Attack):
             x_adv = norms.random_start(x, eps, self.norm, self.bounds) if self.random_start else x.clone()
             memory = None
             for _ in range(steps):
-                grad = self.loss_gradient(model, x_adv, y, target)
+                logits, _, grad = self.loss_and_gradient(model, x_adv, y, target)
                 with torch.no_grad():
                     direction, memory = self.ascent_direction(grad, memory)
+                    if self.early_stop:  # a finished example takes no further step
+                        direction = direction * ~self.is_adversarial(logits, y, target).reshape(-1, *([1] * (x.dim() - 1)))
                     x_adv = project(_advance(x_adv, step, direction, inplace=True))
             if self.restarts == 1:
                 return x_adv
