@@ -60,8 +60,9 @@ class SweepStatus(Callback):
 
 
 class CheckScale(Callback):
-    """Experiment presets pick their sizes with `scale=<name>` from their `scales` table; an unknown name would
-    surface as an interpolation traceback from deep inside the sweeper, so stop first with one line (exit 2)."""
+    """Experiment presets pick their sizes with `scale=<name>` from their `scales` table (and szegedy_table its
+    attack with `variant=<name>` from `variants`); an unknown name would surface as an interpolation traceback from
+    deep inside the sweeper, so stop first with one line (exit 2)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config)
@@ -73,11 +74,12 @@ class CheckScale(Callback):
     def _check(config) -> None:
         import sys
 
-        scales, scale = config.get("scales"), config.get("scale")
-        if scales is not None and scale not in scales:
-            experiment = config.hydra.runtime.choices.get("experiment", "this preset")
-            print(f"error: scale must be one of {', '.join(scales)} for experiment={experiment}, got {scale!r}", file=sys.stderr)
-            sys.exit(2)
+        for key, table in (("scale", "scales"), ("variant", "variants")):
+            names, name = config.get(table), config.get(key)
+            if names is not None and name not in names:
+                experiment = config.hydra.runtime.choices.get("experiment", "this preset")
+                print(f"error: {key} must be one of {', '.join(names)} for experiment={experiment}, got {name!r}", file=sys.stderr)
+                sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------- tracking

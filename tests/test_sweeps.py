@@ -79,6 +79,15 @@ def test_szegedy_preset_sweeps_bells_networks():
     assert cfg.attack._target_.endswith("LBFGS") and cfg.scale == "cpu"
     assert set(cpu["model"].split(",")) < set(full["model"].split(",")) and "c_8" in cpu["model"] and "c_32" not in cpu["model"]
     assert int(cpu["n_points"]) < 300
+    assert (cpu["attack"], cpu["eps"], cpu["targets_per_point"]) == ("lbfgs", "null", "1")
+
+
+def test_szegedy_igsm_variant_is_bells_histogram_attack():
+    """variant=igsm: BIM towards each of the 9 other classes, stopped at the first iterate in the target class."""
+    _, params = sweep_config("persistence", ["experiment=szegedy_table", "variant=igsm"])
+    assert (params["attack"], params["targets_per_point"]) == ("igsm", "9") and float(params["eps"]) > 0
+    cfg, _ = sweep_config("persistence", ["experiment=szegedy_table", "attack=igsm"])
+    assert cfg.attack._target_.endswith(".BIM") and cfg.attack.early_stop is True and cfg.attack.targeted == "random"
 
 
 def test_oberman_objectives_carry_their_settings():
@@ -144,6 +153,10 @@ def test_unknown_scale_stops_with_one_line(capsys):
     assert capsys.readouterr().err.strip() == "error: scale must be one of cpu, full for experiment=szegedy_table, got 'huge'"
     cfg.scale = "cpu"
     CheckScale().on_run_start(cfg)  # a known scale passes
+    cfg.variant, cfg.variants = "cw", {"lbfgs": {}, "igsm": {}}
+    with pytest.raises(SystemExit):
+        CheckScale().on_run_start(cfg)
+    assert capsys.readouterr().err.strip() == "error: variant must be one of lbfgs, igsm for experiment=szegedy_table, got 'cw'"
     cfg, _ = sweep_config("persistence", ["experiment=szegedy_table"])
     assert cfg.hydra.callbacks.check_scale._target_ == "robust_cli.callbacks.CheckScale"
 
