@@ -71,14 +71,15 @@ def model_checks(model, x, device, bs=256) -> list[dict]:
 
 def gradient_check(model, attack, x, y, clean_pred, eps, device, bs) -> dict:
     """Fraction of correctly classified examples whose CE input gradient at a random start in the eps-ball is 0 or not finite."""
-    probe = APGD(norm=attack.norm if attack.norm in ("linf", "l2") else "linf", n_iter=1, bounds=attack.bounds)
+    probe = APGD(norm="linf", n_iter=1, bounds=attack.bounds)  # only its CE gradient is used
+    ball = attack.norm if attack.norm in norms.MINIMAL_NORM_NORMS else "linf"  # l0 (JSMA): the linf ball
     ok = (clean_pred == y).nonzero().squeeze(1)
     bad = total = 0
     with model_mode(model, "eval"):
         for s in range(0, len(ok), bs):
             idx = ok[s:s + bs]
             xb, yb = x[idx].to(device), y[idx].to(device)
-            start = norms.random_start(xb, eps, probe.norm, probe.bounds) if eps > 0 else xb
+            start = norms.random_start(xb, eps, ball, probe.bounds) if eps > 0 else xb
             with torch.enable_grad():
                 g = probe.loss_gradient(model, start, yb, None).flatten(1)
             bad += int(((g == 0).all(dim=1) | ~torch.isfinite(g).all(dim=1)).sum())

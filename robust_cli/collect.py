@@ -199,7 +199,8 @@ def merge_shards(group) -> dict | None:
         frame = frame.sort_values("index")
         y, clean, pred = (torch.tensor(frame[c].to_numpy()) for c in ("label", "clean_pred", "adv_pred"))
         success = torch.tensor(frame["success"].to_numpy(dtype=bool))
-        sizes = {k: torch.tensor(frame[k].to_numpy(dtype="float64")) for k in ev.SIZE_COLUMNS}
+        # a column a shard's version did not write (l1 before FAB-L1) is NaN, not a KeyError
+        sizes = {k: torch.tensor(frame[k].to_numpy(dtype="float64") if k in frame else np.full(len(frame), np.nan)) for k in ev.SIZE_COLUMNS}
         if math.isinf(eps):  # a minimal attack: the curve is read off the distances, as in the run
             dist = ev.minimal_distances(y, clean, success, sizes)[attack.norm]
             radii = sorted(e for e in main.eps.unique() if math.isfinite(e))

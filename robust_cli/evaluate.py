@@ -20,15 +20,16 @@ import torch
 from robust_cli.attacks import model_mode, vote_labels
 from robust_cli.engine import BatchSize, FastModel, chunked, exact
 
-SIZE_COLUMNS = ("l2", "linf", "distortion", "l0")
+SIZE_COLUMNS = ("l2", "linf", "l1", "distortion", "l0")
 
 
 # ----------------------------------------------------------------------------------------------- basics
 def perturbation_sizes(x: torch.Tensor, x_adv: torch.Tensor) -> dict:
-    """Per-example l2, linf, distortion (l2 / sqrt(n), Szegedy/Bell) and l0 of x_adv - x."""
+    """Per-example l2, linf, l1, distortion (l2 / sqrt(n), Szegedy/Bell) and l0 of x_adv - x."""
     delta = (x_adv - x).flatten(1).double()  # double: tiny perturbations stay exact
     l2 = delta.norm(dim=1)
-    return {"l2": l2, "linf": delta.abs().amax(dim=1), "distortion": l2 / math.sqrt(delta.shape[1]), "l0": (delta != 0).sum(dim=1).double()}
+    return {"l2": l2, "linf": delta.abs().amax(dim=1), "l1": delta.abs().sum(dim=1), "distortion": l2 / math.sqrt(delta.shape[1]),
+            "l0": (delta != 0).sum(dim=1).double()}
 
 
 def model_device(model) -> torch.device:

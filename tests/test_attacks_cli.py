@@ -13,7 +13,7 @@ import torch
 ATTACK_DIR = Path(__file__).resolve().parents[1] / "robust_cli" / "conf" / "attack"
 CURVE_COLUMNS = ["attack", "norm", "targeted", "eps", "n", "clean_accuracy", "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "success_rate", "mean_l2",
                  "mean_linf", "mean_distortion", "seconds", "precision", "fp32_rejected"]
-EXAMPLE_COLUMNS = ["index", "eps", "label", "clean_pred", "adv_pred", "target", "success", "l2", "linf", "distortion", "l0"]
+EXAMPLE_COLUMNS = ["index", "eps", "label", "clean_pred", "adv_pred", "target", "success", "l2", "linf", "l1", "distortion", "l0"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_minimal_attack_distances(attack_cli):
     proc, run = attack_cli("attack=deepfool", "eps=[0.5,1.0]", "data.n_test=40")
     assert proc.returncode == 0, proc.stderr
     dist = pd.read_csv(run / "distances.csv")
-    assert list(dist.columns)[:5] == ["index", "label", "l2", "linf", "distortion"] and len(dist) == 40
+    assert list(dist.columns)[:6] == ["index", "label", "l2", "linf", "l1", "distortion"] and len(dist) == 40
     examples = pd.read_csv(run / "examples.csv")
     wrong = (examples["clean_pred"] != examples["label"]).to_numpy()
     assert (dist["l2"].to_numpy()[wrong] == 0).all()
@@ -73,6 +73,20 @@ def test_minimal_attack_distances(attack_cli):
     assert curve["eps"].tolist() == [0.5, 1.0, math.inf]
     expected = ((examples["clean_pred"] == examples["label"]).to_numpy() & (dist["l2"].to_numpy() > 0.5)).mean()
     assert curve.loc[0, "robust_accuracy"] == pytest.approx(expected)
+
+
+def test_fab_in_l1_keeps_its_budget_and_writes_l1_distances(attack_cli):
+    proc, run = attack_cli("attack=fab_t", "attack.norm=l1", "eps=[0,1.5]", "data.n_test=40", "attack.n_iter=30", "audit=false")
+    assert proc.returncode == 0, proc.stderr
+    curve, examples = pd.read_csv(run / "curve.csv"), pd.read_csv(run / "examples.csv")
+    assert (curve["norm"] == "l1").all() and curve.loc[1, "robust_accuracy"] < curve.loc[0, "robust_accuracy"]
+    broken = examples[(examples.eps == 1.5) & examples.success]
+    assert len(broken) and (broken["l1"] <= 1.5 + 1e-5).all() and (broken["l1"] >= broken["l2"] - 1e-9).all()
+    proc, run = attack_cli("attack=fab", "attack.norm=l1", "attack.minimal=true", "eps=[1.0]", "data.n_test=40", "attack.n_iter=30")
+    assert proc.returncode == 0, proc.stderr
+    dist, curve = pd.read_csv(run / "distances.csv"), pd.read_csv(run / "curve.csv")
+    expected = (dist["l1"] > 1.0).mean()  # misclassified inputs have distance 0, failures +inf
+    assert curve.loc[curve.eps == 1.0, "robust_accuracy"].item() == pytest.approx(expected)
 
 
 def test_binary_search_distances(attack_cli):
@@ -90,6 +104,8 @@ def test_binary_search_distances(attack_cli):
     (["attack=deepfool", "search=binary"], "budgeted"),
     (["attack=lbfgs", "attack.targeted=false"], "targeted"),
     (["attack=pgd", "attack.stepz=3"], "attack"),
+    (["attack=autoattack", "attack.norm=l1"], "l1"),
+    (["attack=apgd", "attack.norm=l1"], "norm"),
 ])
 def test_user_errors_exit_2_with_one_line(attack_cli, args, needle):
     proc, _ = attack_cli(*args, "data.n_test=10")

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from robust_cli import audit
 from robust_cli import evaluate as ev
-from robust_cli.attacks import APGD, APGDT, FAB, FABT, PGD, AutoAttack, Square, cascade
+from robust_cli.attacks import APGD, APGDT, FAB, FABT, PGD, AutoAttack, Square, cascade, norms
 from robust_cli.attacks.apgd import checkpoints
 from robust_cli.attacks.fab import project_halfspace, project_halfspace_sorted
 
@@ -113,7 +113,11 @@ def test_cascade_runs_each_member_only_on_survivors(digits_model):
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+DUAL = {"linf": lambda t, dim: t.abs().sum(dim), "l2": lambda t, dim: t.norm(dim=dim), "l1": lambda t, dim: t.abs().amax(dim)}
+SIZE = {"linf": lambda t: t.abs().amax(1), "l2": lambda t: t.norm(dim=1), "l1": lambda t: t.abs().sum(1)}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_fab_finds_the_exact_distance_to_a_hyperplane(norm):
     """Two-class linear model without a box: the minimal distance is |w.x + b| / ||w||_dual, closed form."""
     torch.manual_seed(0)
@@ -126,13 +130,13 @@ def test_fab_finds_the_exact_distance_to_a_hyperplane(norm):
     y = model(x).argmax(1)
     fab = FABT(norm=norm, minimal=True, n_iter=20, bounds=None)
     d = (fab(model, x, y) - x)
-    found = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
-    exact = (x @ w - 0.3).abs() / (w.abs().sum() if norm == "linf" else w.norm())
+    found = SIZE[norm](d)
+    exact = (x @ w - 0.3).abs() / DUAL[norm](w, 0)
     assert (model(x + d).argmax(1) != y).all()
     assert torch.allclose(found, exact, rtol=0.06)  # within the 1.05 overshoot
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_untargeted_fab_finds_the_closest_of_several_hyperplanes(norm):
     """Five-class linear model without a box: the minimal distance is min over l != y of
     |(w_l - w_y).x + b_l - b_y| / ||w_l - w_y||_dual, a closed form FAB-T reaches only through the right target."""
@@ -145,12 +149,11 @@ def test_untargeted_fab_finds_the_closest_of_several_hyperplanes(norm):
         dw = W[None, :, :] - W[y][:, None, :]  # (B, K, n)
         db = b[None, :] - b[y][:, None]
         gap = (dw @ x[:, :, None]).squeeze(2) + db
-        dual = dw.abs().sum(2) if norm == "linf" else dw.norm(dim=2)
-        exact = (gap.abs() / dual).scatter(1, y[:, None], math.inf).min(1).values
+        exact = (gap.abs() / DUAL[norm](dw, 2)).scatter(1, y[:, None], math.inf).min(1).values
     fab = FAB(norm=norm, minimal=True, n_iter=30, bounds=None)
     d = fab(model, x, y) - x
     assert torch.equal(fab(model, x, y, math.inf) - x, d)  # the CLI calls minimal attacks with eps = inf: no budget
-    found = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    found = SIZE[norm](d)
     assert (model(x + d).argmax(1) != y).all()
     assert (found >= exact * (1 - 1e-4)).all() and torch.allclose(found, exact, rtol=0.06)
 
@@ -192,6 +195,57 @@ def test_halfspace_projection_is_minimal_and_feasible():
         assert ((w * d).sum(1)[feasible] >= c[feasible] - 1e-4).all()
         # no feasible point of the box has a smaller norm: scaling d down by 1 % breaks the constraint
         assert ((w * d * 0.99).sum(1)[feasible] < c[feasible]).all()
+
+
+def test_l1_halfspace_projection_equals_a_linear_program():
+    """min ||d||_1 s.t. w.d >= c, lower <= d <= upper is a linear program: scipy's solver (d = p - q, p, q >= 0)
+    is the oracle, on random boxes with rows beyond the corner and rows with nothing to do."""
+    linprog = pytest.importorskip("scipy.optimize").linprog
+    torch.manual_seed(3)
+    w = torch.randn(24, 30, dtype=torch.float64)
+    w[:, :5] = 0
+    lower, upper = -torch.rand(24, 30, dtype=torch.float64), torch.rand(24, 30, dtype=torch.float64)
+    c = torch.rand(24, dtype=torch.float64) * 3
+    c[:2], c[2:4] = -1.0, 1e3
+    d = project_halfspace(w, c, lower, upper, "l1")
+    assert ((d >= lower) & (d <= upper)).all()
+    for i in range(len(c)):
+        a = torch.cat([-w[i], w[i]]).numpy()[None]
+        box = [(0, float(u)) for u in upper[i]] + [(0, float(-lo)) for lo in lower[i]]
+        lp = linprog(torch.ones(60).numpy(), A_ub=a, b_ub=[-float(c[i])], bounds=box)
+        if lp.status == 2:  # infeasible: the corner, the best the box allows
+            assert torch.allclose(d[i], torch.where(w[i] > 0, upper[i], torch.where(w[i] < 0, lower[i], torch.zeros(30, dtype=torch.float64))))
+        else:
+            assert float(d[i].abs().sum()) == pytest.approx(lp.fun, abs=1e-9) and float(w[i] @ d[i]) >= float(c[i]) - 1e-9
+
+
+def test_fab_l1_agrees_with_the_authors_implementation(digits_model):
+    """FAB and FAB-T in l1 against Croce & Hein's own code (pyautoattack's FABAttack_PT; torchattacks' L1 FAB fails
+    with an UnboundLocalError): robust accuracy at two l1 budgets and the median minimal distance (measured: equal)."""
+    fab_pt = pytest.importorskip("pyautoattack.fab_pt")
+    model, x, y = digits_model
+    for eps in (1.0, 2.0):
+        for targeted, ours in ((False, FAB(norm="l1", n_iter=100)), (True, FABT(norm="l1", n_iter=100))):
+            theirs = fab_pt.FABAttack_PT(model, norm="L1", n_iter=100, eps=eps, seed=0, device="cpu", targeted=targeted, n_target_classes=9)
+            a, b = accuracy(model, ours(model, x, y, eps), y), accuracy(model, theirs.perturb(x, y), y)
+            assert abs(a - b) <= 0.01, (ours.name, eps, a, b)
+            assert a < accuracy(model, x, y) - 0.2  # the budget is large enough for the check to mean something
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    ours = (FAB(norm="l1", minimal=True)(model, x, y) - x).abs().flatten(1).sum(1)[ok]
+    theirs = (fab_pt.FABAttack_PT(model, norm="L1", eps=1e6, seed=0, device="cpu").perturb(x, y) - x).abs().flatten(1).sum(1)[ok]
+    assert float(ours.median()) == pytest.approx(float(theirs.median()), rel=0.01)
+
+
+def test_l1_random_start_is_inside_the_ball_and_fills_it():
+    torch.manual_seed(0)
+    x = torch.full((4000, 1, 4, 4), 0.5)
+    start = norms.random_start(x, 2.0, "l1", bounds=None)
+    size = (start - x).abs().flatten(1).sum(1)
+    assert (size <= 2.0 + 1e-5).all()
+    # uniform in the 16-dimensional ball: P(||delta||_1 <= r eps) = r^16, so the median radius is 2 * 0.5^(1/16)
+    assert float(size.median()) == pytest.approx(2.0 * 0.5 ** (1 / 16), rel=0.01)
+    assert abs(float((start - x).mean())) < 0.005  # signs balanced
 
 
 def test_halfspace_projection_newton_equals_the_sorting_solver():

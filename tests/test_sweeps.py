@@ -87,7 +87,7 @@ def test_szegedy_igsm_variant_is_bells_histogram_attack():
     _, params = sweep_config("persistence", ["experiment=szegedy_table", "variant=igsm"])
     assert (params["attack"], params["targets_per_point"]) == ("igsm", "9") and float(params["eps"]) > 0
     cfg, _ = sweep_config("persistence", ["experiment=szegedy_table", "attack=igsm"])
-    assert cfg.attack._target_.endswith(".BIM") and cfg.attack.early_stop is True and cfg.attack.targeted == "random"
+    assert cfg.attack._target_.endswith(".IGSM") and cfg.attack.early_stop is True and cfg.attack.targeted == "random"
 
 
 def test_oberman_objectives_carry_their_settings():

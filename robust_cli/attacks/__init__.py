@@ -8,11 +8,11 @@ from robust_cli.attacks.cw import CW
 from robust_cli.attacks.deepfool import DeepFool
 from robust_cli.attacks.ensemble import AutoAttack, MinimalEnsemble, cascade
 from robust_cli.attacks.fab import FAB, FABT
-from robust_cli.attacks.gradient import BIM, FGM, FGSM, MIFGSM, PGD, RFGSM, Gradient
+from robust_cli.attacks.gradient import BIM, IGSM, FGM, FGSM, MIFGSM, PGD, RFGSM, Gradient
 from robust_cli.attacks.jsma import JSMA
 from robust_cli.attacks.lbfgs import LBFGS
 from robust_cli.attacks.noise import Noise
 from robust_cli.attacks.square import Square
 
-__all__ = ["Attack", "model_mode", "FGSM", "FGM", "Gradient", "BIM", "PGD", "MIFGSM", "RFGSM", "DeepFool", "CW",
+__all__ = ["Attack", "model_mode", "FGSM", "FGM", "Gradient", "BIM", "IGSM", "PGD", "MIFGSM", "RFGSM", "DeepFool", "CW",
            "LBFGS", "JSMA", "Noise", "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "MinimalEnsemble", "cascade", "vote_labels"]

@@ -88,7 +88,7 @@ class Attack:
     """Base class: argument checks, model mode, targets, and a cheap check of budget and box on the result."""
 
     kind = "budgeted"  # "budgeted" | "minimal"
-    norm = "linf"  # "linf" | "l2" | "l0"
+    norm = "linf"  # "linf" | "l2" | "l1" | "l0"
     iterative = False  # iterative attacks must not be weaker than their single-step version (masking check)
 
     def __init__(self, targeted=False, model_mode: str = "eval", bounds=(0.0, 1.0), eot_iter: int = 1,

@@ -94,7 +94,10 @@ class AutoAttack(Attack):
     def __init__(self, version: str = "standard", norm: str = "linf", attacks=None, n_iter: int = 100, n_queries: int = 5000,
                  n_target_classes: int = 9, eot_iter: int = 20, report_each: bool = False, **kwargs):
         super().__init__(**{k: v for k, v in kwargs.items() if k != "eot_iter"})
-        self.norm = norms.check_norm(norm)
+        if norm == "l1" and version != "custom":
+            raise UserError(f"autoattack version={version} has no l1 members here (l1-APGD and l1-Square are not implemented): "
+                            "attack=fab_t attack.norm=l1 (budgeted or attack.minimal=true) is the l1 attack")
+        self.norm = norms.check_norm(norm, norms.MINIMAL_NORM_NORMS if version == "custom" else norms.NORMS)
         self.version = version
         self.report_each = bool(report_each)
         common = {"bounds": self.bounds, "model_mode": self.model_mode, "eval_draws": self.eval_draws, "vote": self.vote}

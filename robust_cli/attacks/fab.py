@@ -1,10 +1,10 @@
 """FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack"):
-untargeted (FAB, the paper's Algorithm) and targeted over the top classes as in AutoAttack (FAB-T), linf and l2.
+untargeted (FAB, the paper's Algorithm) and targeted over the top classes as in AutoAttack (FAB-T), linf, l2 and l1.
 
 At the iterate x_i the decision boundary between the label y and the target t is linearised,
     pi = {z : g(x_i) + grad g(x_i) . (z - x_i) = 0},  g = Z_t - Z_y,
 where untargeted FAB takes, at every iterate, the class whose linearised boundary is closest,
-    t = argmin_{l != y} |Z_l - Z_y| / ||grad (Z_l - Z_y)||_q   (q the dual norm: 1 for linf, 2 for l2),
+    t = argmin_{l != y} |Z_l - Z_y| / ||grad (Z_l - Z_y)||_q   (q the dual norm: 1 for linf, 2 for l2, inf for l1),
 and both the iterate and the original point are projected onto pi within the box (minimal norm, exactly):
     d_i = proj(x_i) - x_i,  d_0 = proj(x_0) - x_0,  a = min(|d_i| / (|d_i| + |d_0|), alpha_max)
     x_{i+1} = clip((1 - a)(x_i + eta d_i) + a (x_0 + eta d_0))
@@ -29,7 +29,7 @@ NEWTON_STEPS = 30  # rows not settled by then (none seen on MNIST or random boxe
 
 
 def project_halfspace(w, c, lower, upper, norm, newton_steps=NEWTON_STEPS):
-    """Per example: the smallest d (in linf or l2) with w . d >= c and lower <= d <= upper (lower <= 0 <= upper).
+    """Per example (l1: see project_halfspace_l1): the smallest d (in linf or l2) with w . d >= c and lower <= d <= upper (lower <= 0 <= upper).
 
     Both norms share one family, d(s) = sign(w) min(s v, room), with v = 1 (linf) or |w| (l2) and room = how far
     each coordinate can move along sign(w); the answer is the smallest s with F(s) = w . d(s) >= c. F is concave,
@@ -39,6 +39,8 @@ def project_halfspace(w, c, lower, upper, norm, newton_steps=NEWTON_STEPS):
     the dtype's rounding); arithmetic only, as boolean selects (where, masked_fill) cost ten times an add on the CPU.
     Where even the box corner cannot reach c, the corner (the best the box allows) is returned; c <= 0 gives 0.
     """
+    if norm == "l1":
+        return project_halfspace_l1(w, c, lower, upper)
     c = c.double()
     sign = w.sign()
     u = w.abs()
@@ -65,6 +67,28 @@ def project_halfspace(w, c, lower, upper, norm, newton_steps=NEWTON_STEPS):
     if len(stuck):
         d[stuck] = project_halfspace_sorted(w[stuck], c[stuck], lower[stuck], upper[stuck], norm).to(d.dtype)
     return d
+
+
+def project_halfspace_l1(w, c, lower, upper):
+    """The smallest d in l1 with w . d >= c and lower <= d <= upper: a fractional knapsack. A unit of l1 spent on
+    coordinate i buys |w_i| of w . d, so coordinates are filled to their box face (along sign(w_i)) in decreasing
+    order of |w_i|, the last one only as far as c needs; ties in |w| give the same l1 norm whichever is filled.
+    Where even the box corner cannot reach c, the corner is returned; c <= 0 gives 0."""
+    sign = w.sign()
+    u = w.abs()
+    room = torch.maximum(upper * sign, lower * sign)
+    order = u.argsort(dim=1, descending=True)
+    u_s, room_s = u.gather(1, order).double(), room.gather(1, order).double()
+    # w . d once the first j+1 coordinates are at their face (a coordinate w does not see adds nothing, even unboxed)
+    gain = torch.where(u_s > 0, u_s * room_s, torch.zeros_like(u_s)).cumsum(dim=1)
+    need = c.double()[:, None]
+    before = torch.cat([torch.zeros_like(gain[:, :1]), gain[:, :-1]], dim=1)  # gain of the coordinates before j
+    # coordinate j moves by all of its room where the ones before fall short of c even with it, by the rest
+    # of c where it completes c, and not at all once the ones before reach c
+    amount = torch.where(gain <= need, room_s, ((need - before) / u_s.clamp_min(1e-300)).clamp(min=0).minimum(room_s))
+    amount = torch.where(before >= need, torch.zeros_like(amount), amount)
+    d = torch.zeros_like(w).scatter_(1, order, amount.to(w.dtype))
+    return sign * d
 
 
 def project_halfspace_sorted(w, c, lower, upper, norm):
@@ -116,7 +140,7 @@ class FABT(Attack):
     def __init__(self, norm: str = "linf", n_iter: int = 100, n_target_classes: int = 9, restarts: int = 1,
                  alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, minimal: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.norm = norms.check_norm(norm)
+        self.norm = norms.check_norm(norm, norms.MINIMAL_NORM_NORMS)
         self.n_iter = _positive_int("n_iter", n_iter)
         self.n_target_classes = _positive_int("n_target_classes", n_target_classes)
         self.restarts = _positive_int("restarts", restarts)
@@ -206,7 +230,7 @@ class FABT(Attack):
         radius = best_norm.clone()
         if eps is not None:
             radius = torch.minimum(radius, eps)
-        radius = torch.where(torch.isfinite(radius), radius, torch.full_like(radius, 0.1 if self.norm == "linf" else 1.0)) / 2
+        radius = torch.where(torch.isfinite(radius), radius, torch.full_like(radius, {"linf": 0.1, "l2": 1.0, "l1": 5.0}[self.norm])) / 2
         return norms.random_start(x, radius, self.norm, self.bounds)
 
 
@@ -233,7 +257,7 @@ class FAB(FABT):
         grads = torch.stack([torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < diff.shape[1] - 1)[0]
                              for k in range(diff.shape[1])], dim=1)  # (B, K, ...)
         flat = grads.flatten(2)
-        dual = flat.abs().sum(dim=2) if self.norm == "linf" else flat.norm(dim=2)
+        dual = {"linf": lambda: flat.abs().sum(dim=2), "l2": lambda: flat.norm(dim=2), "l1": lambda: flat.abs().amax(dim=2)}[self.norm]()
         distance = diff.detach().abs() / dual.clamp_min(1e-12)
         distance.scatter_(1, y[:, None], math.inf)  # not the label's own "boundary"
         s = distance.argmin(dim=1)

@@ -191,6 +191,15 @@ class BIM(PGD):
         return int(math.ceil(min(255 * eps_max + 4, 1.25 * 255 * eps_max)))
 
 
+class IGSM(BIM):
+    """IGSM as Bell ran it for her MNIST persistence histograms (Figures 10, 13-16): BIM aimed at a target class and
+    stopped at the first iterate the model gives the target, so the example sits just across the boundary; eps is
+    only the cap. With the persistence command's targets_per_point=9, every other class is a target once."""
+
+    def __init__(self, targeted="random", early_stop: bool = True, **kwargs):
+        super().__init__(targeted=targeted, early_stop=early_stop, **kwargs)
+
+
 class MIFGSM(PGD):
     """Momentum iterative FGSM (Dong et al. 2018): g <- mu * g + grad / ||grad||_1, step alpha * sign(g).
 

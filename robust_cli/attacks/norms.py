@@ -14,6 +14,7 @@ import torch
 from robust_cli.errors import UserError
 
 NORMS = ("linf", "l2")  # norms an attack can take as its budget
+MINIMAL_NORM_NORMS = ("linf", "l2", "l1")  # FAB's: its step is an exact projection, which l1 also has in closed form
 MEASURES = ("linf", "l2", "l1", "l0")  # norms we can measure a perturbation in
 
 _TINY = 1e-12  # keeps 0/0 at 0: a zero gradient gives a zero direction, not NaN
@@ -105,6 +106,8 @@ def random_start(x: torch.Tensor, eps, norm: str, bounds=(0.0, 1.0)) -> torch.Te
 
     linf: delta ~ U[-eps, eps]^n (Madry et al.). l2: delta uniform in the ball: Gaussian direction, radius
     eps * U^(1/n) (in high dimension nearly all volume lies near the sphere, so the radius is close to eps).
+    l1: delta uniform in the ball: random signs times E_i / (E_1 + ... + E_(n+1)), E_j i.i.d. exponential (the
+    first n coordinates of a uniform point of the n-simplex).
     Clipping to the box only moves coordinates towards x, so the point stays in the ball.
     """
     eps_b = per_example(eps, x)
@@ -115,6 +118,10 @@ def random_start(x: torch.Tensor, eps, norm: str, bounds=(0.0, 1.0)) -> torch.Te
         n = math.prod(x.shape[1:])
         radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / n)
         delta = direction * radius.reshape(-1, *([1] * (x.dim() - 1))) * eps_b
+    elif norm == "l1":
+        e = -torch.rand(x.shape[0], math.prod(x.shape[1:]) + 1, device=x.device, dtype=x.dtype).log()
+        simplex = (e[:, :-1] / e.sum(dim=1, keepdim=True)).reshape(x.shape)
+        delta = simplex * (torch.rand_like(x) < 0.5).to(x.dtype).mul_(2).sub_(1) * eps_b
     else:
-        raise UserError(f"cannot draw a random start in norm {norm!r}; use linf or l2")
+        raise UserError(f"cannot draw a random start in norm {norm!r}; use linf, l2 or l1")
     return clip_box(x + delta, bounds)
