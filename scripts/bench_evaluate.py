@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Our AutoAttack (standard) vs torchattacks' AutoAttack, same model, images, eps, n_iter and queries, side by side.
+"""Our AutoAttack (standard) vs torchattacks' AutoAttack, same model, images, eps, n_iter and queries, side by side;
+with --versus fab_l1, our FAB-T in l1 vs Croce & Hein's own (pyautoattack's FABAttack_PT, targeted, 9 targets).
 
 Prints, per round and method: seconds, model evaluations (forward examples and backward examples, counted by hooks)
 and robust accuracy; then min and median seconds and the speed ratio. Rounds interleave the two methods (the
 machine may be shared); run at --threads 1 for a stable ratio.
 
     .venv/bin/python scripts/bench_evaluate.py --checkpoint outputs/checkpoints/<key>/model.pt [--model fc200_200_10]
-        [--n 1000] [--eps 0.1] [--rounds 2] [--threads 1] [--mnist-root DIR]
+        [--n 1000] [--eps 0.1] [--rounds 2] [--threads 1] [--mnist-root DIR] [--versus autoattack|fab_l1]
+    (fab_l1: --eps is the l1 budget, e.g. 5)
 Without --checkpoint it trains fc200_200_10 on MNIST for 3 epochs first (about a minute on 2 cores).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_attack import DEFAULT_MNIST, load  # noqa: E402
 
-from robust_cli.attacks import AutoAttack  # noqa: E402
+from robust_cli.attacks import FABT, AutoAttack  # noqa: E402
 
 
 def train_default(model_name, mnist_root):
@@ -68,8 +70,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--mnist-root", default=DEFAULT_MNIST)
+    ap.add_argument("--versus", choices=("autoattack", "fab_l1"), default="autoattack")
     args = ap.parse_args()
-    import torchattacks
 
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or train_default(args.model, args.mnist_root)
@@ -77,18 +79,36 @@ def main():
     x, y = data.test_x[: args.n], data.test_y[: args.n]
     counter = Counter(model)
 
-    def ours():
-        aa = AutoAttack(n_queries=args.n_queries)
-        return torch.cat([aa(model, x[s:s + args.batch_size], y[s:s + args.batch_size], args.eps) for s in range(0, len(x), args.batch_size)])
+    batches = lambda attack: torch.cat([attack(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])  # noqa: E731
+    if args.versus == "autoattack":
+        import torchattacks
 
-    def theirs():
-        aa = torchattacks.AutoAttack(model, eps=args.eps, n_classes=10, seed=0)
-        _set_torchattacks(aa, args.n_queries)
-        return torch.cat([aa(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])
+        peer = "torchattacks"
 
-    results = {"robust": [], "torchattacks": []}
+        def ours():
+            aa = AutoAttack(n_queries=args.n_queries)
+            return batches(lambda xb, yb: aa(model, xb, yb, args.eps))
+
+        def theirs():
+            aa = torchattacks.AutoAttack(model, eps=args.eps, n_classes=10, seed=0)
+            _set_torchattacks(aa, args.n_queries)
+            return batches(aa)
+    else:
+        from pyautoattack.fab_pt import FABAttack_PT
+
+        peer = "pyautoattack"
+
+        def ours():
+            fab = FABT(norm="l1", n_iter=100)
+            return batches(lambda xb, yb: fab(model, xb, yb, args.eps))
+
+        def theirs():
+            fab = FABAttack_PT(model, norm="L1", n_iter=100, eps=args.eps, seed=0, device="cpu", targeted=True, n_target_classes=9)
+            return batches(fab.perturb)
+
+    results = {"robust": [], peer: []}
     for r in range(args.rounds):
-        for name, fn in (("robust", ours), ("torchattacks", theirs)) if r % 2 == 0 else (("torchattacks", theirs), ("robust", ours)):
+        for name, fn in (("robust", ours), (peer, theirs)) if r % 2 == 0 else ((peer, theirs), ("robust", ours)):
             torch.manual_seed(r)
             counter.reset()
             start = time.perf_counter()
@@ -98,14 +118,15 @@ def main():
                 acc = float((model(adv).argmax(1) == y).double().mean())
             results[name].append((seconds, counter.forward, counter.backward, acc))
             print(f"round {r} {name:12s} {seconds:8.1f} s  forward {counter.forward:>10,}  backward {counter.backward:>10,}  robust accuracy {acc:.4f}", flush=True)
-    print(f"\n{args.model}, n={len(y)}, linf eps={args.eps}, threads={args.threads}, n_iter=100, square queries={args.n_queries}")
+    setting = f"linf eps={args.eps}, n_iter=100, square queries={args.n_queries}" if args.versus == "autoattack" else f"FAB-T l1 eps={args.eps}, n_iter=100, 9 targets"
+    print(f"\n{args.model}, n={len(y)}, {setting}, threads={args.threads}")
     for name, rows in results.items():
         secs, accs = [r[0] for r in rows], [r[3] for r in rows]
         print(f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy "
               f"{min(accs):.4f}-{max(accs):.4f} (median {statistics.median(accs):.4f})  forward {rows[0][1]:,}  backward {rows[0][2]:,}")
-    ratio_min = min(r[0] for r in results["torchattacks"]) / min(r[0] for r in results["robust"])
-    ratio_med = statistics.median(r[0] for r in results["torchattacks"]) / statistics.median(r[0] for r in results["robust"])
-    print(f"speed ratio torchattacks / robust: min {ratio_min:.2f}x, median {ratio_med:.2f}x (target >= 1.5)")
+    ratio_min = min(r[0] for r in results[peer]) / min(r[0] for r in results["robust"])
+    ratio_med = statistics.median(r[0] for r in results[peer]) / statistics.median(r[0] for r in results["robust"])
+    print(f"speed ratio {peer} / robust: min {ratio_min:.2f}x, median {ratio_med:.2f}x" + (" (target >= 1.5)" if args.versus == "autoattack" else ""))
 
 
 def _set_torchattacks(aa, n_queries):
