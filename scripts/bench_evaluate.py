@@ -9,6 +9,8 @@ machine may be shared); run at --threads 1 for a stable ratio.
     .venv/bin/python scripts/bench_evaluate.py --checkpoint outputs/checkpoints/<key>/model.pt [--model fc200_200_10]
         [--n 1000] [--eps 0.1] [--rounds 2] [--threads 1] [--mnist-root DIR] [--versus autoattack|fab_l1]
     (fab_l1: --eps is the l1 budget, e.g. 5)
+--precision bf16 runs our side as `robust attack precision=bf16` does (autocast inside the engine's FastModel; the
+reported robust accuracy is always the fp32 model's); --their-precision bf16 hands the peer the same autocast wrapper.
 Without --checkpoint it trains fc200_200_10 on MNIST for 3 epochs first (about a minute on 2 cores).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_attack import DEFAULT_MNIST, load  # noqa: E402
 
 from robust_cli.attacks import FABT, AutoAttack  # noqa: E402
+from robust_cli.engine import Engine  # noqa: E402
 
 
 def train_default(model_name, mnist_root):
@@ -71,6 +74,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--mnist-root", default=DEFAULT_MNIST)
     ap.add_argument("--versus", choices=("autoattack", "fab_l1"), default="autoattack")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="ours (default fp32, as on any CPU with precision=auto)")
+    ap.add_argument("--their-precision", choices=("fp32", "bf16"), default="fp32", help="the peer's model: fp32, or our autocast wrapper")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -78,6 +83,8 @@ def main():
     model, data = load(args.model, args.mnist_root, checkpoint, torch.device("cpu"))
     x, y = data.test_x[: args.n], data.test_y[: args.n]
     counter = Counter(model)
+    mine = Engine.create(torch.device("cpu"), args.precision).fast(model)  # the model itself at fp32
+    peer_model = Engine.create(torch.device("cpu"), args.their_precision).fast(model)
 
     batches = lambda attack: torch.cat([attack(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])  # noqa: E731
     if args.versus == "autoattack":
@@ -87,10 +94,10 @@ def main():
 
         def ours():
             aa = AutoAttack(n_queries=args.n_queries)
-            return batches(lambda xb, yb: aa(model, xb, yb, args.eps))
+            return batches(lambda xb, yb: aa(mine, xb, yb, args.eps))
 
         def theirs():
-            aa = torchattacks.AutoAttack(model, eps=args.eps, n_classes=10, seed=0)
+            aa = torchattacks.AutoAttack(peer_model, eps=args.eps, n_classes=10, seed=0)
             _set_torchattacks(aa, args.n_queries)
             return batches(aa)
     else:
@@ -100,10 +107,10 @@ def main():
 
         def ours():
             fab = FABT(norm="l1", n_iter=100)
-            return batches(lambda xb, yb: fab(model, xb, yb, args.eps))
+            return batches(lambda xb, yb: fab(mine, xb, yb, args.eps))
 
         def theirs():
-            fab = FABAttack_PT(model, norm="L1", n_iter=100, eps=args.eps, seed=0, device="cpu", targeted=True, n_target_classes=9)
+            fab = FABAttack_PT(peer_model, norm="L1", n_iter=100, eps=args.eps, seed=0, device="cpu", targeted=True, n_target_classes=9)
             return batches(fab.perturb)
 
     results = {"robust": [], peer: []}
@@ -119,7 +126,7 @@ def main():
             results[name].append((seconds, counter.forward, counter.backward, acc))
             print(f"round {r} {name:12s} {seconds:8.1f} s  forward {counter.forward:>10,}  backward {counter.backward:>10,}  robust accuracy {acc:.4f}", flush=True)
     setting = f"linf eps={args.eps}, n_iter=100, square queries={args.n_queries}" if args.versus == "autoattack" else f"FAB-T l1 eps={args.eps}, n_iter=100, 9 targets"
-    print(f"\n{args.model}, n={len(y)}, {setting}, threads={args.threads}")
+    print(f"\n{args.model}, n={len(y)}, {setting}, threads={args.threads}, precision ours {args.precision} / theirs {args.their_precision}")
     for name, rows in results.items():
         secs, accs = [r[0] for r in rows], [r[3] for r in rows]
         print(f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy "
