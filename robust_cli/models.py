@@ -153,6 +153,53 @@ class ResNet(nn.Module):
         return self.fc(self.features(x))
 
 
+class _PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016): BN-ReLU-conv, BN-ReLU-conv, plus the shortcut (a 1x1 conv of the
+    pre-activated input where the shape changes). `dropout` between the convs (Zagoruyko & Komodakis' WRN option)."""
+
+    def __init__(self, in_ch, out_ch, stride, dropout=0.0):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(out_ch), nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(out)))))
+        return out + skip
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for 32x32 images (Rice et al. 2020's PreAct ResNet-18: blocks [2,2,2,2], widths
+    [64,128,256,512]); wide_resnet: Zagoruyko & Komodakis' WRN-depth-k as in the TRADES/MART/AWP code (stem 16,
+    widths 16k/32k/64k, (depth - 4) / 6 blocks per stage). Both end in BN-ReLU, global average pool, linear."""
+
+    def __init__(self, input_shape, num_classes, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem=64, strides=None, dropout=0.0):
+        super().__init__()
+        _needs_image("preact_resnet", input_shape)
+        strides = strides or [1] + [2] * (len(blocks) - 1)
+        layers, in_ch = [nn.Conv2d(input_shape[0], stem, 3, 1, 1, bias=False)], stem
+        for n, out_ch, stride in zip(blocks, widths, strides):
+            for i in range(n):
+                layers.append(_PreActBlock(in_ch, out_ch, stride if i == 0 else 1, float(dropout)))
+                in_ch = out_ch
+        self.features = nn.Sequential(*layers, nn.BatchNorm2d(in_ch), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def wide_resnet(input_shape, num_classes, depth=34, widen_factor=10, dropout=0.0):
+    """WRN-depth-widen_factor (WRN-34-10: 5 blocks per stage, widths 160/320/640, 46.2 M parameters)."""
+    if (depth - 4) % 6:
+        raise UserError(f"model.depth must be 6n + 4 (e.g. 28, 34, 40) for a wide ResNet, got {depth}")
+    n, k = (depth - 4) // 6, int(widen_factor)
+    return PreActResNet(input_shape, num_classes, blocks=(n, n, n), widths=(16 * k, 32 * k, 64 * k), stem=16, dropout=dropout)
+
+
 class TanhHead(nn.Module):
     """tulip's output head (Oberman/Finlay/Calder): BatchNorm1d(classes, affine=False), then |t| tanh(z / |t|)."""
 

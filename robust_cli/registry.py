@@ -138,6 +138,7 @@ def training_identity(cfg) -> dict:
     if isinstance(keep["model"], dict):  # test-time noise changes the evaluation, not the trained weights
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "test_noise"}
     keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
+    _drop_later_defaults(keep)
     if "dataset" in cfg:
         from robust_cli.data import resolve_augment
 
@@ -145,6 +146,31 @@ def training_identity(cfg) -> dict:
         if augment != "none":  # only then: the keys of models trained without augmentation stay what they were
             keep["data"]["augment"] = augment
     return keep
+
+
+def _drop_later_defaults(keep: dict) -> None:
+    """Settings added after checkpoints were trained, at values that train the same weights, leave the key as it was:
+    validation only observes unless it selects, AWP with gamma 0 is off, and AdversarialTraining always crafted in the
+    loop's (train) mode. The validation attack decides the published weights only with select=best_robust."""
+    train = keep.get("train")
+    if isinstance(train, dict):
+        select = train.get("select", "last")
+        for key, default in (("select", "last"), ("ema", None), ("milestones", None)):
+            if train.get(key, default) == default:
+                train.pop(key, None)
+        if select == "last":
+            for key in ("validate", "validate_every", "val_eps", "val_attack"):
+                train.pop(key, None)
+        elif select == "best_clean":
+            for key in ("val_eps", "val_attack"):
+                train.pop(key, None)
+    defense = keep.get("defense")
+    if isinstance(defense, dict):
+        awp = defense.get("awp")
+        if isinstance(awp, dict) and not awp.get("gamma"):
+            defense.pop("awp")
+        if str(defense.get("_target_", "")).endswith("AdversarialTraining") and defense.get("attack_bn") == "train":
+            defense.pop("attack_bn")
 
 
 def checkpoint_key(cfg) -> str:

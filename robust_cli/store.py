@@ -237,4 +237,5 @@ class RunContext:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and os.environ.get("ROBUST_PROGRESS") != "1") as bar:
             task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+            # description: a new text for the line (e.g. the epoch's validation accuracy), None keeps it
+            yield lambda n=1, description=None: bar.update(task, advance=n, description=description)

@@ -22,9 +22,11 @@ from robust_cli.data import DataBundle, check_augment, crop_flip, iterate_batche
 from robust_cli.engine import Ranks, average_gradients, broadcast_object, broadcast_parameters, engine_from
 from robust_cli.errors import UserError
 from robust_cli.models import build_model, pretrained, weights_file
+from robust_cli.selection import BestCheckpoint, Validation, WeightAverage
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULERS = ("none", "step", "cosine", "cyclic")
+SCHEDULERS = ("none", "step", "cosine", "cyclic", "piecewise")
+SELECTIONS = ("last", "best_clean", "best_robust")
 CYCLIC_PEAK = 0.4  # Wong et al. 2020: linear from 0 up to train.lr at 2/5 of the epochs, then down to 0, per step
 
 
@@ -43,6 +45,55 @@ def validate_training(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    piecewise_milestones(t.get("milestones"), t.epochs)
+    validation_settings(cfg)
+    ema = t.get("ema")
+    if ema is not None and not (isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0 < ema < 1):
+        raise UserError(f"train.ema is the decay of the weight average, a number in (0, 1) such as 0.995, or null (off); got {ema!r}")
+
+
+def validation_settings(cfg) -> dict:
+    """The checked validation and selection keys: {validate, every, select, eps}; one line for a bad combination."""
+    t = cfg.train
+    validate, every, select = t.get("validate", False), t.get("validate_every", 1), t.get("select", "last")
+    if not isinstance(validate, bool):
+        raise UserError(f"train.validate must be true or false, got {validate!r}")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise UserError(f"train.validate_every must be an integer >= 1 (epochs), got {every!r}")
+    if select not in SELECTIONS:
+        raise UserError(f"train.select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    fraction = cfg.data.get("val_fraction", 0.0) or 0.0
+    if (validate or select != "last") and not fraction > 0:
+        raise UserError(f"train.validate=true and train.select={select} need a held-out validation split: set data.val_fraction "
+                        "(e.g. 0.1; stratified and seeded)")
+    if select == "best_robust" and not validate:
+        raise UserError("train.select=best_robust needs the robust validation accuracy: set train.validate=true "
+                        "(PGD-10 on the data.val_fraction split every train.validate_every epochs)")
+    eps = t.get("val_eps")
+    if validate:
+        if eps is None:
+            eps = cfg.defense.get("eps") if "defense" in cfg else None
+            if eps is None:
+                raise UserError(f"train.validate=true: the defense '{store.choice(cfg, 'defense')}' has no eps to validate at; "
+                                "set train.val_eps=<budget in the validation attack's norm>")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+            raise UserError(f"train.val_eps must be a number >= 0 or null (the defense's eps), got {eps!r}")
+        if t.get("val_attack") is None or "_target_" not in t.val_attack:
+            raise UserError("train.validate=true needs a validation attack: train.val_attack is set by the defaults "
+                            "(attack@train.val_attack=pgd); choose another with attack@train.val_attack=<attack>")
+    return {"validate": validate, "every": every, "select": select, "eps": eps}
+
+
+def piecewise_milestones(milestones, epochs: int) -> list[int]:
+    """Epochs (1-based) from which the piecewise schedule lowers the lr by train.lr_gamma each; null: Rice et al.'s
+    /10 after 50 % and /100 after 75 % of the epochs (their t / epochs < 0.5, < 0.75 rule)."""
+    if milestones is None:
+        return [math.ceil(epochs * 0.5) + 1, math.ceil(epochs * 0.75) + 1]
+    values = list(milestones)
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in values) or values != sorted(values):
+        raise UserError(f"train.milestones must be increasing epoch numbers (the first epoch at each lower lr), or null "
+                        f"(/10 at 50 % and /100 at 75 % of the epochs), got {milestones!r}")
+    return values
 
 
 def make_optimizer(cfg, model, steps_per_epoch: int = 1):
@@ -64,6 +115,9 @@ def make_optimizer(cfg, model, steps_per_epoch: int = 1):
             return s / peak if s <= peak else max(0.0, (total - s) / (total - peak))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, triangle)
+    elif t.scheduler == "piecewise":  # stepped once per epoch: after k steps, epoch k + 1 trains
+        milestones, gamma = piecewise_milestones(t.get("milestones"), t.epochs), float(t.lr_gamma)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: gamma ** sum(k + 1 >= m for m in milestones))
     else:
         sched = None
     return opt, sched, t.scheduler == "cyclic"
@@ -123,6 +177,17 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
     optimizer, scheduler, per_step = make_optimizer(cfg, model, steps_per_epoch)
     log, start_epoch = [], 1
     on_device = place_on_device(data, device)
+    settings = validation_settings(cfg)
+    validation = None
+    if settings["validate"]:
+        validation = Validation(instantiate(cfg.train.val_attack), settings["eps"], settings["every"], data.val_x, data.val_y,
+                                int(cfg.data.get("eval_batch_size", 256) or 256))
+    # the best epoch is tracked for the selection, and with validation also when the last epoch is published
+    criterion = settings["select"] if settings["select"] != "last" else ("best_robust" if validation else None)
+    best = BestCheckpoint(criterion) if criterion else None
+    average = WeightAverage(model, cfg.train.ema) if cfg.train.get("ema") else None
+    scored = average.model if average is not None else model  # the weights that are validated, tested and published
+    hooks = defense if hasattr(defense, "after_step") else None
 
     if cfg.get("resume") and last_path.is_file():
         state = registry.load_checkpoint(last_path)
@@ -133,6 +198,10 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
             scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if average is not None and state.get("average"):
+            average.load_state_dict(state["average"])
+        if best is not None:
+            best.load(state.get("best"))
         _set_rng_state(state["rng"], shuffle_gen, augment_gen)
         log, start_epoch = list(state["log"]), int(state["epoch"]) + 1
         store.console.print(f"[cyan]resuming {entry.name} after epoch {state['epoch']}[/]")
@@ -155,13 +224,14 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
     config = OmegaConf.to_container(cfg, resolve=True)
     environment = {**registry.environment(), "device": str(device), **engine.describe(model), "augment": augment, "data_on_device": on_device,
                    "processes": ranks.world}
-    write_targets = [last_path] + ([Path(run_dir) / "model.pt"] if run_dir else [])
 
     def checkpoint(epoch, complete):
         if not ranks.main:
             return
         state = {
             "state_dict": model.state_dict(),
+            "average": average.state_dict() if average is not None else None,
+            "best": best.state() if best is not None else None,
             "config": config,
             "identity": registry.training_identity(cfg),
             "epoch": epoch,
@@ -175,8 +245,9 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
             "versions": {"robust": robust_cli.__version__, "torch": str(torch.__version__)},
             "environment": environment,
         }
-        for target in write_targets:
-            store.save_torch(target, state)
+        store.save_torch(last_path, state)
+        if run_dir:
+            store.save_torch(Path(run_dir) / "model.pt", published_state(state, "last"))
         for target_dir in {entry, *([Path(run_dir)] if run_dir else [])}:
             store.write_csv(target_dir / "train_log.csv", log)
 
@@ -185,6 +256,8 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
     with progress as advance:
         for epoch in range(start_epoch, epochs + 1):
             model.train()
+            if hooks is not None:
+                hooks.begin_epoch(epoch)
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
@@ -208,6 +281,10 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
                     average_gradients(model, ranks.world)
                 scaler.step(optimizer)
                 scaler.update()
+                if hooks is not None:  # AWP takes its weight perturbation off again
+                    hooks.after_step()
+                if average is not None:
+                    average.update(model)
                 if per_step:
                     scheduler.step()
                 n = len(yb)
@@ -224,26 +301,98 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
                 totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
                 dist.all_reduce(totals)
                 loss_sum, seen = totals[0], int(totals[1].item())
-            train_loss, train_acc = evaluate(model, data.train_x, data.train_y, device) if cfg.train.eval_train else (loss_sum.item() / seen, float("nan"))
-            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, device)
+            train_loss, train_acc = evaluate(scored, data.train_x, data.train_y, device) if cfg.train.eval_train else (loss_sum.item() / seen, float("nan"))
+            test_loss, test_acc = evaluate(scored, data.test_x, data.test_y, device)
             row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
             if data.val_x is not None:
-                row["val_loss"], row["val_accuracy"] = evaluate(model, data.val_x, data.val_y, device)
+                row["val_loss"], row["val_accuracy"] = evaluate(scored, data.val_x, data.val_y, device)
+            if validation is not None:
+                row["val_robust_accuracy"] = float("nan")
+                if validation.due(epoch, epochs):
+                    row["val_accuracy"], row["val_robust_accuracy"] = validation(scored, device)
+            if best is not None:
+                best.offer(epoch, row, scored)
             row["lr"] = lr
             row.update({name: total / seen for name, total in stat_sums.items()})
             row["seconds"] = time.perf_counter() - started
             log.append(row)
             checkpoint(epoch, complete=epoch == epochs)
+            advance(0, description=_epoch_line(epoch, epochs, row, best))
             if os.environ.get("ROBUST_STOP_AFTER_EPOCH") == str(epoch):  # test hook: simulate a kill between epochs
                 raise SystemExit(3)
 
     if start_epoch > epochs:  # resume of an already complete run: nothing to train, republish
         store.console.print(f"[cyan]{entry.name} already trained for {epochs} epochs[/]")
+    selected = None
     if ranks.main:
         store.write_text(entry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        _publish(last_path, entry / "model.pt")
+        selected = publish(last_path, entry, settings["select"], Path(run_dir) if run_dir else None)
     final = log[-1] if log else {}
-    return {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(entry / "model.pt")}
+    summary = {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(entry / "model.pt")}
+    if selected is not None:
+        summary["selected"] = selected
+        chosen = next((row for row in log if row["epoch"] == selected["epoch"]), final)
+        summary["test_accuracy"], summary["train_accuracy"] = chosen.get("test_accuracy"), chosen.get("train_accuracy")
+    return summary
+
+
+def _epoch_line(epoch, epochs, row, best) -> str:
+    """The progress line after an epoch: its test and validation accuracies, and the best epoch so far."""
+    parts = [f"training · epoch {epoch}/{epochs}", f"test {row['test_accuracy']:.3f}"]
+    if row.get("val_accuracy") is not None:
+        parts.append(f"val {row['val_accuracy']:.3f}")
+    robust = row.get("val_robust_accuracy")
+    if robust is not None and robust == robust:
+        parts.append(f"val robust {robust:.3f}")
+    if best is not None and best.epoch is not None:
+        parts.append(f"best {best.column} {best.value:.3f} @ {best.epoch}")
+    return " · ".join(parts)
+
+
+def published_state(state: dict, which: str) -> dict:
+    """The checkpoint later commands load, from the resumable one: `last` = the final weights (their average when
+    train.ema is set), `best` = the best validation epoch's. Optimizer and RNG states stay (resume reads last.pt)."""
+    out = {k: v for k, v in state.items() if k not in ("average", "best")}
+    if which == "best":
+        best = state["best"]
+        out.update(state_dict=best["state_dict"], epoch=best["epoch"])
+    elif state.get("average") is not None:
+        out["state_dict"] = state["average"]
+    if state.get("best") is not None:
+        out["selected"] = selection_record(state, which)
+    return out
+
+
+def selection_record(state: dict, which: str) -> dict:
+    best = state.get("best") or {}
+    if which == "best":
+        return {"checkpoint": "best", "epoch": best.get("epoch"), "criterion": best.get("column"), "value": best.get("value"),
+                "why": f"highest {best.get('column')} of the validated epochs (ties: the earlier)"}
+    return {"checkpoint": "last", "epoch": state.get("epoch"), "criterion": None, "value": None, "why": "train.select=last: the final epoch"}
+
+
+def publish(last_path: Path, entry: Path, select: str, run_dir: Path | None) -> dict | None:
+    """Publish the selected checkpoint as entry/model.pt (and run_dir/model.pt); with validation also keep
+    model.best.pt and model.last.pt beside it. Returns what was selected (None: the last epoch, no validation)."""
+    state = registry.load_checkpoint(last_path)
+    if state.get("best") is None and state.get("average") is None:
+        _publish(last_path, entry / "model.pt")
+        return None
+    which = "best" if select != "last" else "last"
+    if state.get("best") is not None and state["best"].get("epoch") is None:  # never validated (e.g. resumed at the end)
+        which = "last"
+    targets = {"last": published_state(state, "last")}
+    if state.get("best") is not None and state["best"].get("epoch") is not None:
+        targets["best"] = published_state(state, "best")
+        store.save_torch(entry / "model.best.pt", targets["best"])
+        store.save_torch(entry / "model.last.pt", targets["last"])
+    chosen = targets[which]
+    chosen["selected"] = selection_record(state, which) if state.get("best") is not None else {
+        "checkpoint": "last", "epoch": state.get("epoch"), "criterion": None, "value": None, "why": "the final epoch's weight average (train.ema)"}
+    store.save_torch(entry / "model.pt", chosen)
+    if run_dir is not None:
+        store.save_torch(run_dir / "model.pt", chosen)
+    return chosen["selected"]
 
 
 def _publish(source: Path, target: Path) -> None:
@@ -262,7 +411,7 @@ def _publish(source: Path, target: Path) -> None:
 
 class _null_progress:
     def __enter__(self):
-        return lambda n=1: None
+        return lambda n=1, description=None: None
 
     def __exit__(self, *exc):
         return False
@@ -283,8 +432,13 @@ def _say(ctx, message: str) -> None:
 
 
 def summary_of(state: dict, path: Path) -> dict:
-    final = (state.get("log") or [{}])[-1]
-    return {"epochs": state.get("epochs"), "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(path)}
+    log = state.get("log") or [{}]
+    selected = state.get("selected")
+    chosen = next((row for row in log if selected and row.get("epoch") == selected.get("epoch")), log[-1])
+    out = {"epochs": state.get("epochs"), "test_accuracy": chosen.get("test_accuracy"), "train_accuracy": chosen.get("train_accuracy"), "checkpoint": str(path)}
+    if selected:
+        out["selected"] = selected
+    return out
 
 
 def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:

@@ -47,6 +47,9 @@ def run(cfg, ctx):
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    selected = summary.get("selected")
+    if selected:  # which epoch the registry publishes, and why (train.select, train.ema)
+        ctx.record["selected"] = selected
     ctx.headline(
         model=store.choice(cfg, "model"),
         dataset=store.choice(cfg, "dataset"),
@@ -56,4 +59,5 @@ def run(cfg, ctx):
         test_accuracy=summary["test_accuracy"],
         checkpoint=summary["checkpoint"],
         reused=summary["reused"],
+        **({"selected_epoch": selected["epoch"], "selected_by": selected["criterion"] or "last"} if selected else {}),
     )
