@@ -89,7 +89,7 @@ def test_corrupt_checkpoint_is_a_user_error(robust, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ models x datasets
 def _fits(model, dataset):
-    image_only = model.startswith("c_") or model in ("cnn", "lenet", "resnet18", "resnext")
+    image_only = model.startswith("c_") or model in ("cnn", "lenet", "resnet18", "resnext", "preact_resnet18", "wrn_34_10")
     if model == "torchvision":  # torchvision's classifiers take RGB images
         return dataset in ("cifar10", "cifar100", "imagefolder", "imagenet")
     return not (image_only and dataset == "gaussians2d")

@@ -62,6 +62,7 @@ class AdversarialObjective:
     """
 
     bounds = (0.0, 1.0)
+    bounds_setting = "defense.bounds=null"  # the setting that turns the box off, named when data leave it
 
     def __init__(self, attack_bn="train", awp=None):
         self.attack_bn = check_attack_bn(attack_bn)
@@ -74,7 +75,7 @@ class AdversarialObjective:
         raise NotImplementedError
 
     def __call__(self, model, x, y):
-        check_in_box(x, self.bounds, "defense.bounds=null")
+        check_in_box(x, self.bounds, self.bounds_setting)
         with bn_mode(model, self.attack_bn), frozen_buffers(model):
             x_adv = self.craft(model, x, y).detach()
         extra = {}
@@ -116,6 +117,8 @@ def default_step_size(eps, steps, norm):
 
 class AdversarialTraining(AdversarialObjective):
     """mix * CE(x) + (1 - mix) * CE(attack(model, x, y, eps)) for any budgeted attack (FGSM, FGM, PGD, ...)."""
+
+    bounds_setting = "defense.attack.bounds=null"
 
     def __init__(self, attack, eps, mix=0.0, attack_bn="train", awp=None):
         super().__init__(attack_bn, awp)
