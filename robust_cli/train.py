@@ -81,6 +81,12 @@ def validation_settings(cfg) -> dict:
         if t.get("val_attack") is None or "_target_" not in t.val_attack:
             raise UserError("train.validate=true needs a validation attack: train.val_attack is set by the defaults "
                             "(attack@train.val_attack=pgd); choose another with attack@train.val_attack=<attack>")
+        defense = cfg.get("defense") or {}
+        trained_norm = defense.get("norm") or (defense.get("attack") or {}).get("norm")
+        val_norm = t.val_attack.get("norm", "linf")
+        if t.get("val_eps") is None and trained_norm and val_norm != trained_norm:
+            raise UserError(f"train.validate=true: the defense trains in {trained_norm} but the validation attack is {val_norm}; "
+                            f"set train.val_attack.norm={trained_norm} (or give train.val_eps in {val_norm})")
     return {"validate": validate, "every": every, "select": select, "eps": eps}
 
 

@@ -12,6 +12,9 @@ from omegaconf import OmegaConf
 
 from robust_cli.attacks import FGM, FGSM, PGD
 from robust_cli.defenses import (
+    MART,
+    TRADES,
+    AdversarialWeightPerturbation,
     AdversarialTraining,
     CrossEntropy,
     FastTangentProp,
@@ -363,6 +366,10 @@ HYGIENE = [  # (factory, number of training forwards that may update BatchNorm s
     (lambda: AdversarialTraining(FGSM(model_mode="keep"), eps=0.1, mix=0.5), 2),
     (lambda: AdversarialTraining(PGD(steps=3, model_mode="keep"), eps=0.1), 1),
     (lambda: AdversarialTraining(FGM(norm="l2"), eps=0.5), 1),
+    (lambda: TRADES(eps=0.1, steps=3), 2),  # clean + adversarial batch; the KL-PGD's passes do not count
+    (lambda: MART(eps=0.1, steps=3, attack_bn="train"), 2),
+    (lambda: TRADES(eps=0.1, steps=2, awp=AdversarialWeightPerturbation(gamma=5e-3)), 2),  # the AWP pass does not count
+    (lambda: AdversarialTraining(PGD(steps=2), eps=0.1, awp=AdversarialWeightPerturbation(gamma=1e-2)), 1),
 ]
 
 

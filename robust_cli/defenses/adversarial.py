@@ -100,13 +100,13 @@ def inner_pgd(model, x, loss_fn, eps, steps, step_size, norm, bounds, init_std=0
 
     norm=linf: sign steps (their code). norm=l2: normalised-gradient steps (the official TRADES l2 branch takes SGD
     steps on delta with its gradient renormalised to unit l2 length, lr = 2 eps / steps, then box and ball)."""
-    project = norms.projector(x, eps, norm, bounds)
+    project = norms.projector(x, eps, norm, bounds, inplace=True)
     x_adv = x + init_std * torch.randn_like(x)
     for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
+        x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(model(x_adv)).sum(), x_adv)
-        with torch.no_grad():
-            x_adv = project(x_adv + step_size * norms.normalize(grad, norm))
+        # in place on the detached iterate and on our own gradient: no allocation per step beyond autograd's
+        x_adv = project(x_adv.detach().add_(norms.normalize(grad, norm, inplace=True), alpha=step_size))
     return norms.clip_box(x_adv.detach(), bounds)
 
 

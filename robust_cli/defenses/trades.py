@@ -7,6 +7,7 @@ the official trades.py calls model.eval() to craft). beta = 1/lambda: larger is 
 official script's default is beta 1.0; the released CIFAR-10 WRN-34-10 and the follow-ups (AWP, RobustBench's
 TRADES baselines) use 6.0, which is ours.
 """
+import torch
 import torch.nn.functional as F
 
 from robust_cli.attacks import norms
@@ -41,7 +42,8 @@ class TRADES(AdversarialObjective):
         self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
 
     def craft(self, model, x, y):
-        log_p_clean = F.log_softmax(model(x), dim=1).detach()
+        with torch.no_grad():
+            log_p_clean = F.log_softmax(model(x), dim=1)
         return inner_pgd(model, x, lambda logits: kl_divergence(log_p_clean, F.log_softmax(logits, dim=1)),
                          self.eps, self.steps, self.step_size, self.norm, self.bounds, self.init_std)
 
