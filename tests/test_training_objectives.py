@@ -193,6 +193,7 @@ def test_piecewise_schedule_is_rices_and_takes_official_milestones():
     lrs = []
     for _ in range(8):
         lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
         scheduler.step()
     # Rice et al.: lr while t / epochs < 0.5, lr / 10 while < 0.75, then lr / 100 (t = epochs done)
     assert lrs == pytest.approx([0.1 if t / 8 < 0.5 else 0.01 if t / 8 < 0.75 else 0.001 for t in range(8)])
@@ -201,6 +202,7 @@ def test_piecewise_schedule_is_rices_and_takes_official_milestones():
     lrs = []
     for _ in range(6):
         lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001]) and not per_step
 
@@ -308,13 +310,25 @@ def test_bad_training_values_are_one_line_before_any_work(robust, tmp_path, args
 PRESETS = ["cifar10_pgd_at", "cifar10_trades", "cifar10_trades_awp", "cifar10_mart"]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_recipe_composes_and_its_smoke_variant_trains(robust, tmp_path, preset):
-    job = robust("train", f"experiment={preset}", "--cfg", "job")
+def test_every_recipe_composes_with_its_published_settings(robust):
+    job = robust("train", "experiment=cifar10_trades_awp", "--cfg", "job")  # what a user types
     assert job.returncode == 0, job.stderr
-    cfg = OmegaConf.create(job.stdout)
-    assert cfg.dataset.name == "cifar10" and cfg.train.scheduler == "piecewise"
-    assert math.isclose(cfg.defense.eps, 8 / 255, rel_tol=0.02)  # 8/255, or the official scripts' 0.031
+    assert OmegaConf.create(job.stdout).defense.awp.gamma == pytest.approx(5e-3)
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("robust_cli.conf", version_base="1.3"):
+        configs = {p: compose("train", overrides=[f"experiment={p}"]) for p in PRESETS}
+    for cfg in configs.values():
+        assert cfg.dataset.name == "cifar10" and cfg.train.scheduler == "piecewise" and cfg.data.augment == "crop_flip"
+        assert math.isclose(cfg.defense.eps, 8 / 255, rel_tol=0.02)  # 8/255, or the official scripts' 0.031
+    assert configs["cifar10_pgd_at"].train.select == "best_robust" and configs["cifar10_pgd_at"].model._target_.endswith("PreActResNet")
+    assert configs["cifar10_trades"].defense.beta == 6.0 and configs["cifar10_trades"].defense.attack_bn == "eval"
+    assert configs["cifar10_mart"].defense.beta == 5.0 and configs["cifar10_mart"].train.weight_decay == pytest.approx(3.5e-3)
+    assert configs["cifar10_trades_awp"].model._target_.endswith("wide_resnet")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_recipe_has_a_smoke_variant_that_trains(robust, tmp_path, preset):
     smoke = robust("train", f"experiment={preset}_smoke")
     assert smoke.returncode == 0, smoke.stderr
     log = pd.read_csv(latest_run(tmp_path, "train") / "train_log.csv")
