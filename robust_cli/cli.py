@@ -387,6 +387,10 @@ def validate_common(cfg) -> None:
         parse_shard(cfg.data.shard)
     if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
+    if "train" in cfg:  # every command may train its model first (train_if_missing): its settings, before any work
+        from robust_cli.train import validate_training
+
+        validate_training(cfg)
     if "dataset" in cfg:
         dataset = build_dataset(cfg)
         if "model" in cfg:  # the model must fit the dataset: build it once on the metadata (cheap)

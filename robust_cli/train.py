@@ -81,6 +81,13 @@ def validation_settings(cfg) -> dict:
         if t.get("val_attack") is None or "_target_" not in t.val_attack:
             raise UserError("train.validate=true needs a validation attack: train.val_attack is set by the defaults "
                             "(attack@train.val_attack=pgd); choose another with attack@train.val_attack=<attack>")
+        try:
+            attack = instantiate(t.val_attack)
+        except Exception as exc:  # a bad validation-attack setting is the user's to fix
+            raise UserError(f"train.val_attack: {exc.__cause__ or exc}") from None
+        if getattr(attack, "kind", "budgeted") != "budgeted":
+            raise UserError(f"train.val_attack must be a budgeted attack (pgd, apgd, fgsm, ...): {type(attack).__name__} finds "
+                            "minimal perturbations and has no eps")
         defense = cfg.get("defense") or {}
         trained_norm = defense.get("norm") or (defense.get("attack") or {}).get("norm")
         val_norm = t.val_attack.get("norm", "linf")
