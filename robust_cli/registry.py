@@ -284,7 +284,7 @@ def environment() -> dict:
     """What a CPU/GPU result can depend on besides the config: recorded in every checkpoint and run.json.
 
     Same seed, config, device, thread count and library versions give bitwise the same weights; a different thread
-    count can change the rounding of convolution gradients (the README's Determinism section)."""
+    count can change the rounding of convolution gradients (docs/configuration.md, Determinism)."""
     import platform
 
     import numpy

@@ -74,7 +74,7 @@ def test_the_certificate_is_wrong_at_most_alpha_of_the_time():
 def test_certified_radius_never_exceeds_the_exact_distance_inside_the_orthant(k):
     """Inside a convex class region (the orthant) the smoothed region is inside the base one, so the certificate
     is at most the exact distance. Outside it is not: the smoothed class-0 region reaches into the orthant near its
-    apex, and a point there can be certified farther than its base boundary (the README says so)."""
+    apex, and a point there can be certified farther than its base boundary (docs/certify.md says so)."""
     from robust_cli.geometry_objects import Orthant
 
     model = Orthant((6,), k=k).double()
