@@ -5,6 +5,7 @@ weights, the weight average against its closed form, and selection end to end th
 """
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -221,11 +222,11 @@ def test_adversarial_training_crafts_in_the_mode_attack_bn_names():
 
 
 # ----------------------------------------------------------------------------------------------- the CLI
-FAST = ("train.epochs=2", "data.val_fraction=0.2", "train.validate=true", "train.select=best_robust")
+FAST = ("train.epochs=2", "data.n_train=500", "data.val_fraction=0.3", "train.validate=true", "train.select=best_robust")
 
 
-@pytest.mark.parametrize("objective", [["defense=trades"], ["defense=mart"], ["defense=trades", "++defense.awp.gamma=5e-3"],
-                                       ["defense=pgd_at", "defense.awp.gamma=1e-2"]])
+# plain TRADES and PGD-AT + AWP are covered in process (tests/test_defenses.py, the AWP tests above)
+@pytest.mark.parametrize("objective", [["defense=mart"], ["defense=trades", "++defense.awp.gamma=5e-3"]])
 def test_new_objectives_train_with_robust_validation_and_write_the_columns(robust, tmp_path, objective):
     proc = robust("train", *objective, *FAST)
     assert proc.returncode == 0, proc.stderr
@@ -242,7 +243,7 @@ def test_new_objectives_train_with_robust_validation_and_write_the_columns(robus
     assert {"model.pt", "model.best.pt", "model.last.pt"} <= {p.name for p in entry.iterdir()}
 
 
-BLOWUP = ("defense=pgd_at", "defense.eps=0.05", "train.epochs=3", "data.val_fraction=0.3", "train.validate=true",
+BLOWUP = ("defense=pgd_at", "defense.eps=0.05", "train.epochs=3", "data.n_train=600", "data.val_fraction=0.3", "train.validate=true",
           "train.select=best_robust", "train.scheduler=piecewise", "train.milestones=[3]", "train.lr_gamma=20")
 
 
@@ -279,7 +280,7 @@ def test_best_robust_publishes_the_peak_epoch_resume_keeps_it_and_attack_uses_it
 
 
 def test_weight_average_is_what_gets_published(robust, tmp_path):
-    proc = robust("train", "train.epochs=2", "train.ema=0.9")
+    proc = robust("train", "train.epochs=2", "data.n_train=400", "train.ema=0.9")
     assert proc.returncode == 0, proc.stderr
     entry = next((tmp_path / "outputs" / "checkpoints").iterdir())
     resumable = torch.load(entry / "last.pt", weights_only=True)
@@ -288,23 +289,39 @@ def test_weight_average_is_what_gets_published(robust, tmp_path):
     assert not all(torch.equal(published[k], resumable["state_dict"][k]) for k in published)
 
 
-@pytest.mark.parametrize("args,needle", [
+BAD_VALUES = [
     (["defense=trades", "defense.beta=-1"], "defense.beta"),
     (["defense=pgd_at", "defense.awp.gamma=-0.1"], "defense.awp.gamma"),
     (["defense=trades", "defense.attack_bn=batch"], "defense.attack_bn"),
     (["train.validate=true"], "data.val_fraction"),
     (["train.select=best_robust", "data.val_fraction=0.2"], "train.validate=true"),
-    (["defense=pgd_at", "train.validate=true", "data.val_fraction=0.2", "attack@train.val_attack=pdg"], "attack/pdg"),
     (["defense=trades", "defense.norm=l2", "train.validate=true", "data.val_fraction=0.2"], "train.val_attack.norm=l2"),
+    (["defense=pgd_at", "train.validate=true", "data.val_fraction=0.2", "attack@train.val_attack=deepfool"], "budgeted"),
     (["train.ema=1.5"], "train.ema"),
     (["train.scheduler=piecewise", "train.milestones=[3,2]"], "train.milestones"),
-])
+]
+
+
+def test_bad_training_values_are_refused_by_the_commands_checks():
+    from hydra import compose, initialize_config_module
+
+    from robust_cli.commands.train import validate
+    from robust_cli.errors import UserError
+
+    with initialize_config_module("robust_cli.conf", version_base="1.3"):
+        for args, needle in BAD_VALUES:
+            with pytest.raises(UserError, match=re.escape(needle)):
+                validate(compose("train", overrides=args))
+
+
+@pytest.mark.parametrize("args,needle", [BAD_VALUES[0], BAD_VALUES[4],
+                                         (["train.validate=true", "data.val_fraction=0.2", "attack@train.val_attack=pdg"], "attack/pdg")])
 def test_bad_training_values_are_one_line_before_any_work(robust, tmp_path, args, needle):
     proc = robust("train", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "outputs" / "checkpoints").exists() or not any((tmp_path / "outputs" / "checkpoints").iterdir())
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
 
 
 PRESETS = ["cifar10_pgd_at", "cifar10_trades", "cifar10_trades_awp", "cifar10_mart"]
