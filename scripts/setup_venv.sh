@@ -17,8 +17,9 @@ else
   .venv/bin/pip install -q -e .
 fi
 if [ "$extra" = "test" ]; then
-  # the tracking tests need mlflow and tensorboard. Resolved together with torchattacks' old pin (requests~=2.25.1),
-  # pip backtracks through mlflow releases for many minutes, so they go in a second step. torchattacks runs fine with
-  # the newer requests that this step brings; pip prints a conflict notice about it.
-  .venv/bin/pip install -q -e ".[track]" 2>&1 | grep -v "^WARNING: Location" | grep -v "dependency resolver\|requires requests\|conflicts\.$" || true
+  # the tracking tests need mlflow and tensorboard, the docs tests mkdocs. Resolved together with torchattacks' old pin
+  # (requests~=2.25.1), pip backtracks through mlflow releases for many minutes and finds no mkdocs-material at all
+  # (it needs requests >= 2.30), so they go in a second step. torchattacks runs fine with the newer requests that this
+  # step brings; pip prints a conflict notice about it.
+  .venv/bin/pip install -q -e ".[track,docs]" 2>&1 | grep -v "^WARNING: Location" | grep -v "dependency resolver\|requires requests\|conflicts\.$" || true
 fi
