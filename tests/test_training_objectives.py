@@ -189,23 +189,21 @@ def test_piecewise_schedule_is_rices_and_takes_official_milestones():
     assert piecewise_milestones(None, 200) == [101, 151]
     cfg = OmegaConf.create({"train": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
                                       "scheduler": "piecewise", "milestones": None, "lr_gamma": 0.1, "epochs": 8, "lr_step": 1}})
-    model = nn.Linear(2, 2)
-    optimizer, scheduler, per_step = make_optimizer(cfg, model)
-    lrs = []
-    for _ in range(8):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+
+    def epoch_lrs(epochs):
+        optimizer, scheduler, per_step = make_optimizer(cfg, nn.Linear(2, 2))
+        assert not per_step  # stepped once per epoch
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
     # Rice et al.: lr while t / epochs < 0.5, lr / 10 while < 0.75, then lr / 100 (t = epochs done)
-    assert lrs == pytest.approx([0.1 if t / 8 < 0.5 else 0.01 if t / 8 < 0.75 else 0.001 for t in range(8)])
+    assert epoch_lrs(8) == pytest.approx([0.1 if t / 8 < 0.5 else 0.01 if t / 8 < 0.75 else 0.001 for t in range(8)])
     cfg.train.milestones = [3, 5]  # TRADES-style epoch numbers: epoch >= 3 trains at lr / 10
-    optimizer, scheduler, _ = make_optimizer(cfg, model)
-    lrs = []
-    for _ in range(6):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001]) and not per_step
+    assert epoch_lrs(6) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 def test_adversarial_training_crafts_in_the_mode_attack_bn_names():

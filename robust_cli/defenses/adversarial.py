@@ -115,6 +115,31 @@ def default_step_size(eps, steps, norm):
     return eps / 4 if norm == "linf" else 2 * eps / max(steps, 1)
 
 
+class InnerPGDObjective(AdversarialObjective):
+    """An objective whose x' comes from its own PGD on `inner_loss` (TRADES: the KL to p(x); MART: CE), started at
+    x + init_std * N(0, I) and crafted in eval mode by default, as the official TRADES and MART code do."""
+
+    def __init__(self, eps, beta=6.0, steps=10, step_size=None, norm="linf", init_std=0.001, attack_bn="eval",
+                 bounds=(0.0, 1.0), awp=None):
+        super().__init__(attack_bn, awp)
+        self.eps = check_nonnegative("eps", eps)
+        self.beta = check_nonnegative("beta", beta)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise UserError(f"defense.steps must be an integer >= 0 (inner PGD steps), got {steps!r}")
+        self.steps = steps
+        self.norm = norms.check_norm(norm)
+        self.step_size = default_step_size(self.eps, steps, self.norm) if step_size is None else check_nonnegative("step_size", step_size, positive=True)
+        self.init_std = check_nonnegative("init_std", init_std)
+        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+    def inner_loss(self, model, x, y):
+        """The per-example loss (a function of the logits at x') the inner maximisation ascends."""
+        raise NotImplementedError
+
+    def craft(self, model, x, y):
+        return inner_pgd(model, x, self.inner_loss(model, x, y), self.eps, self.steps, self.step_size, self.norm, self.bounds, self.init_std)
+
+
 class AdversarialTraining(AdversarialObjective):
     """mix * CE(x) + (1 - mix) * CE(attack(model, x, y, eps)) for any budgeted attack (FGSM, FGM, PGD, ...)."""
 

@@ -10,29 +10,15 @@ official train_wideresnet.py / train_resnet.py).
 import torch
 import torch.nn.functional as F
 
-from robust_cli.attacks import norms
-from robust_cli.defenses.adversarial import AdversarialObjective, default_step_size, inner_pgd
-from robust_cli.defenses.trades import check_steps
-from robust_cli.defenses.utils import check_nonnegative, detached, per_example_norm
+from robust_cli.defenses.adversarial import InnerPGDObjective
+from robust_cli.defenses.utils import detached, per_example_norm
 
 
-class MART(AdversarialObjective):
+class MART(InnerPGDObjective):
     """BCE(x') + beta * KL(p(x) || p(x')) (1 - p_y(x)), x' by CE-PGD (see the module doc)."""
 
-    def __init__(self, eps, beta=6.0, steps=10, step_size=None, norm="linf", init_std=0.001, attack_bn="eval",
-                 bounds=(0.0, 1.0), awp=None):
-        super().__init__(attack_bn, awp)
-        self.eps = check_nonnegative("eps", eps)
-        self.beta = check_nonnegative("beta", beta)
-        self.steps = check_steps(steps)
-        self.norm = norms.check_norm(norm)
-        self.step_size = default_step_size(self.eps, self.steps, self.norm) if step_size is None else check_nonnegative("step_size", step_size)
-        self.init_std = check_nonnegative("init_std", init_std)
-        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
-
-    def craft(self, model, x, y):
-        return inner_pgd(model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"),
-                         self.eps, self.steps, self.step_size, self.norm, self.bounds, self.init_std)
+    def inner_loss(self, model, x, y):
+        return lambda logits: F.cross_entropy(logits, y, reduction="none")
 
     def outer(self, model, x, x_adv, y):
         logits, logits_adv = model(x), model(x_adv)

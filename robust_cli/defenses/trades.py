@@ -10,10 +10,8 @@ TRADES baselines) use 6.0, which is ours.
 import torch
 import torch.nn.functional as F
 
-from robust_cli.attacks import norms
-from robust_cli.defenses.adversarial import AdversarialObjective, default_step_size, inner_pgd
-from robust_cli.defenses.utils import check_nonnegative, detached, per_example_norm
-from robust_cli.errors import UserError
+from robust_cli.defenses.adversarial import InnerPGDObjective
+from robust_cli.defenses.utils import detached, per_example_norm
 
 
 def kl_divergence(log_p, log_q):
@@ -21,31 +19,13 @@ def kl_divergence(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
-def check_steps(steps):
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise UserError(f"defense.steps must be an integer >= 0 (inner PGD steps), got {steps!r}")
-    return steps
-
-
-class TRADES(AdversarialObjective):
+class TRADES(InnerPGDObjective):
     """CE(x) + beta * KL(p(x) || p(x')), x' by KL-PGD (see the module doc); `awp` adds Wu et al.'s weight perturbation."""
 
-    def __init__(self, eps, beta=6.0, steps=10, step_size=None, norm="linf", init_std=0.001, attack_bn="eval",
-                 bounds=(0.0, 1.0), awp=None):
-        super().__init__(attack_bn, awp)
-        self.eps = check_nonnegative("eps", eps)
-        self.beta = check_nonnegative("beta", beta)
-        self.steps = check_steps(steps)
-        self.norm = norms.check_norm(norm)
-        self.step_size = default_step_size(self.eps, self.steps, self.norm) if step_size is None else check_nonnegative("step_size", step_size)
-        self.init_std = check_nonnegative("init_std", init_std)
-        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
-
-    def craft(self, model, x, y):
+    def inner_loss(self, model, x, y):
         with torch.no_grad():
             log_p_clean = F.log_softmax(model(x), dim=1)
-        return inner_pgd(model, x, lambda logits: kl_divergence(log_p_clean, F.log_softmax(logits, dim=1)),
-                         self.eps, self.steps, self.step_size, self.norm, self.bounds, self.init_std)
+        return lambda logits: kl_divergence(log_p_clean, F.log_softmax(logits, dim=1))
 
     def outer(self, model, x, x_adv, y):
         logits, logits_adv = model(x), model(x_adv)
