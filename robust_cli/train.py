@@ -340,13 +340,7 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
     if ranks.main:
         store.write_text(entry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         selected = publish(last_path, entry, settings["select"], Path(run_dir) if run_dir else None)
-    final = log[-1] if log else {}
-    summary = {"epochs": epochs, "test_accuracy": final.get("test_accuracy"), "train_accuracy": final.get("train_accuracy"), "checkpoint": str(entry / "model.pt")}
-    if selected is not None:
-        summary["selected"] = selected
-        chosen = next((row for row in log if row["epoch"] == selected["epoch"]), final)
-        summary["test_accuracy"], summary["train_accuracy"] = chosen.get("test_accuracy"), chosen.get("train_accuracy")
-    return summary
+    return summary_of({"epochs": epochs, "log": log, "selected": selected}, entry / "model.pt")
 
 
 def _epoch_line(epoch, epochs, row, best) -> str:
@@ -367,21 +361,22 @@ def published_state(state: dict, which: str) -> dict:
     train.ema is set), `best` = the best validation epoch's. Optimizer and RNG states stay (resume reads last.pt)."""
     out = {k: v for k, v in state.items() if k not in ("average", "best")}
     if which == "best":
-        best = state["best"]
-        out.update(state_dict=best["state_dict"], epoch=best["epoch"])
+        out.update(state_dict=state["best"]["state_dict"], epoch=state["best"]["epoch"])
     elif state.get("average") is not None:
         out["state_dict"] = state["average"]
-    if state.get("best") is not None:
+    if state.get("best") is not None or state.get("average") is not None:
         out["selected"] = selection_record(state, which)
     return out
 
 
 def selection_record(state: dict, which: str) -> dict:
-    best = state.get("best") or {}
+    """What run.json and the published checkpoint say about the chosen epoch, and why."""
     if which == "best":
-        return {"checkpoint": "best", "epoch": best.get("epoch"), "criterion": best.get("column"), "value": best.get("value"),
-                "why": f"highest {best.get('column')} of the validated epochs (ties: the earlier)"}
-    return {"checkpoint": "last", "epoch": state.get("epoch"), "criterion": None, "value": None, "why": "train.select=last: the final epoch"}
+        best = state["best"]
+        return {"checkpoint": "best", "epoch": best["epoch"], "criterion": best["column"], "value": best["value"],
+                "why": f"highest {best['column']} of the validated epochs (ties: the earlier)"}
+    why = "the final epoch's weight average (train.ema)" if state.get("average") is not None else "train.select=last: the final epoch"
+    return {"checkpoint": "last", "epoch": state.get("epoch"), "criterion": None, "value": None, "why": why}
 
 
 def publish(last_path: Path, entry: Path, select: str, run_dir: Path | None) -> dict | None:
@@ -391,17 +386,11 @@ def publish(last_path: Path, entry: Path, select: str, run_dir: Path | None) -> 
     if state.get("best") is None and state.get("average") is None:
         _publish(last_path, entry / "model.pt")
         return None
-    which = "best" if select != "last" else "last"
-    if state.get("best") is not None and state["best"].get("epoch") is None:  # never validated (e.g. resumed at the end)
-        which = "last"
-    targets = {"last": published_state(state, "last")}
-    if state.get("best") is not None and state["best"].get("epoch") is not None:
-        targets["best"] = published_state(state, "best")
-        store.save_torch(entry / "model.best.pt", targets["best"])
-        store.save_torch(entry / "model.last.pt", targets["last"])
-    chosen = targets[which]
-    chosen["selected"] = selection_record(state, which) if state.get("best") is not None else {
-        "checkpoint": "last", "epoch": state.get("epoch"), "criterion": None, "value": None, "why": "the final epoch's weight average (train.ema)"}
+    validated = state.get("best") is not None and state["best"].get("epoch") is not None  # not when resumed at the end
+    chosen = published_state(state, "best" if validated and select != "last" else "last")
+    if validated:
+        store.save_torch(entry / "model.best.pt", published_state(state, "best"))
+        store.save_torch(entry / "model.last.pt", published_state(state, "last"))
     store.save_torch(entry / "model.pt", chosen)
     if run_dir is not None:
         store.save_torch(run_dir / "model.pt", chosen)

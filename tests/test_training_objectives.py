@@ -305,11 +305,16 @@ def test_bad_training_values_are_refused_by_the_commands_checks():
 
     from robust_cli.commands.train import validate
     from robust_cli.errors import UserError
+    from robust_cli.train import validate_training
+
+    def checks(cfg):  # what a train job runs before any work: the shared training checks, then the command's own
+        validate_training(cfg)
+        validate(cfg)
 
     with initialize_config_module("robust_cli.conf", version_base="1.3"):
         for args, needle in BAD_VALUES:
             with pytest.raises(UserError, match=re.escape(needle)):
-                validate(compose("train", overrides=args))
+                checks(compose("train", overrides=args))
 
 
 @pytest.mark.parametrize("args,needle", [BAD_VALUES[0], BAD_VALUES[4],

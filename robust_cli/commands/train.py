@@ -5,7 +5,7 @@ from robust_cli import store
 from robust_cli.data import load_data
 from robust_cli.engine import init_distributed, ranks_from_environment
 from robust_cli.errors import UserError
-from robust_cli.train import train_or_reuse, validate_training
+from robust_cli.train import train_or_reuse
 
 
 DISTRIBUTED = True  # torchrun --nproc_per_node=N -m robust_cli train ...: data-parallel over N processes
@@ -13,7 +13,7 @@ BATCH_SETTINGS = "train.batch_size"
 
 
 def validate(cfg):
-    validate_training(cfg)
+    # the training settings themselves are checked for every command by cli.validate_common (any command may train)
     if cfg.get("checkpoint"):
         raise UserError(f"robust train does not read checkpoint= (got '{cfg.checkpoint}'): it trains this config's registry entry, "
                         "and resume=true continues that entry's interrupted run; drop checkpoint=")
