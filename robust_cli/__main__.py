@@ -3,7 +3,7 @@ while a command line is checked, between sweep jobs) as one line instead of a tr
 Ctrl-C and records its run as interrupted (cli.run_command)."""
 import sys
 
-from robust_cli import interrupts
+from robust_cli.core import interrupts
 
 
 def main() -> None:

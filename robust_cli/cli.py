@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import robust_cli
-from robust_cli import interrupts
-from robust_cli.errors import UserError
+from robust_cli.core import interrupts
+from robust_cli.core.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # torch scripts its forward-AD decompositions on first use and warns about its own deprecated API: not the user's concern
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(collect.main(rest))
     if command == "report":
-        from robust_cli import report
+        from robust_cli.results import report
 
         sys.exit(report.main(rest))
     rest = _reorder(rest)
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                 with open_dict(cfg):
                     cfg.choices = chosen_options(cfg.hydra.runtime.choices)
                 validate_job(module, cfg)
-            from robust_cli.engine import ranks_from_environment
+            from robust_cli.core.engine import ranks_from_environment
 
             if not ranks_from_environment().main:  # torchrun / SLURM tasks: rank 0 alone has a run directory
                 import tempfile
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [argv[0], *rest]
     _hydra_app(command)()
     if sweeping:
-        from robust_cli.callbacks import SweepStatus
+        from robust_cli.results.callbacks import SweepStatus
 
         if SweepStatus.not_completed:
             first, status = SweepStatus.not_completed[0]
@@ -371,7 +371,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        from robust_cli.engine import ranks_from_environment
+        from robust_cli.core.engine import ranks_from_environment
 
         local = ranks_from_environment().local_rank  # one GPU per process under torchrun / SLURM tasks
         return torch.device(f"cuda:{local % torch.cuda.device_count()}")
@@ -407,7 +407,7 @@ def parse_shard(spec) -> tuple[int, int]:
 
 
 def validate_common(cfg) -> None:
-    from robust_cli.data import build_dataset
+    from robust_cli.core.data import build_dataset
 
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
@@ -420,13 +420,13 @@ def validate_common(cfg) -> None:
     if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
     if "train" in cfg:  # every command may train its model first (train_if_missing): its settings, before any work
-        from robust_cli.train import validate_training
+        from robust_cli.training.loop import validate_training
 
         validate_training(cfg)
     if "dataset" in cfg:
         dataset = build_dataset(cfg)
         if "model" in cfg:  # the model must fit the dataset: build it once on the metadata (cheap)
-            from robust_cli.models import build_model
+            from robust_cli.core.models import build_model
 
             build_model(cfg, dataset.meta)
         dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
@@ -446,12 +446,12 @@ def validate_job(module, cfg) -> torch.device:
             raise UserError(f"threads must be a positive integer or null, got {threads!r}")
         torch.set_num_threads(threads)
     if "precision" in cfg:  # precision, compile, channels_last: one line now, not after training
-        from robust_cli.engine import engine_from
+        from robust_cli.core.engine import engine_from
 
         engine_from(cfg, device)
     if getattr(module, "NEEDS_COMMON_VALIDATION", True):
         validate_common(cfg)
-    from robust_cli.engine import ranks_from_environment
+    from robust_cli.core.engine import ranks_from_environment
 
     if ranks_from_environment().distributed and not getattr(module, "DISTRIBUTED", False):
         raise UserError("only robust train runs as several processes (torchrun, SLURM tasks); split an evaluation by examples "
@@ -459,8 +459,8 @@ def validate_job(module, cfg) -> torch.device:
     if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
         raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
     if cfg.get("table") is not None:  # an experiment preset's paper tables: a mistake in one shows now, not at collect
-        from robust_cli import store
-        from robust_cli.paper_tables import validate_block
+        from robust_cli.core import store
+        from robust_cli.results.paper_tables import validate_block
 
         validate_block(cfg.table, f"experiment={store.choice(cfg, 'experiment')}")
     if hasattr(module, "validate"):
@@ -482,7 +482,7 @@ def run_command(command: str, cfg):
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
-    from robust_cli import registry, store
+    from robust_cli.core import registry, store
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -507,7 +507,7 @@ def run_command(command: str, cfg):
     # SIGTERM (SLURM's time-out and pre-emption) is handled like Ctrl-C: status interrupted, checkpoint kept
     interrupts.install()  # again: a launcher's worker process did not run main()
     module = importlib.import_module(f"robust_cli.commands.{command}")
-    from robust_cli.engine import ranks_from_environment
+    from robust_cli.core.engine import ranks_from_environment
 
     main_rank = ranks_from_environment().main
     run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) and main_rank else None
@@ -520,7 +520,7 @@ def run_command(command: str, cfg):
         record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
         ctx = store.RunContext(cfg, run_dir, device, record)
         if "dataset" in cfg:
-            from robust_cli.data import weights_sizes
+            from robust_cli.core.data import weights_sizes
 
             for message in weights_sizes(cfg)[1]:  # once per run, kept in run.json
                 ctx.warn(message)
@@ -538,7 +538,7 @@ def run_command(command: str, cfg):
             _finish(record, run_json, ctx, beat)
             sys.exit(2)
     except torch.OutOfMemoryError:  # a fixed batch size that does not fit: say which setting, never a traceback
-        from robust_cli.engine import out_of_memory_line
+        from robust_cli.core.engine import out_of_memory_line
 
         message = out_of_memory_line(getattr(module, "BATCH_SETTINGS", "batch_size"), record.get("device"))
         record.update(status="user_error", error=message)
@@ -568,7 +568,7 @@ def run_command(command: str, cfg):
 def _finish(record, run_json, ctx, beat) -> None:
     from rich.table import Table
 
-    from robust_cli import store
+    from robust_cli.core import store
 
     record["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if run_json is not None:

@@ -39,8 +39,8 @@ def compose(model_name: str, mnist_root: str):
 
 
 def load(model_name, mnist_root, checkpoint, device):
-    from robust_cli.data import load_data
-    from robust_cli.models import build_model
+    from robust_cli.core.data import load_data
+    from robust_cli.core.models import build_model
 
     cfg = compose(model_name, mnist_root)
     data = load_data(cfg)

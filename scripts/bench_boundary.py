@@ -13,15 +13,15 @@ import time
 
 import torch
 
-from robust_cli.boundary import boundary_point, project_to_boundary, sample_around
+from robust_cli.analysis.boundary import boundary_point, project_to_boundary, sample_around
 
 
 def build(name, device):
     from hydra import compose, initialize_config_dir
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.data import DatasetMeta
-    from robust_cli.models import build_model
+    from robust_cli.core.data import DatasetMeta
+    from robust_cli.core.models import build_model
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={name}", "dataset=mnist"])

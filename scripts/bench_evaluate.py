@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_attack import DEFAULT_MNIST, load  # noqa: E402
 
 from robust_cli.attacks import FABT, AutoAttack  # noqa: E402
-from robust_cli.engine import Engine  # noqa: E402
+from robust_cli.core.engine import Engine  # noqa: E402
 
 
 def train_default(model_name, mnist_root):

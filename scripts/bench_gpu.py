@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from robust_cli.attacks import PGD, AutoAttack  # noqa: E402
-from robust_cli.data import DatasetMeta  # noqa: E402
-from robust_cli.engine import BatchSize, Engine, fit_batch  # noqa: E402
+from robust_cli.core.data import DatasetMeta  # noqa: E402
+from robust_cli.core.engine import BatchSize, Engine, fit_batch  # noqa: E402
 
 MODELS = {  # name -> (model YAML, input shape)
     "fc200_200_10": ("fc200_200_10", (1, 28, 28)),
@@ -45,7 +45,7 @@ def build(name, device):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from robust_cli.models import Classifier
+    from robust_cli.core.models import Classifier
 
     yaml, shape = MODELS[name]
     spec = OmegaConf.to_container(OmegaConf.load(ROOT / "robust_cli" / "conf" / "model" / f"{yaml}.yaml"), resolve=True)
@@ -60,7 +60,7 @@ def build(name, device):
 
 def images(shape, n, device, mnist_root=None):
     if mnist_root and shape == (1, 28, 28):
-        from robust_cli.data import IdxImages
+        from robust_cli.core.data import IdxImages
 
         ds = IdxImages("MNIST", "MNIST", name="mnist", shape=shape, num_classes=10)
         x, y, _, _ = ds._load(mnist_root, False)
@@ -179,7 +179,7 @@ def attack_rows(args, device):
 
 
 def persistence_rows(args, device):
-    from robust_cli.persistence import persistence
+    from robust_cli.analysis.persistence import persistence
 
     model, shape, _ = build("c_32", device)
     model.eval()

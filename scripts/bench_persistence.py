@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from robust_cli.persistence import PAGE, _Sampler, bracketing, fast_persistence
+from robust_cli.analysis.persistence import PAGE, _Sampler, bracketing, fast_persistence
 
 
 def load(args):
@@ -30,10 +30,10 @@ def load(args):
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from robust_cli import store
-    from robust_cli.train import load_trained_model
+    from robust_cli.core import store
+    from robust_cli.training.loop import load_trained_model
     from robust_cli.cli import CONF_DIR, resolve_device
-    from robust_cli.evaluate import choose_targets, predict, run_attack
+    from robust_cli.evaluation.evaluate import choose_targets, predict, run_attack
 
     overrides = [f"model={args.model}", "dataset=mnist", f"data.root={args.data_root}", "data.download=false", "attack=lbfgs",
                  f"outputs_root={args.outputs_root}", *args.overrides]

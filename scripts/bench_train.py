@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from robust_cli.cli import CONF_DIR, resolve_device
-from robust_cli.data import load_data
-from robust_cli.train import train
+from robust_cli.core.data import load_data
+from robust_cli.training.loop import train
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            from robust_cli.models import build_model
+            from robust_cli.core.models import build_model
 
             params = sum(p.numel() for p in build_model(cfg, data.meta).parameters())
         table.add_row(model, f"{params:,}", f"{seconds * 60000 / len(data.train_y):.1f}", f"{seconds:.2f}", f"{len(data.train_y):,}")

@@ -40,7 +40,7 @@ def run_sweeps(args) -> list[Path]:
 
 
 def summarise(sweeps) -> pd.DataFrame:
-    from robust_cli.collect import collect
+    from robust_cli.results.collect import collect
 
     c = collect([str(s) for s in sweeps], write=False, figures=False)
     dist, curve = c.frames["distances"], c.frames["curve"]

@@ -1,4 +1,4 @@
-"""The paper tables as robust_cli/collect.py built them in Python before they moved into the experiment presets'
+"""The paper tables as robust_cli/results/collect.py built them in Python before they moved into the experiment presets'
 `table:` blocks: a second implementation, the oracle the YAML-rendered tables are compared against."""
 import math
 

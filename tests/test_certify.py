@@ -8,7 +8,7 @@ import torch
 from scipy.stats import norm
 
 from conftest import latest_run
-from robust_cli.certify import ABSTAIN, certified_accuracy, certify, lower_confidence_bound, predict
+from robust_cli.analysis.certify import ABSTAIN, certified_accuracy, certify, lower_confidence_bound, predict
 
 
 class Linear(torch.nn.Module):
@@ -75,7 +75,7 @@ def test_certified_radius_never_exceeds_the_exact_distance_inside_the_orthant(k)
     """Inside a convex class region (the orthant) the smoothed region is inside the base one, so the certificate
     is at most the exact distance. Outside it is not: the smoothed class-0 region reaches into the orthant near its
     apex, and a point there can be certified farther than its base boundary (docs/certify.md says so)."""
-    from robust_cli.geometry_objects import Orthant
+    from robust_cli.analysis.geometry_objects import Orthant
 
     model = Orthant((6,), k=k).double()
     gen = torch.Generator().manual_seed(k)
@@ -101,7 +101,7 @@ def test_certify_is_reproducible_and_independent_of_the_batch_size():
 
 @pytest.mark.parametrize("antithetic", [True, False])
 def test_persistence_rays_that_certify_drew_are_the_same_draws(antithetic):
-    from robust_cli.persistence import _Sampler
+    from robust_cli.analysis.persistence import _Sampler
 
     model, x, _ = linear_points(3, 30, 0.5, [1.0, 1.0, 1.0])
     mine = _Sampler(model, x, antithetic=antithetic, seed=4, index_offset=5)
@@ -114,7 +114,7 @@ def test_persistence_rays_that_certify_drew_are_the_same_draws(antithetic):
 
 
 def test_persistence_reuses_the_certify_draws_and_finds_the_same_sigma():
-    from robust_cli.persistence import fast_persistence
+    from robust_cli.analysis.persistence import fast_persistence
 
     sigma = 0.5
     model, x, distance = linear_points(12, 40, sigma, torch.linspace(0.5, 3.0, 12))
@@ -178,9 +178,9 @@ def test_a_sandwich_violation_outside_the_orthant_is_explained(tmp_path):
     attacked distance, and the check finds g still saying class 0 at the attacked point (explained, not a failure)."""
     from omegaconf import OmegaConf
 
-    from robust_cli import store
+    from robust_cli.core import store
     from robust_cli.commands.certify import _sandwich
-    from robust_cli.geometry_objects import Orthant
+    from robust_cli.analysis.geometry_objects import Orthant
 
     class Shifted(torch.nn.Module):  # the orthant's apex at the centre of the [0, 1] box
         def __init__(self):

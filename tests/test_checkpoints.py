@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from robust_cli import registry
-from robust_cli.errors import UserError
+from robust_cli.core import registry
+from robust_cli.core.errors import UserError
 
 
 def weights():
@@ -71,8 +71,8 @@ def test_an_external_state_dict_attacks_through_the_cli(robust, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.data import build_dataset
-    from robust_cli.models import build_model
+    from robust_cli.core.data import build_dataset
+    from robust_cli.core.models import build_model
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("attack", overrides=["model=fc200_200_10", "dataset=digits"])

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robust_cli.collect import collect, run_columns, to_markdown
-from robust_cli.paper_tables import preset_block
+from robust_cli.results.collect import collect, run_columns, to_markdown
+from robust_cli.results.paper_tables import preset_block
 from robust_cli.commands import collect as collect_command
 
 
@@ -186,7 +186,7 @@ def test_collect_command_exit_codes(tmp_path, capsys):
 
 
 def test_latex_export_is_booktabs_with_console_numbers_and_escapes(tmp_path):
-    from robust_cli.collect import to_latex
+    from robust_cli.results.collect import to_latex
 
     sweep = tmp_path / "sweep"
     make_run(sweep, "r0", choices={"defense": "fgsm_at"}, csvs={"curve": curve_rows({0: 0.9, 0.1: 0.523456789}, norm="linf", attack="pgd")})

@@ -30,8 +30,8 @@ from robust_cli.defenses import (
 from robust_cli.defenses import gradient as gradient_module
 from robust_cli.defenses import invariance as invariance_module
 from robust_cli.defenses.tangents import gaussian_blur, image_tangents
-from robust_cli.errors import UserError
-from robust_cli.models import TanhHead
+from robust_cli.core.errors import UserError
+from robust_cli.core.models import TanhHead
 
 DEFENSE_DIR = Path(__file__).resolve().parents[1] / "robust_cli" / "conf" / "defense"
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_cli import evaluate as ev
+from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import FGSM
-from robust_cli.data import crop_flip
-from robust_cli.engine import BatchSize, Engine, FastModel, chunked, exact, fit_batch, ranks_from_environment
-from robust_cli.errors import UserError
+from robust_cli.core.data import crop_flip
+from robust_cli.core.engine import BatchSize, Engine, FastModel, chunked, exact, fit_batch, ranks_from_environment
+from robust_cli.core.errors import UserError
 from tests.conftest import latest_run
 
 
@@ -143,7 +143,7 @@ def test_crop_flip_training_resumes_to_identical_weights(robust, tmp_path):
 
 
 def test_crop_flip_needs_images():
-    from robust_cli.data import check_augment
+    from robust_cli.core.data import check_augment
 
     check_augment("crop_flip", (1, 8, 8))  # 8x8 images are images: allowed, the user's choice
     check_augment("none", (2,))
@@ -154,8 +154,8 @@ def test_crop_flip_needs_images():
 def test_augment_auto_is_the_datasets_default_and_in_the_checkpoint_key():
     from omegaconf import OmegaConf
 
-    from robust_cli import registry
-    from robust_cli.data import resolve_augment
+    from robust_cli.core import registry
+    from robust_cli.core.data import resolve_augment
 
     def cfg(dataset, augment):
         return OmegaConf.create({"dataset": OmegaConf.load(f"robust_cli/conf/dataset/{dataset}.yaml"), "data": {"augment": augment, "n_train": None, "val_fraction": 0.0},
@@ -222,7 +222,7 @@ class LinearTwoClass(nn.Module):
 
 
 def test_persistence_samples_with_auto_batch_equal_a_fixed_batch():
-    from robust_cli.persistence import persistence
+    from robust_cli.analysis.persistence import persistence
 
     torch.manual_seed(0)
     w = torch.randn(8)
@@ -236,7 +236,7 @@ def test_persistence_samples_with_auto_batch_equal_a_fixed_batch():
 
 def test_fixed_batch_out_of_memory_in_the_cli_is_one_line(tmp_path, monkeypatch, capsys):
     from robust_cli import cli
-    from robust_cli.models import MLP
+    from robust_cli.core.models import MLP
 
     monkeypatch.chdir(tmp_path)
     common = ["dataset=digits", "train.epochs=1", "data.n_test=90", "attack=fgsm"]
@@ -268,7 +268,7 @@ def test_shards_need_a_fixed_batch_size(robust):
 def test_cyclic_schedule_is_wongs_triangle():
     from omegaconf import OmegaConf
 
-    from robust_cli.train import make_optimizer
+    from robust_cli.training.loop import make_optimizer
 
     cfg = OmegaConf.create({"train": {"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
                                       "scheduler": "cyclic", "epochs": 5, "lr_step": 1, "lr_gamma": 0.1}})
@@ -331,7 +331,7 @@ def test_cifar_presets_compose_to_their_recipes(robust, preset, defense, schedul
 
     proc = robust("train", f"experiment={preset}", "--cfg", "job", check=True)
     cfg = yaml.safe_load(proc.stdout)
-    assert cfg["dataset"]["name"] == "cifar10" and cfg["model"]["_target_"] == "robust_cli.models.ResNet" and cfg["model"]["blocks"] == [2, 2, 2, 2]
+    assert cfg["dataset"]["name"] == "cifar10" and cfg["model"]["_target_"] == "robust_cli.core.models.ResNet" and cfg["model"]["blocks"] == [2, 2, 2, 2]
     t = cfg["train"]
     assert (t["scheduler"], t["epochs"], t["lr"], t["batch_size"], t["momentum"], t["weight_decay"]) == (scheduler, epochs, lr, 128, 0.9, 5e-4)
     assert cfg["data"]["augment"] == "crop_flip" and cfg["precision"] == "auto"

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robust_cli import audit
-from robust_cli import evaluate as ev
+from robust_cli.evaluation import audit
+from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import APGD, APGDT, FAB, FABT, PGD, AutoAttack, Square, cascade, norms
 from robust_cli.attacks.apgd import checkpoints
 from robust_cli.attacks.fab import project_halfspace, project_halfspace_sorted
@@ -386,7 +386,7 @@ def test_randomised_model_cli_recommends_rand(robust, tmp_path):
 
 
 def test_run_json_has_no_bare_nan(tmp_path):
-    from robust_cli import store
+    from robust_cli.core import store
 
     store.write_json(tmp_path / "run.json", {"a": float("nan"), "b": [float("inf"), 1.0], "c": {"d": -float("inf")}})
 
@@ -400,7 +400,7 @@ def test_minimal_ensemble_is_never_farther_than_any_member(digits_model):
     # each member alone (same settings, deterministic members), then the ensemble: per example its distance is the
     # smallest of theirs, and broken_by names the member that found it
     from robust_cli.attacks import DeepFool, MinimalEnsemble
-    from robust_cli.errors import UserError
+    from robust_cli.core.errors import UserError
 
     model, x, y = digits_model
     x, y = x[:60], y[:60]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from robust_cli import registry, store
+from robust_cli.core import registry, store
 from robust_cli.cli import CONF_DIR
-from robust_cli.data import DatasetMeta, build_dataset, load_data, stratified_subset
-from robust_cli.errors import UserError
-from robust_cli.models import build_model
+from robust_cli.core.data import DatasetMeta, build_dataset, load_data, stratified_subset
+from robust_cli.core.errors import UserError
+from robust_cli.core.models import build_model
 from tests.conftest import latest_run
 
 # the analytic objects have their own tests; python (a user's class) and timm (an optional extra) are in test_zoo

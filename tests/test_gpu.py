@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robust_cli import evaluate as ev
+from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import FGSM, PGD
-from robust_cli.engine import BatchSize, Engine, FastModel, chunked
+from robust_cli.core.engine import BatchSize, Engine, FastModel, chunked
 from tests.conftest import latest_run
 from tests.test_engine import Bf16Flips
 
@@ -43,8 +43,8 @@ def test_bf16_attack_run_is_judged_in_fp32(robust, tmp_path):
     state = torch.load(next((tmp_path / "outputs" / "checkpoints").glob("*/model.pt")), weights_only=True)
     from omegaconf import OmegaConf
 
-    from robust_cli.data import DatasetMeta
-    from robust_cli.models import build_model
+    from robust_cli.core.data import DatasetMeta
+    from robust_cli.core.models import build_model
 
     cfg = OmegaConf.create(state["config"])
     model = build_model(cfg, DatasetMeta("digits", (1, 8, 8), 10))
@@ -67,7 +67,7 @@ def test_compile_on_the_gpu_gives_eager_predictions():
 
 
 def test_channels_last_conv_net_matches_the_default_layout():
-    from robust_cli.models import ConvNet
+    from robust_cli.core.models import ConvNet
 
     torch.manual_seed(0)
     net = ConvNet((3, 32, 32), 10, channels=16).to(CUDA).eval()
@@ -112,7 +112,7 @@ def test_a_seeded_gpu_training_run_is_repeatable(robust, tmp_path):
 
 
 def test_pgd_under_bf16_on_resnet18_runs_and_is_not_stronger_than_fp32_judged():
-    from robust_cli.models import Classifier, ResNet
+    from robust_cli.core.models import Classifier, ResNet
 
     torch.manual_seed(0)
     model = Classifier(ResNet((3, 32, 32), 10, blocks=[1, 1, 1, 1], widths=[16, 32, 64, 128], stem=16), 10).to(CUDA).eval()

@@ -1,4 +1,4 @@
-"""Discrete path kernel (robust_cli/kernel.py) against Bell's Theorem 14.5, Lemma 14.4, Remarks 1 and 3.
+"""Discrete path kernel (robust_cli/analysis/kernel.py) against Bell's Theorem 14.5, Lemma 14.4, Remarks 1 and 3.
 
 Oracles: the network itself (the theorem says the kernel machine IS the network), torch.optim.SGD (the recorded
 path is plain gradient descent), explicit autograd Jacobians (kernel values), the literal per-sample loop
@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_cli.errors import UserError
-from robust_cli.kernel import (DiscretePathKernel, FlatModel, gauss_legendre, nll_of_probabilities, reference_predict,
+from robust_cli.core.errors import UserError
+from robust_cli.analysis.kernel import (DiscretePathKernel, FlatModel, gauss_legendre, nll_of_probabilities, reference_predict,
                                train_path, zero_last_layer)
 
 DT = torch.float64

@@ -1,4 +1,4 @@
-"""The paper tables declared in the experiment presets' `table:` blocks (robust_cli/paper_tables.py), checked against
+"""The paper tables declared in the experiment presets' `table:` blocks (robust_cli/results/paper_tables.py), checked against
 the Python functions that built them before (tests/legacy_tables.py) on random collected frames, and the block's
 validation: a bad block is one line, at collect and before a job does any work."""
 import math
@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 import legacy_tables as legacy
-from robust_cli import paper_tables
-from robust_cli.collect import collect
-from robust_cli.errors import UserError
+from robust_cli.results import paper_tables
+from robust_cli.results.collect import collect
+from robust_cli.core.errors import UserError
 from test_collect import curve_rows, make_run
 
 
@@ -194,12 +194,12 @@ def test_a_bad_table_block_stops_the_job_before_any_work(robust, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == ["error: experiment=custom: table mine: column x: agg must be one of mean, median, sum, first, count, finite_mean, "
-                     "not_finite, runs, got 'mode' (see robust_cli/paper_tables.py)"]
+                     "not_finite, runs, got 'mode' (see robust_cli/results/paper_tables.py)"]
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("model.pt"))  # nothing trained
 
 
 def test_check_lines_count_the_rows_where_an_ordering_holds():
-    from robust_cli.collect import check_lines
+    from robust_cli.results.collect import check_lines
 
     table = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [2.0, 1.0, math.nan]})
     table["a<b"] = [True, False, None]

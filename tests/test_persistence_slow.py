@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from robust_cli.analytic import Wedge
-from robust_cli.persistence import bracketing, persistence
+from robust_cli.analysis.analytic import Wedge
+from robust_cli.analysis.persistence import bracketing, persistence
 from tests.conftest import latest_run
 from tests.test_persistence import sd_for
 

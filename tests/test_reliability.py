@@ -172,7 +172,7 @@ def test_kill_9_is_reported_died_and_its_temporaries_are_cleaned_at_the_next_sta
 
 
 def test_heartbeat_of_a_run_on_another_host_goes_stale(tmp_path):
-    from robust_cli import store
+    from robust_cli.core import store
 
     (tmp_path / "heartbeat.json").write_text(json.dumps({"pid": 1, "host": "elsewhere", "interval_s": 30, "updated": time.time() - 10}))
     assert store.run_status({"status": "running"}, tmp_path) == "running"
@@ -232,8 +232,8 @@ def test_warnings_for_nothing_to_resume_tiny_classes_and_zero_steps(robust, tmp_
 
 
 def test_checkpoint_messages_say_what_is_wrong(robust, tmp_path):
-    from robust_cli import registry
-    from robust_cli.errors import UserError
+    from robust_cli.core import registry
+    from robust_cli.core.errors import UserError
 
     robust("train", *TINY, check=True)
     entry = registry_entry(tmp_path)
@@ -301,7 +301,7 @@ def test_every_figure_names_model_dataset_defense_and_attack(tmp_path):
     import matplotlib.pyplot as plt
     from omegaconf import OmegaConf
 
-    from robust_cli import store
+    from robust_cli.core import store
 
     cfg = OmegaConf.create({"model": {}, "dataset": {}, "defense": {}, "attack": {},
                             "choices": {"model": "c_32", "dataset": "mnist", "defense": "tulip", "attack": "pgd"}})

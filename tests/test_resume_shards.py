@@ -63,7 +63,7 @@ def test_shards_merge_into_the_unsharded_curve(robust, tmp_path, whole_run):
 
 
 def test_batch_seeds_depend_on_the_global_batch_only():
-    from robust_cli.evaluate import BatchPlan
+    from robust_cli.evaluation.evaluate import BatchPlan
 
     whole, second_half = BatchPlan(seed=0), BatchPlan(seed=0, first_batch=4)
     assert whole.batch_seed(0.1, 5) == second_half.batch_seed(0.1, 1)

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from robust_cli.cli import CONF_DIR
-from robust_cli.paper_tables import preset_block
+from robust_cli.results.paper_tables import preset_block
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=fc10_4", "train.epochs=1", "data.n_train=200"]
@@ -131,7 +131,7 @@ def test_reproduce_smoke_scale_builds_the_table(tmp_path, preset):
     table = pd.read_csv(table_line.removeprefix("table: "))
     assert len(table) == 2 and table.notna().any(axis=1).all()
     # the table from the preset's YAML block is the one the Python function of the previous release built
-    from robust_cli.collect import collect
+    from robust_cli.results.collect import collect
 
     import legacy_tables
 
@@ -144,7 +144,7 @@ def test_reproduce_smoke_scale_builds_the_table(tmp_path, preset):
 def test_unknown_scale_stops_with_one_line(capsys):
     from omegaconf import OmegaConf
 
-    from robust_cli.callbacks import CheckScale
+    from robust_cli.results.callbacks import CheckScale
 
     cfg = OmegaConf.create({"scale": "huge", "scales": {"cpu": {}, "full": {}}, "hydra": {"runtime": {"choices": {"experiment": "szegedy_table"}}}})
     with pytest.raises(SystemExit) as stop:
@@ -158,12 +158,12 @@ def test_unknown_scale_stops_with_one_line(capsys):
         CheckScale().on_run_start(cfg)
     assert capsys.readouterr().err.strip() == "error: variant must be one of lbfgs, igsm for experiment=szegedy_table, got 'cw'"
     cfg, _ = sweep_config("persistence", ["experiment=szegedy_table"])
-    assert cfg.hydra.callbacks.check_scale._target_ == "robust_cli.callbacks.CheckScale"
+    assert cfg.hydra.callbacks.check_scale._target_ == "robust_cli.results.callbacks.CheckScale"
 
 
 def test_missing_launcher_plugin_is_one_line(monkeypatch):
     from robust_cli import cli
-    from robust_cli.errors import UserError
+    from robust_cli.core.errors import UserError
 
     monkeypatch.setitem(cli.LAUNCHER_PLUGINS, "submitit_local", ("hydra_plugins.no_such_launcher", cli.LAUNCHER_PLUGINS["submitit_local"][1]))
     with pytest.raises(UserError, match="pip install 'robust\\[cluster\\]'"):

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from robust_cli.defenses import MART, TRADES, AdversarialTraining, AdversarialWeightPerturbation
 from robust_cli.attacks import PGD
 from robust_cli.defenses.trades import kl_divergence
-from robust_cli.selection import WeightAverage
-from robust_cli.train import make_optimizer, piecewise_milestones
+from robust_cli.training.selection import WeightAverage
+from robust_cli.training.loop import make_optimizer, piecewise_milestones
 from tests.conftest import latest_run
 
 
@@ -304,8 +304,8 @@ def test_bad_training_values_are_refused_by_the_commands_checks():
     from hydra import compose, initialize_config_module
 
     from robust_cli.commands.train import validate
-    from robust_cli.errors import UserError
-    from robust_cli.train import validate_training
+    from robust_cli.core.errors import UserError
+    from robust_cli.training.loop import validate_training
 
     def checks(cfg):  # what a train job runs before any work: the shared training checks, then the command's own
         validate_training(cfg)

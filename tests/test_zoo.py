@@ -10,7 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from robust_cli import store
+from robust_cli.core import store
 from tests.conftest import latest_run
 
 IMG = ["dataset.image_size=32", "dataset.resize=36", "data.workers=0"]
@@ -32,7 +32,7 @@ def make_folder(root, classes=("cat", "dog", "owl"), per_class=(6, 3), size=(40,
 def test_image_folder_labels_sizes_and_class_restriction(tmp_path):
     from omegaconf import OmegaConf
 
-    from robust_cli.data import load_data
+    from robust_cli.core.data import load_data
 
     make_folder(tmp_path / "data")
 
@@ -54,7 +54,7 @@ def test_image_folder_labels_sizes_and_class_restriction(tmp_path):
 def test_imagenet_flat_validation_layouts(tmp_path):
     from omegaconf import OmegaConf
 
-    from robust_cli.data import load_data
+    from robust_cli.core.data import load_data
 
     root = tmp_path / "imagenet"
     (root / "val").mkdir(parents=True)
@@ -209,7 +209,7 @@ def test_training_set_too_large_for_memory_streams_to_the_same_weights(robust, t
 
 
 def test_export_loads_back_to_identical_outputs(robust, tmp_path, monkeypatch, capsys):
-    from robust_cli import registry
+    from robust_cli.core import registry
 
     common = ["dataset=digits", "train.epochs=1", "data.n_test=50"]
     robust("train", *common, check=True)
@@ -318,7 +318,7 @@ def test_torchvision_weights_bring_their_resize_and_crop(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.data import build_dataset, weights_sizes
+    from robust_cli.core.data import build_dataset, weights_sizes
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

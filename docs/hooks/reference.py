@@ -152,9 +152,9 @@ def _constants(module: Path) -> dict[str, tuple]:
 
 
 CHOICES = [  # (setting, module, constant)
-    ("train.optimizer", "train.py", "OPTIMIZERS"),
-    ("train.scheduler", "train.py", "SCHEDULERS"),
-    ("train.select", "train.py", "SELECTIONS"),
+    ("train.optimizer", "training/loop.py", "OPTIMIZERS"),
+    ("train.scheduler", "training/loop.py", "SCHEDULERS"),
+    ("train.select", "training/loop.py", "SELECTIONS"),
     ("defense.attack_bn", "defenses/adversarial.py", "ATTACK_BN"),
     ("attack.norm (budgeted attacks)", "attacks/norms.py", "NORMS"),
     ("attack.norm (minimal-norm attacks: FAB)", "attacks/norms.py", "MINIMAL_NORM_NORMS"),

@@ -18,7 +18,7 @@ import torch
 from robust_cli.attacks import norms
 from robust_cli.attacks.base import Attack, check_loss
 from robust_cli.attacks.gradient import _positive_int
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def checkpoints(n_iter: int) -> list[int]:

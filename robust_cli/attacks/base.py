@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from robust_cli.attacks import norms
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 TARGET_MODES = ("least_likely", "random", "next")
 LOSSES = ("ce", "margin", "dlr")

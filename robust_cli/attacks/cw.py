@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from robust_cli.attacks.base import Attack
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 class CW(Attack):

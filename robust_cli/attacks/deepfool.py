@@ -5,7 +5,7 @@ import torch
 
 from robust_cli.attacks import norms
 from robust_cli.attacks.base import Attack
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 class DeepFool(Attack):

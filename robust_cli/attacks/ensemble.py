@@ -17,8 +17,8 @@ from robust_cli.attacks.apgd import APGD, APGDT
 from robust_cli.attacks.base import Attack, vote_labels
 from robust_cli.attacks.fab import FAB, FABT
 from robust_cli.attacks.square import Square
-from robust_cli.engine import exact
-from robust_cli.errors import UserError
+from robust_cli.core.engine import exact
+from robust_cli.core.errors import UserError
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 ENSEMBLES = ("autoattack", "minimal_ensemble")

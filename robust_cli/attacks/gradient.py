@@ -9,7 +9,7 @@ import torch
 
 from robust_cli.attacks import norms
 from robust_cli.attacks.base import Attack, check_loss
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def _advance(x_adv, step, direction, inplace=False):

@@ -6,7 +6,7 @@ import math
 import torch
 
 from robust_cli.attacks.base import Attack
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 class JSMA(Attack):

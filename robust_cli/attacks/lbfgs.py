@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from robust_cli.attacks.base import Attack
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 C_SEARCHES = ("minimal", "szegedy", "fixed")
 

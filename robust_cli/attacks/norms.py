@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 NORMS = ("linf", "l2")  # norms an attack can take as its budget
 MINIMAL_NORM_NORMS = ("linf", "l2", "l1")  # FAB's: its step is an exact projection, which l1 also has in closed form

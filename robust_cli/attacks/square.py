@@ -18,7 +18,7 @@ import torch
 from robust_cli.attacks import norms
 from robust_cli.attacks.base import Attack
 from robust_cli.attacks.gradient import _positive_int
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 # the paper's schedule for 10,000 queries: p is halved after these iterations
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import ListConfig, OmegaConf
 
-from robust_cli import audit
-from robust_cli import evaluate as ev
-from robust_cli import store
-from robust_cli.engine import BatchSize, engine_from, fit_batch
-from robust_cli.errors import UserError
-from robust_cli.train import load_trained_model
+from robust_cli.evaluation import audit
+from robust_cli.evaluation import evaluate as ev
+from robust_cli.core import store
+from robust_cli.core.engine import BatchSize, engine_from, fit_batch
+from robust_cli.core.errors import UserError
+from robust_cli.training.loop import load_trained_model
 
 SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test set; robust collect merges the parts
 BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error

@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robust_cli import store
-from robust_cli.train import load_trained_model
-from robust_cli.boundary import boundary_dimension, boundary_point, project_to_boundary, sample_around
-from robust_cli.errors import UserError
+from robust_cli.core import store
+from robust_cli.training.loop import load_trained_model
+from robust_cli.analysis.boundary import boundary_dimension, boundary_point, project_to_boundary, sample_around
+from robust_cli.core.errors import UserError
 
 PAIRS = ("auto", "natural_natural", "natural_adversarial", "centerline", "parallel")
 METHODS = ("auto", "interpolate", "descent")
@@ -51,8 +51,8 @@ def validate(cfg):
     if not distributions or any(d not in DISTRIBUTIONS for d in distributions):
         raise UserError(f"distributions must be a list drawn from gaussian, flat_svd, got {cfg.distributions!r}")
     if cfg.pairs in ("centerline", "parallel"):  # cheap: build the (untrained) model on the dataset's metadata
-        from robust_cli.data import build_dataset
-        from robust_cli.models import build_model
+        from robust_cli.core.data import build_dataset
+        from robust_cli.core.models import build_model
 
         model = build_model(cfg, build_dataset(cfg).meta)
         if not hasattr(model.net, "centerline"):
@@ -82,8 +82,8 @@ def _attack(cfg):
 # ---------------------------------------------------------------------------------------------- model and pairs
 def _model_and_data(cfg, ctx):
     """Parameter-free test objects (orthant, wedge, Voronoi) are built directly; trained nets come from the registry."""
-    from robust_cli.data import build_dataset, load_data
-    from robust_cli.models import build_model
+    from robust_cli.core.data import build_dataset, load_data
+    from robust_cli.core.models import build_model
 
     probe = build_model(cfg, build_dataset(cfg).meta)
     if next(probe.parameters(), None) is None:

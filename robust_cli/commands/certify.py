@@ -10,13 +10,13 @@ import torch
 from omegaconf import ListConfig
 from scipy.stats import norm
 
-from robust_cli import evaluate as ev
-from robust_cli import store
-from robust_cli.certify import ABSTAIN, certified_accuracy, certify, predict
-from robust_cli.engine import AUTO_SAMPLE_START, BatchSize
-from robust_cli.errors import UserError
-from robust_cli.persistence import persistence
-from robust_cli.train import load_trained_model
+from robust_cli.evaluation import evaluate as ev
+from robust_cli.core import store
+from robust_cli.analysis.certify import ABSTAIN, certified_accuracy, certify, predict
+from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize
+from robust_cli.core.errors import UserError
+from robust_cli.analysis.persistence import persistence
+from robust_cli.training.loop import load_trained_model
 
 CHUNK = 32  # points certified together between progress-bar updates (draws do not depend on it)
 PERSISTENCE_POOL = 8192  # the fast persistence's largest pool of rays (its n_samples default)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def parser() -> argparse.ArgumentParser:
-    from robust_cli.collect import FORMATS, KINDS
+    from robust_cli.results.collect import FORMATS, KINDS
 
     p = argparse.ArgumentParser(
         prog="robust collect",
@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)  # argparse exits 2 on its own for bad flags
-    from robust_cli.collect import collect, print_summary
+    from robust_cli.results.collect import collect, print_summary
 
     try:
         result = collect(args.dirs, out=args.out, fmt=args.format, table=args.table, figures=not args.no_figures)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from robust_cli import registry, store
-from robust_cli.errors import UserError
+from robust_cli.core import registry, store
+from robust_cli.core.errors import UserError
 
 WRITES_RUN_DIR = False
 NEEDS_COMMON_VALIDATION = False  # only the checkpoint is read: no dataset needed

@@ -2,7 +2,7 @@
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from robust_cli import registry
+from robust_cli.core import registry
 
 WRITES_RUN_DIR = False
 

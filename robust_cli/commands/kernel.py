@@ -1,7 +1,7 @@
 """`robust kernel`: train a net by forward Euler, then write it as the exact kernel machine of Bell's Theorem 14.5.
 
     yhat_N(x) = b + sum_s sum_i K_s(x, x_i) a_{i,s},  K_s(x, x_i) = int_0^1 J_{w_s(t)}(x) J_{w_s}(x_i)^T dt,
-    a_{i,s} = -eps dL/dyhat(x_i)  (robust_cli/kernel.py has the derivation and the fast evaluation).
+    a_{i,s} = -eps dL/dyhat(x_i)  (robust_cli/analysis/kernel.py has the derivation and the fast evaluation).
 
 Outputs: path_log.csv (loss/accuracy per step), kernel_agreement.csv + agreement.png (network vs kernel output per
 test point and class, Figure 23), kernel_values.csv + kernel_map.png (kernel value of a few in-distribution and
@@ -23,8 +23,8 @@ import time
 import pandas as pd
 import torch
 
-from robust_cli.errors import UserError
-from robust_cli.kernel import OUTPUTS, VARIANTS, DiscretePathKernel, train_path
+from robust_cli.core.errors import UserError
+from robust_cli.analysis.kernel import OUTPUTS, VARIANTS, DiscretePathKernel, train_path
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
@@ -77,8 +77,8 @@ def _ood_points(cfg, data, dtype, gen):
 
 
 def run(cfg, ctx):
-    from robust_cli.data import load_data
-    from robust_cli.models import build_model
+    from robust_cli.core.data import load_data
+    from robust_cli.core.models import build_model
 
     started = time.perf_counter()
     k = cfg.kernel

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import torch
 
-from robust_cli import evaluate as ev
-from robust_cli import store
-from robust_cli.engine import AUTO_SAMPLE_START, BatchSize, engine_from, fit_batch
-from robust_cli.errors import UserError
-from robust_cli.train import load_trained_model
-from robust_cli.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
+from robust_cli.evaluation import evaluate as ev
+from robust_cli.core import store
+from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize, engine_from, fit_batch
+from robust_cli.core.errors import UserError
+from robust_cli.training.loop import load_trained_model
+from robust_cli.analysis.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
 
 CHUNK = 32  # points searched together between progress-bar updates
 

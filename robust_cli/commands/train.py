@@ -1,11 +1,11 @@
 """`robust train`: train the configured model under the configured defense."""
 from hydra.utils import instantiate
 
-from robust_cli import store
-from robust_cli.data import load_data
-from robust_cli.engine import init_distributed, ranks_from_environment
-from robust_cli.errors import UserError
-from robust_cli.train import train_or_reuse
+from robust_cli.core import store
+from robust_cli.core.data import load_data
+from robust_cli.core.engine import init_distributed, ranks_from_environment
+from robust_cli.core.errors import UserError
+from robust_cli.training.loop import train_or_reuse
 
 
 DISTRIBUTED = True  # torchrun --nproc_per_node=N -m robust_cli train ...: data-parallel over N processes

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from robust_cli.attacks.norms import normalize
 from robust_cli.defenses.utils import check_nonnegative, detached, frozen_buffers, input_gradient, per_example_norm
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 class GradientNormPenalty:

@@ -18,7 +18,7 @@ from robust_cli.defenses.utils import (
     jacobian_vector_product,
     per_example_norm,
 )
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 class LossIBP:

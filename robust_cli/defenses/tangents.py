@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 TANGENT_NAMES = ("shift_u", "shift_v", "scale_u", "scale_v", "rotation")
 

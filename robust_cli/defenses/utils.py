@@ -7,7 +7,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def per_example_norm(t, p=2):

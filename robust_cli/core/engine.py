@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

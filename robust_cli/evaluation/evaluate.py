@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from robust_cli.attacks import model_mode, vote_labels
-from robust_cli.engine import BatchSize, FastModel, chunked, exact
+from robust_cli.core.engine import BatchSize, FastModel, chunked, exact
 
 SIZE_COLUMNS = ("l2", "linf", "l1", "distortion", "l0")
 
@@ -103,7 +103,7 @@ class BatchPlan:
 
     def save(self, eps, batch: int, result: dict) -> None:
         if self.directory is not None:
-            from robust_cli import store
+            from robust_cli.core import store
 
             if self.batch_size is not None and self.saved_batch_size() != self.batch_size:
                 store.write_text(Path(self.directory) / "batch_size.txt", f"{self.batch_size}\n")
@@ -126,7 +126,7 @@ class BatchPlan:
                 pass
         result = compute()
         if path is not None:
-            from robust_cli import store
+            from robust_cli.core import store
 
             store.save_torch(path, result)
             if os.environ.get("ROBUST_STOP_AFTER_STAGE") == name:  # test hook: a kill between the steps

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from robust_cli import store
-from robust_cli.errors import UserError
+import robust_cli
+from robust_cli.core import store
+from robust_cli.core.errors import UserError
 
 
 WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict", "last")  # where other codebases put the weights ("last": RobustBench's last-epoch ones)
@@ -139,8 +140,9 @@ def training_identity(cfg) -> dict:
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "test_noise"}
     keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
     _drop_later_defaults(keep)
+    _historical_targets(keep)
     if "dataset" in cfg:
-        from robust_cli.data import resolve_augment
+        from robust_cli.core.data import resolve_augment
 
         augment = resolve_augment(cfg)
         if augment != "none":  # only then: the keys of models trained without augmentation stay what they were
@@ -171,6 +173,19 @@ def _drop_later_defaults(keep: dict) -> None:
             defense.pop("awp")
         if str(defense.get("_target_", "")).endswith("AdversarialTraining") and defense.get("attack_bn") == "train":
             defense.pop("attack_bn")
+
+
+def _historical_targets(node) -> None:
+    """Every `_target_` under its name before the package's modules moved into layers, so the keys stay."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_" and isinstance(value, str):
+                node[key] = robust_cli.historical_name(value)
+            else:
+                _historical_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            _historical_targets(value)
 
 
 def checkpoint_key(cfg) -> str:

@@ -17,12 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import robust_cli
-from robust_cli import registry, store
-from robust_cli.data import DataBundle, check_augment, crop_flip, iterate_batches, load_data, place_on_device, resolve_augment
-from robust_cli.engine import Ranks, average_gradients, broadcast_object, broadcast_parameters, engine_from
-from robust_cli.errors import UserError
-from robust_cli.models import build_model, pretrained, weights_file
-from robust_cli.selection import BestCheckpoint, Validation, WeightAverage
+from robust_cli.core import registry, store
+from robust_cli.core.data import DataBundle, check_augment, crop_flip, iterate_batches, load_data, place_on_device, resolve_augment
+from robust_cli.core.engine import Ranks, average_gradients, broadcast_object, broadcast_parameters, engine_from
+from robust_cli.core.errors import UserError
+from robust_cli.core.models import build_model, pretrained, weights_file
+from robust_cli.training.selection import BestCheckpoint, Validation, WeightAverage
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("none", "step", "cosine", "cyclic", "piecewise")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 

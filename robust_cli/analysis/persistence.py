@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from scipy.stats import beta, binom, norm
 
-from robust_cli.engine import AUTO_SAMPLE_START, BatchSize, chunked
-from robust_cli.errors import UserError
+from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize, chunked
+from robust_cli.core.errors import UserError
 
 PAGE = 16  # rays per seeded page of draws
 DISTRIBUTIONS = ("gaussian", "uniform_ball")

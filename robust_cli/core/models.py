@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def _flat_size(input_shape) -> int:
@@ -386,7 +386,7 @@ def _fit_model_prefix(state: dict, own: dict) -> dict:
 def load_weights(net: nn.Module, path, what: str) -> None:
     """Weights from elsewhere into `net`: any format registry.load_checkpoint reads; a head of another size is one
     line naming both sizes, other mismatches name the first differing keys."""
-    from robust_cli import registry
+    from robust_cli.core import registry
 
     state = registry.load_checkpoint(path)["state_dict"]
     own = net.state_dict()

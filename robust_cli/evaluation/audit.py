@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from robust_cli import evaluate as ev
+from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import APGD, FGM, FGSM, Noise, model_mode, norms
 from robust_cli.attacks.base import Attack
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -452,7 +452,7 @@ def weights_sizes(cfg) -> tuple[dict, list[str]]:
 
     resnet50's IMAGENET1K_V2 is evaluated at resize 232 / crop 224, efficientnet_b3's at 320/300: accuracy under any
     other preprocessing is not the published model's. A size given on the command line wins, with a warning."""
-    from robust_cli.models import weights_preprocessing
+    from robust_cli.core.models import weights_preprocessing
 
     sizes = weights_preprocessing(cfg.get("model"))
     if not sizes or not all(k in cfg.dataset for k in sizes):

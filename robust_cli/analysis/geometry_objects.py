@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def _n_inputs(input_shape) -> int:

@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from robust_cli.data import iterate_batches
+from robust_cli.core.data import iterate_batches
 
 
 class Validation:

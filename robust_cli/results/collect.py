@@ -8,7 +8,7 @@ failed_runs.csv, and so do Hydra job folders that never wrote run.json (a job ki
 
 Outputs in the collection folder: <kind>.<fmt> for train_log, curve, distances, persistence, summary; runs.<fmt>
 (one row per run with its headline numbers); failed_runs.<fmt>; table_<name>.<fmt> for the paper tables that the
-runs' experiment presets declare in their `table:` block (robust_cli/paper_tables.py renders them), with the sources'
+runs' experiment presets declare in their `table:` block (robust_cli/results/paper_tables.py renders them), with the sources'
 values beside ours; curves.png, persistence.png, train_log.png.
 """
 from __future__ import annotations
@@ -22,8 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robust_cli import paper_tables, store
-from robust_cli.errors import UserError
+from robust_cli.results import paper_tables
+
+from robust_cli.core import store
+from robust_cli.core.errors import UserError
 
 KINDS = ("train_log", "curve", "distances", "persistence", "summary", "certified_accuracy")
 FORMATS = ("csv", "parquet", "markdown", "latex", "robustbench")
@@ -175,7 +177,7 @@ def merge_shards(group) -> dict | None:
     shards' sum). None, with a line on the console, while shards are missing."""
     from types import SimpleNamespace
 
-    from robust_cli import evaluate as ev
+    from robust_cli.evaluation import evaluate as ev
     from robust_cli.cli import parse_shard
 
     parts = {parse_shard(record["shard"]["spec"]): (record, run_dir, cols) for record, run_dir, cols in group}

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from scipy.special import erfinv
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 
 def wedge_stability(d: float, sigma: float, k: int) -> float:

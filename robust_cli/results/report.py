@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from robust_cli import store
-from robust_cli.collect import collect, format_value
-from robust_cli.errors import UserError
+from robust_cli.core import store
+from robust_cli.results.collect import collect, format_value
+from robust_cli.core.errors import UserError
 
 MAX_ROWS = 200  # rows shown per table; the CSV beside it has them all
 

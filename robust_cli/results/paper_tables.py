@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 AGGREGATIONS = {
     "mean": lambda v: v.mean(), "median": lambda v: v.median(), "sum": lambda v: v.sum(), "first": lambda v: v.iloc[0] if len(v) else math.nan,
@@ -46,7 +46,7 @@ ROW_AGGREGATIONS = ("runs",)  # computed from the rows themselves, not from a va
 SPEC_KEYS = {"title", "frame", "where", "rows", "split_by", "names", "sort", "totals", "flags", "source", "columns"}
 COLUMN_KEYS = {"frame", "where", "value", "per_run", "agg", "per", "name", "source", "or_key", "check", "relative_to"}
 OPERATORS = {">": np.greater, "<": np.less, ">=": np.greater_equal, "<=": np.less_equal}
-PRESETS = Path(__file__).parent / "conf" / "experiment"
+PRESETS = Path(__file__).parents[1] / "conf" / "experiment"
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -56,7 +56,7 @@ def validate_block(block, where: str) -> dict:
 
     block = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else block
     if not isinstance(block, dict) or not block:
-        raise UserError(f"{where}: table: must map table names to specs (see robust_cli/paper_tables.py)")
+        raise UserError(f"{where}: table: must map table names to specs (see robust_cli/results/paper_tables.py)")
     for name, spec in block.items():
         _validate_spec(spec, f"{where}: table {name}")
     return block
@@ -64,7 +64,7 @@ def validate_block(block, where: str) -> dict:
 
 def _validate_spec(spec, at: str) -> None:
     def fail(text):
-        raise UserError(f"{at}: {text} (see robust_cli/paper_tables.py)")
+        raise UserError(f"{at}: {text} (see robust_cli/results/paper_tables.py)")
 
     if not isinstance(spec, dict):
         fail("a spec is a mapping with frame, rows and columns")

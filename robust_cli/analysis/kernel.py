@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from robust_cli.errors import UserError
+from robust_cli.core.errors import UserError
 
 VARIANTS = ("dpk", "continuous", "tangent")
 

@@ -17,8 +17,8 @@ class CollectOnMultirunEnd(Callback):
         self.figures = figures
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from robust_cli import store
-        from robust_cli.collect import collect, print_summary
+        from robust_cli.core import store
+        from robust_cli.results.collect import collect, print_summary
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
@@ -41,8 +41,8 @@ class SweepStatus(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         import json
 
-        from robust_cli import store
-        from robust_cli.collect import find_run_dirs
+        from robust_cli.core import store
+        from robust_cli.results.collect import find_run_dirs
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
@@ -86,7 +86,7 @@ class CheckScale(Callback):
 def _warn_once(message: str) -> None:
     from rich.markup import escape
 
-    from robust_cli import store
+    from robust_cli.core import store
 
     store.console.print(f"[bold yellow]warning:[/] {escape(message)}; the run goes on and its files are written as always", soft_wrap=True)
 
@@ -131,7 +131,7 @@ def _flatten(tree, prefix="") -> dict:
 
 
 def _tags(record: dict, run_dir: Path) -> dict:
-    from robust_cli import store
+    from robust_cli.core import store
 
     choices = record.get("choices") or {}
     tags = {"command": record.get("command"), "status": store.run_status(record, run_dir) if record else "unknown", "run_dir": str(run_dir)}
