@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -22,7 +21,9 @@ from pathlib import Path
 import torch
 
 import robust_cli
+from robust_cli.commands import build
 from robust_cli.core import interrupts
+from robust_cli.core.engine import parse_shard, shard_device
 from robust_cli.core.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -366,48 +367,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def resolve_device(spec: str) -> torch.device:
-    spec = str(spec)
-    if spec == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        from robust_cli.core.engine import ranks_from_environment
-
-        local = ranks_from_environment().local_rank  # one GPU per process under torchrun / SLURM tasks
-        return torch.device(f"cuda:{local % torch.cuda.device_count()}")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device={spec} but no CUDA device is available here; use device=cpu or device=auto")
-        index = int(spec.split(":")[1]) if ":" in spec and spec.split(":")[1].isdigit() else 0
-        if ":" in spec and not spec.split(":")[1].isdigit():
-            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-        if index >= torch.cuda.device_count():
-            raise UserError(f"device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return torch.device(spec)
-    raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-
-
-def shard_device(spec, shard=None) -> torch.device:
-    """resolve_device, except that with device=auto the shards of one multirun spread over a node's GPUs: shard I
-    runs on cuda:(I mod the number of visible GPUs), so a joblib sweep over data.shard gives each job its own GPU."""
-    device = resolve_device(spec)
-    if str(spec) == "auto" and device.type == "cuda" and shard is not None:
-        return torch.device(f"cuda:{parse_shard(shard)[0] % torch.cuda.device_count()}")
-    return device
-
-
-def parse_shard(spec) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N: the I-th of N parts of the test set (SLURM_ARRAY_TASK_ID counts from 0)."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
-    if not match or not int(match.group(1)) < int(match.group(2)):
-        raise UserError(f"data.shard must be I/N with 0 <= I < N (e.g. data.shard=0/4 ... data.shard=3/4), got {spec!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
 def validate_common(cfg) -> None:
-    from robust_cli.core.data import build_dataset
 
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
@@ -420,15 +380,13 @@ def validate_common(cfg) -> None:
     if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
     if "train" in cfg:  # every command may train its model first (train_if_missing): its settings, before any work
-        from robust_cli.training.loop import validate_training
 
-        validate_training(cfg)
+        build.check_training(cfg)
     if "dataset" in cfg:
-        dataset = build_dataset(cfg)
+        dataset = build.make_dataset(cfg)
         if "model" in cfg:  # the model must fit the dataset: build it once on the metadata (cheap)
-            from robust_cli.core.models import build_model
 
-            build_model(cfg, dataset.meta)
+            build.make_model(cfg, dataset.meta)
         dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
 
 
@@ -446,9 +404,8 @@ def validate_job(module, cfg) -> torch.device:
             raise UserError(f"threads must be a positive integer or null, got {threads!r}")
         torch.set_num_threads(threads)
     if "precision" in cfg:  # precision, compile, channels_last: one line now, not after training
-        from robust_cli.core.engine import engine_from
 
-        engine_from(cfg, device)
+        build.make_engine(cfg, device)
     if getattr(module, "NEEDS_COMMON_VALIDATION", True):
         validate_common(cfg)
     from robust_cli.core.engine import ranks_from_environment
@@ -459,10 +416,9 @@ def validate_job(module, cfg) -> torch.device:
     if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
         raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
     if cfg.get("table") is not None:  # an experiment preset's paper tables: a mistake in one shows now, not at collect
-        from robust_cli.core import store
         from robust_cli.results.paper_tables import validate_block
 
-        validate_block(cfg.table, f"experiment={store.choice(cfg, 'experiment')}")
+        validate_block(cfg.table, f"experiment={build.choice(cfg, 'experiment')}")
     if hasattr(module, "validate"):
         module.validate(cfg)
     return device
@@ -518,11 +474,10 @@ def run_command(command: str, cfg):
         device = validate_job(module, cfg)  # again: sweep jobs were not prechecked
         record["device"] = str(device)
         record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
-        ctx = store.RunContext(cfg, run_dir, device, record)
+        ctx = store.RunContext(run_dir, device, record, build.described(cfg))
         if "dataset" in cfg:
-            from robust_cli.core.data import weights_sizes
 
-            for message in weights_sizes(cfg)[1]:  # once per run, kept in run.json
+            for message in build.weights_sizes(cfg)[1]:  # once per run, kept in run.json
                 ctx.warn(message)
         if run_json is not None:
             store.write_json(run_json, record)

@@ -39,13 +39,12 @@ def compose(model_name: str, mnist_root: str):
 
 
 def load(model_name, mnist_root, checkpoint, device):
-    from robust_cli.core.data import load_data
-    from robust_cli.core.models import build_model
+    from robust_cli.commands import build
 
     cfg = compose(model_name, mnist_root)
-    data = load_data(cfg)
+    data = build.make_data(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg, data.meta)
+    model = build.make_model(cfg, data.meta)
     if checkpoint:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     return model.to(device).eval(), data

@@ -21,13 +21,13 @@ def build(name, device):
 
     from robust_cli.cli import CONF_DIR
     from robust_cli.core.data import DatasetMeta
-    from robust_cli.core.models import build_model
+    from robust_cli.commands import build
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={name}", "dataset=mnist"])
     meta = DatasetMeta("mnist", (1, 28, 28), 10, mean=(0.1307,), std=(0.3081,))
     torch.manual_seed(0)
-    return build_model(cfg, meta).to(device).eval()
+    return build.make_model(cfg, meta).to(device).eval()
 
 
 def clock(fn, device):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_attack import DEFAULT_MNIST, load  # noqa: E402
 
 from robust_cli.analysis.certify import certify  # noqa: E402
-from robust_cli.cli import resolve_device  # noqa: E402
+from robust_cli.core.engine import resolve_device  # noqa: E402
 from robust_cli.commands.certify import PERSISTENCE_POOL  # noqa: E402
 from robust_cli.analysis.persistence import fast_persistence  # noqa: E402
 

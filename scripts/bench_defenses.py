@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from robust_cli.core.data import DatasetMeta
-from robust_cli.core.models import build_model
+from robust_cli.commands import build
 
 CONF = Path(__file__).resolve().parents[1] / "robust_cli" / "conf"
 TARGETS = {  # the targets (x none); pgd_at is filled in as (steps + 1)
@@ -101,12 +101,12 @@ def objectives_table(args, cfg, meta, x, y, device, steps_per_epoch):
         for awp in (False, True):
             dcfg = defense_config(name, overrides + ([f"awp.gamma={awp_gamma[name]}"] if awp else []))
             torch.manual_seed(0)
-            model = build_model(cfg, meta).to(device).train()
+            model = build.make_model(cfg, meta).to(device).train()
             defense, optimizer = instantiate(dcfg), torch.optim.SGD(model.parameters(), lr=1e-3)
             label = f"{name}+awp" if awp else name
             rows.append((label, lambda m=model, d=defense, o=optimizer: awp_step(m, d, o, x, y, device), name if awp else f"floor_{name}"))
         torch.manual_seed(0)
-        model = build_model(cfg, meta).to(device).train()
+        model = build.make_model(cfg, meta).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         rows.append((f"floor_{name}", lambda m=model, o=optimizer, c=name != "pgd_at": floor_step(m, o, x, y, inner, c, device), None))
     times = {label: [] for label, *_ in rows}
@@ -162,7 +162,7 @@ def main():
     setups = []
     for name in args.defenses.split(","):
         torch.manual_seed(0)
-        model = build_model(cfg, meta).to(device).train()
+        model = build.make_model(cfg, meta).to(device).train()
         dcfg = defense_config(name, [s for s in args.set if name != "none"])
         setups.append((name, dcfg, model, instantiate(dcfg), torch.optim.SGD(model.parameters(), lr=1e-3)))
     times = {name: [] for name, *_ in setups}

@@ -31,8 +31,9 @@ def load(args):
     from omegaconf import open_dict
 
     from robust_cli.core import store
-    from robust_cli.training.loop import load_trained_model
-    from robust_cli.cli import CONF_DIR, resolve_device
+    from robust_cli.commands import build
+    from robust_cli.cli import CONF_DIR
+    from robust_cli.core.engine import resolve_device
     from robust_cli.evaluation.evaluate import choose_targets, predict, run_attack
 
     overrides = [f"model={args.model}", "dataset=mnist", f"data.root={args.data_root}", "data.download=false", "attack=lbfgs",
@@ -42,8 +43,8 @@ def load(args):
     with open_dict(cfg):  # the CLI records the chosen options; the checkpoint key uses them
         cfg.choices = {"model": args.model, "dataset": "mnist", "defense": "none"}
     device = resolve_device(args.device)
-    ctx = store.RunContext(cfg, Path(tempfile.mkdtemp()), device, {})
-    model, data, _ = load_trained_model(cfg, ctx)
+    ctx = store.RunContext(Path(tempfile.mkdtemp()), device, {}, build.described(cfg))
+    model, data, _ = build.trained_model(cfg, ctx)
     pred = predict(model, data.test_x, device=device)
     gen = torch.Generator().manual_seed(args.seed)
     correct = (pred == data.test_y).nonzero().squeeze(1)

@@ -13,8 +13,9 @@ from omegaconf import open_dict
 from rich.console import Console
 from rich.table import Table
 
-from robust_cli.cli import CONF_DIR, resolve_device
-from robust_cli.core.data import load_data
+from robust_cli.cli import CONF_DIR
+from robust_cli.core.engine import resolve_device
+from robust_cli.commands import build
 from robust_cli.training.loop import train
 
 
@@ -37,17 +38,15 @@ def main():
                                               "train.eval_train=false", "data.n_test=100", f"outputs_root={out}"])
             with open_dict(cfg):
                 cfg.choices = {"model": model, "dataset": "mnist", "defense": "none"}
-            data = load_data(cfg)
+            data = build.make_data(cfg)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            train(cfg, data, device)
+            train(build.make_training_plan(cfg, device), data, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            from robust_cli.core.models import build_model
-
-            params = sum(p.numel() for p in build_model(cfg, data.meta).parameters())
+            params = sum(p.numel() for p in build.make_model(cfg, data.meta).parameters())
         table.add_row(model, f"{params:,}", f"{seconds * 60000 / len(data.train_y):.1f}", f"{seconds:.2f}", f"{len(data.train_y):,}")
     Console().print(table)
 

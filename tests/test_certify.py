@@ -9,6 +9,7 @@ from scipy.stats import norm
 
 from conftest import latest_run
 from robust_cli.analysis.certify import ABSTAIN, certified_accuracy, certify, lower_confidence_bound, predict
+from robust_cli.commands import build
 
 
 class Linear(torch.nn.Module):
@@ -196,7 +197,7 @@ def test_a_sandwich_violation_outside_the_orthant_is_explained(tmp_path):
     assert (y == 0).all()  # outside
     cfg = OmegaConf.create({"attack": {"_target_": "robust_cli.attacks.DeepFool"}, "seed": 0, "batch_size": 64, "n0": 100, "n": 20_000,
                             "alpha": 0.001, "persistence": False, "gamma": 0.7, "choices": {}, "model": {}, "dataset": {}, "defense": {}})
-    ctx = store.RunContext(cfg, tmp_path, torch.device("cpu"), {})
+    ctx = store.RunContext(tmp_path, torch.device("cpu"), {}, build.described(cfg))
     cert = certify(model, x, 0.3, n0=100, n=20_000)
     assert (cert.predicted == 0).all()
     unexplained = _sandwich(cfg, ctx, model, x, y, y, {0.3: {"predicted": cert.predicted, "radius": cert.radius}})

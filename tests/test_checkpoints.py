@@ -71,12 +71,11 @@ def test_an_external_state_dict_attacks_through_the_cli(robust, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.core.data import build_dataset
-    from robust_cli.core.models import build_model
+    from robust_cli.commands import build
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("attack", overrides=["model=fc200_200_10", "dataset=digits"])
-    model = build_model(cfg, build_dataset(cfg).meta)
+    model = build.make_model(cfg, build.make_dataset(cfg).meta)
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "theirs.pth")
     proc = robust("attack", "checkpoint=theirs.pth", "data.n_test=30", "audit=false", "attack=fgsm", check=True)
     assert "robust_accuracy@0.1" in proc.stdout

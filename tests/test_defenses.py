@@ -29,7 +29,7 @@ from robust_cli.defenses import (
 )
 from robust_cli.defenses import gradient as gradient_module
 from robust_cli.defenses import invariance as invariance_module
-from robust_cli.defenses.tangents import gaussian_blur, image_tangents
+from robust_cli.defenses.tangents import image_tangents
 from robust_cli.core.errors import UserError
 from robust_cli.core.models import TanhHead
 

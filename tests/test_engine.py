@@ -17,6 +17,7 @@ from robust_cli.attacks import FGSM
 from robust_cli.core.data import crop_flip
 from robust_cli.core.engine import BatchSize, Engine, FastModel, chunked, exact, fit_batch, ranks_from_environment
 from robust_cli.core.errors import UserError
+from robust_cli.commands import build
 from tests.conftest import latest_run
 
 
@@ -154,17 +155,15 @@ def test_crop_flip_needs_images():
 def test_augment_auto_is_the_datasets_default_and_in_the_checkpoint_key():
     from omegaconf import OmegaConf
 
-    from robust_cli.core import registry
-    from robust_cli.core.data import resolve_augment
 
     def cfg(dataset, augment):
         return OmegaConf.create({"dataset": OmegaConf.load(f"robust_cli/conf/dataset/{dataset}.yaml"), "data": {"augment": augment, "n_train": None, "val_fraction": 0.0},
                                  "model": {}, "defense": {}, "train": {}, "seed": 0})
 
-    assert resolve_augment(cfg("cifar10", "auto")) == "crop_flip" and resolve_augment(cfg("mnist", "auto")) == "none"
-    assert registry.training_identity(cfg("cifar10", "auto")) == registry.training_identity(cfg("cifar10", "crop_flip"))
-    assert registry.training_identity(cfg("cifar10", "none")) != registry.training_identity(cfg("cifar10", "auto"))
-    assert "augment" not in registry.training_identity(cfg("mnist", "auto"))["data"]  # older keys unchanged
+    assert build.augment(cfg("cifar10", "auto")) == "crop_flip" and build.augment(cfg("mnist", "auto")) == "none"
+    assert build.identity(cfg("cifar10", "auto")) == build.identity(cfg("cifar10", "crop_flip"))
+    assert build.identity(cfg("cifar10", "none")) != build.identity(cfg("cifar10", "auto"))
+    assert "augment" not in build.identity(cfg("mnist", "auto"))["data"]  # older keys unchanged
 
 
 class OutOfMemoryAbove(nn.Module):
@@ -266,14 +265,12 @@ def test_shards_need_a_fixed_batch_size(robust):
 
 
 def test_cyclic_schedule_is_wongs_triangle():
-    from omegaconf import OmegaConf
+    from robust_cli.training.loop import TrainSettings, make_optimizer
 
-    from robust_cli.training.loop import make_optimizer
-
-    cfg = OmegaConf.create({"train": {"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                                      "scheduler": "cyclic", "epochs": 5, "lr_step": 1, "lr_gamma": 0.1}})
+    settings = TrainSettings.from_dict({"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+                                        "scheduler": "cyclic", "epochs": 5, "lr_step": 1, "lr_gamma": 0.1, "batch_size": 64})
     param = nn.Parameter(torch.zeros(1))
-    opt, sched, per_step = make_optimizer(cfg, nn.ParameterList([param]), steps_per_epoch=10)
+    opt, sched, per_step = make_optimizer(settings, nn.ParameterList([param]), steps_per_epoch=10)
     assert per_step
     lrs = []
     for _ in range(50):

@@ -2,7 +2,6 @@
 import gzip
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,11 +9,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from robust_cli.core import registry, store
+from robust_cli.core import store
 from robust_cli.cli import CONF_DIR
-from robust_cli.core.data import DatasetMeta, build_dataset, load_data, stratified_subset
+from robust_cli.core.data import stratified_subset
+from robust_cli.commands import build
 from robust_cli.core.errors import UserError
-from robust_cli.core.models import build_model
 from tests.conftest import latest_run
 
 # the analytic objects have their own tests; python (a user's class) and timm (an optional extra) are in test_zoo
@@ -105,12 +104,12 @@ PAIRS = [(m, d) for m in MODELS for d in DATASETS if (m not in HEAVY or d in ("d
 @pytest.mark.parametrize("model, dataset", PAIRS)
 def test_every_model_composes_with_every_fitting_dataset(model, dataset):
     cfg = compose_cfg(f"model={model}", f"dataset={dataset}")
-    meta = build_dataset(cfg).meta
+    meta = build.make_dataset(cfg).meta
     if not _fits(model, dataset):
         with pytest.raises(UserError):
-            build_model(cfg, meta)
+            build.make_model(cfg, meta)
         return
-    net = build_model(cfg, meta).eval()
+    net = build.make_model(cfg, meta).eval()
     x = torch.rand(2, *meta.shape)
     with torch.no_grad():
         out = net(x)
@@ -120,7 +119,7 @@ def test_every_model_composes_with_every_fitting_dataset(model, dataset):
 
 def test_c_ch_matches_bell_table_3_shapes():
     cfg = compose_cfg("model=c_32", "dataset=mnist")
-    net = build_model(cfg, build_dataset(cfg).meta).net
+    net = build.make_model(cfg, build.make_dataset(cfg).meta).net
     feats = net.features(torch.zeros(1, 1, 28, 28))
     assert feats.shape == (1, 32, 6, 6)  # 28 -> 24 -> 20 -> 16 -> 12 -> pool 6
     assert net.classifier[1].in_features == 32 * 6 * 6 and net.classifier[1].out_features == 256
@@ -128,7 +127,7 @@ def test_c_ch_matches_bell_table_3_shapes():
 
 def test_tanh_head_bounds_logits_by_t():
     cfg = compose_cfg("model=fc100_100_10", "+model.head=tanh")
-    net = build_model(cfg, build_dataset(cfg).meta).train()
+    net = build.make_model(cfg, build.make_dataset(cfg).meta).train()
     with torch.no_grad():
         net.head.t.fill_(0.5)
         out = net(torch.rand(16, 1, 8, 8) * 100)
@@ -138,10 +137,10 @@ def test_tanh_head_bounds_logits_by_t():
 # ------------------------------------------------------------------------------------------------ datasets
 def test_digits_in_unit_box_with_fixed_split():
     cfg = compose_cfg()
-    bundle = load_data(cfg)
+    bundle = build.make_data(cfg)
     assert bundle.train_x.shape[1:] == (1, 8, 8) and len(bundle.train_y) + len(bundle.test_y) == 1797
     assert 0.0 <= bundle.train_x.min() and bundle.train_x.max() <= 1.0
-    other_seed = load_data(compose_cfg("seed=5"))
+    other_seed = build.make_data(compose_cfg("seed=5"))
     assert torch.equal(bundle.test_y, other_seed.test_y)  # the split does not depend on the run seed
 
 
@@ -154,7 +153,7 @@ def test_stratified_subset_keeps_class_proportions():
 
 
 def test_gaussians2d_matches_bell_section_15():
-    bundle = load_data(compose_cfg("dataset=gaussians2d", "model=fc100_20_10"))
+    bundle = build.make_data(compose_cfg("dataset=gaussians2d", "model=fc100_20_10"))
     assert bundle.train_x.shape == (4000, 2)
     means = torch.stack([bundle.train_x[bundle.train_y == c].mean(0) for c in (0, 1)])
     assert torch.allclose(means, torch.tensor([[1.0, 4.0], [4.0, 1.0]]), atol=0.1)
@@ -174,7 +173,7 @@ def test_mnist_reads_local_idx_files(tmp_path, layout):
     for split, n in (("train", 30), ("t10k", 10)):
         _write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    bundle = load_data(compose_cfg("dataset=mnist", f"data.root={tmp_path}", "data.download=false"))
+    bundle = build.make_data(compose_cfg("dataset=mnist", f"data.root={tmp_path}", "data.download=false"))
     assert bundle.train_x.shape == (30, 1, 28, 28) and bundle.test_y.tolist() == list(range(10))
     assert bundle.train_x.max() <= 1.0
 
@@ -226,9 +225,9 @@ def test_a_new_file_is_published_once_when_writers_race(tmp_path):
 
 
 def test_checkpoint_key_ignores_device_and_paths():
-    a = registry.checkpoint_key(compose_cfg("device=cpu", "data.root=/x"))
-    b = registry.checkpoint_key(compose_cfg("device=auto", "data.root=/y", "data.n_test=10"))
-    c = registry.checkpoint_key(compose_cfg("train.lr=0.01"))
+    a = build.checkpoint_key(compose_cfg("device=cpu", "data.root=/x"))
+    b = build.checkpoint_key(compose_cfg("device=auto", "data.root=/y", "data.n_test=10"))
+    c = build.checkpoint_key(compose_cfg("train.lr=0.01"))
     assert a == b and a != c
 
 
@@ -278,7 +277,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(robust, tmp_path):
 
 def test_bell_weight_penalty_is_lambda_scale_norm_over_n():
     cfg = compose_cfg("model=fc10_2")
-    net = build_model(cfg, build_dataset(cfg).meta).net
+    net = build.make_model(cfg, build.make_dataset(cfg).meta).net
     w = net.layers[0].weight
     reg = net.regularization()
     assert torch.isclose(reg, 0.01 * 3000 * w.detach().norm() / w.numel())

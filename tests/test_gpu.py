@@ -44,10 +44,10 @@ def test_bf16_attack_run_is_judged_in_fp32(robust, tmp_path):
     from omegaconf import OmegaConf
 
     from robust_cli.core.data import DatasetMeta
-    from robust_cli.core.models import build_model
+    from robust_cli.commands import build
 
     cfg = OmegaConf.create(state["config"])
-    model = build_model(cfg, DatasetMeta("digits", (1, 8, 8), 10))
+    model = build.make_model(cfg, DatasetMeta("digits", (1, 8, 8), 10))
     model.load_state_dict(state["state_dict"])
     model.eval()
     with torch.no_grad():  # every reported prediction is the fp32 CPU model's (up to fp32 device differences)

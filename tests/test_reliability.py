@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from robust_cli.commands import build
 
 TINY = ("train.epochs=1", "data.n_train=200")
 
@@ -305,7 +306,7 @@ def test_every_figure_names_model_dataset_defense_and_attack(tmp_path):
 
     cfg = OmegaConf.create({"model": {}, "dataset": {}, "defense": {}, "attack": {},
                             "choices": {"model": "c_32", "dataset": "mnist", "defense": "tulip", "attack": "pgd"}})
-    ctx = store.RunContext(cfg, tmp_path, torch.device("cpu"), {})
+    ctx = store.RunContext(tmp_path, torch.device("cpu"), {}, build.described(cfg))
     fig, _ = plt.subplots()
     fig.suptitle("curve")
     ctx.save_figure("f.png", fig)

@@ -4,6 +4,7 @@ Losses are checked against hand computations in numpy, AWP against the plain ste
 weights, the weight average against its closed form, and selection end to end through the CLI.
 """
 import json
+import dataclasses
 import math
 import re
 
@@ -19,7 +20,7 @@ from robust_cli.defenses import MART, TRADES, AdversarialTraining, AdversarialWe
 from robust_cli.attacks import PGD
 from robust_cli.defenses.trades import kl_divergence
 from robust_cli.training.selection import WeightAverage
-from robust_cli.training.loop import make_optimizer, piecewise_milestones
+from robust_cli.training.loop import TrainSettings, make_optimizer, piecewise_milestones
 from tests.conftest import latest_run
 
 
@@ -187,11 +188,11 @@ def test_weight_average_equals_its_closed_form_on_scripted_updates():
 
 def test_piecewise_schedule_is_rices_and_takes_official_milestones():
     assert piecewise_milestones(None, 200) == [101, 151]
-    cfg = OmegaConf.create({"train": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                                      "scheduler": "piecewise", "milestones": None, "lr_gamma": 0.1, "epochs": 8, "lr_step": 1}})
+    settings = TrainSettings.from_dict({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+                                        "scheduler": "piecewise", "milestones": None, "lr_gamma": 0.1, "epochs": 8, "lr_step": 1, "batch_size": 64})
 
     def epoch_lrs(epochs):
-        optimizer, scheduler, per_step = make_optimizer(cfg, nn.Linear(2, 2))
+        optimizer, scheduler, per_step = make_optimizer(settings, nn.Linear(2, 2))
         assert not per_step  # stepped once per epoch
         lrs = []
         for _ in range(epochs):
@@ -202,7 +203,7 @@ def test_piecewise_schedule_is_rices_and_takes_official_milestones():
 
     # Rice et al.: lr while t / epochs < 0.5, lr / 10 while < 0.75, then lr / 100 (t = epochs done)
     assert epoch_lrs(8) == pytest.approx([0.1 if t / 8 < 0.5 else 0.01 if t / 8 < 0.75 else 0.001 for t in range(8)])
-    cfg.train.milestones = [3, 5]  # TRADES-style epoch numbers: epoch >= 3 trains at lr / 10
+    settings = dataclasses.replace(settings, milestones=[3, 5])  # TRADES-style epoch numbers: epoch >= 3 trains at lr / 10
     assert epoch_lrs(6) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
@@ -305,10 +306,10 @@ def test_bad_training_values_are_refused_by_the_commands_checks():
 
     from robust_cli.commands.train import validate
     from robust_cli.core.errors import UserError
-    from robust_cli.training.loop import validate_training
+    from robust_cli.commands import build
 
     def checks(cfg):  # what a train job runs before any work: the shared training checks, then the command's own
-        validate_training(cfg)
+        build.check_training(cfg)
         validate(cfg)
 
     with initialize_config_module("robust_cli.conf", version_base="1.3"):

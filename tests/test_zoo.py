@@ -32,7 +32,7 @@ def make_folder(root, classes=("cat", "dog", "owl"), per_class=(6, 3), size=(40,
 def test_image_folder_labels_sizes_and_class_restriction(tmp_path):
     from omegaconf import OmegaConf
 
-    from robust_cli.core.data import load_data
+    from robust_cli.commands import build
 
     make_folder(tmp_path / "data")
 
@@ -42,19 +42,19 @@ def test_image_folder_labels_sizes_and_class_restriction(tmp_path):
                                                       "val_fraction": 0.0, "workers": 0, "memory_gb": 8},
                                  "dataset": {**OmegaConf.to_container(base), "root": str(tmp_path / "data"), "workers": 0, "image_size": 32, "resize": 36, **dataset}})
 
-    data = load_data(cfg())
+    data = build.make_data(cfg())
     assert data.meta.class_names == ["cat", "dog", "owl"] and data.meta.num_classes == 3 and data.meta.shape == (3, 32, 32)
     assert tuple(data.test_x.shape) == (9, 3, 32, 32) and tuple(data.train_x.shape) == (18, 3, 32, 32)
     grey = (data.test_x.mean(dim=(1, 2, 3)) * 255 - 60) / 60  # the grey level says the class
     assert torch.equal(grey.round().long(), data.test_y)
-    only = load_data(cfg(classes=["owl", 0]))
+    only = build.make_data(cfg(classes=["owl", 0]))
     assert sorted(set(only.test_y.tolist())) == [0, 2] and len(only.test_y) == 6 and only.meta.num_classes == 3
 
 
 def test_imagenet_flat_validation_layouts(tmp_path):
     from omegaconf import OmegaConf
 
-    from robust_cli.core.data import load_data
+    from robust_cli.commands import build
 
     root = tmp_path / "imagenet"
     (root / "val").mkdir(parents=True)
@@ -68,7 +68,7 @@ def test_imagenet_flat_validation_layouts(tmp_path):
     base = OmegaConf.to_container(OmegaConf.load("robust_cli/conf/dataset/imagenet.yaml"))
 
     def load(**over):
-        return load_data(OmegaConf.create({"seed": 0, "data": {"root": str(root), "download": False, "n_train": None, "n_test": None, "val_fraction": 0.0,
+        return build.make_data(OmegaConf.create({"seed": 0, "data": {"root": str(root), "download": False, "n_train": None, "n_test": None, "val_fraction": 0.0,
                                                                 "workers": 0, "memory_gb": 8},
                                            "dataset": {**base, "root": str(root), "workers": 0, "image_size": 16, "resize": 16, **over}}))
 
@@ -318,7 +318,7 @@ def test_torchvision_weights_bring_their_resize_and_crop(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.core.data import build_dataset, weights_sizes
+    from robust_cli.commands import build
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
@@ -329,7 +329,7 @@ def test_torchvision_weights_bring_their_resize_and_crop(tmp_path, monkeypatch):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="attack"):
             cfg = compose(config_name="attack", overrides=["dataset=imagefolder", "data.root=somewhere", *overrides], return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)
-            return build_dataset(cfg), weights_sizes(cfg)[1]
+            return build.make_dataset(cfg), build.weights_sizes(cfg)[1]
 
     ds, warnings = dataset("model=torchvision", "model.arch=resnet50", "model.weights=IMAGENET1K_V2")
     assert warnings == []

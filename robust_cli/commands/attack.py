@@ -13,9 +13,9 @@ from omegaconf import ListConfig, OmegaConf
 from robust_cli.evaluation import audit
 from robust_cli.evaluation import evaluate as ev
 from robust_cli.core import store
-from robust_cli.core.engine import BatchSize, engine_from, fit_batch
+from robust_cli.core.engine import BatchSize, fit_batch
+from robust_cli.commands import build
 from robust_cli.core.errors import UserError
-from robust_cli.training.loop import load_trained_model
 
 SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test set; robust collect merges the parts
 BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
@@ -75,7 +75,7 @@ def validate(cfg):
 
 # ----------------------------------------------------------------------------------------------- run
 def run(cfg, ctx):
-    model, data, checkpoint = load_trained_model(cfg, ctx)
+    model, data, checkpoint = build.trained_model(cfg, ctx)
     x, y = data.test_x, data.test_y
     bounded = bool(x.min() >= 0 and x.max() <= 1)
     attack = build_attack(cfg, bounds=(0.0, 1.0) if bounded else None)
@@ -85,7 +85,7 @@ def run(cfg, ctx):
         ctx.warn(f"attack.steps=0: {attack.name} takes no gradient step and returns its random start (the noise baseline); set attack.steps >= 1 to attack")
     torch.manual_seed(int(cfg.seed))  # after any training, so the attack's randomness depends on the seed only
     device, epsilons = ctx.device, eps_list(cfg)
-    engine = engine_from(cfg, device, ctx.warn)
+    engine = build.make_engine(cfg, device, ctx.warn)
     fast = engine.fast(model)  # attacks run this one; every success is judged by the fp32 model (ev.predict)
     ctx.record["engine"] = engine.describe(model)
 
@@ -198,7 +198,7 @@ def shard_range(cfg, n: int, batch_size: int) -> tuple[int, int, int]:
     their seeds) are those of the unsharded run."""
     if cfg.data.get("shard") is None:
         return 0, n, 0
-    from robust_cli.cli import parse_shard
+    from robust_cli.core.engine import parse_shard
 
     index, parts = parse_shard(cfg.data.shard)
     n_batches = math.ceil(n / batch_size)
@@ -216,7 +216,7 @@ def evaluation_key(cfg, checkpoint) -> str:
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
                 "n_test": cfg.data.n_test, "seed": int(cfg.seed), "batch_size": cfg.batch_size, "precision": cfg.get("precision", "fp32")}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{store.choice(cfg, 'attack')}-{store.choice(cfg, 'model')}-{store.choice(cfg, 'dataset')}-{store.choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
+    return f"{build.choice(cfg, 'attack')}-{build.choice(cfg, 'model')}-{build.choice(cfg, 'dataset')}-{build.choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
 
 
 def _batch_plan(cfg, ctx, checkpoint, first_batch: int, batch: BatchSize) -> ev.BatchPlan:

@@ -17,8 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robust_cli.core import store
-from robust_cli.training.loop import load_trained_model
+from robust_cli.commands import build
 from robust_cli.analysis.boundary import boundary_dimension, boundary_point, project_to_boundary, sample_around
 from robust_cli.core.errors import UserError
 
@@ -51,10 +50,9 @@ def validate(cfg):
     if not distributions or any(d not in DISTRIBUTIONS for d in distributions):
         raise UserError(f"distributions must be a list drawn from gaussian, flat_svd, got {cfg.distributions!r}")
     if cfg.pairs in ("centerline", "parallel"):  # cheap: build the (untrained) model on the dataset's metadata
-        from robust_cli.core.data import build_dataset
-        from robust_cli.core.models import build_model
+        from robust_cli.commands import build
 
-        model = build_model(cfg, build_dataset(cfg).meta)
+        model = build.make_model(cfg, build.make_dataset(cfg).meta)
         if not hasattr(model.net, "centerline"):
             raise UserError(f"pairs={cfg.pairs} needs a cone model: model=orthant or model=theta_wedge")
         if model.mean is not None:
@@ -82,13 +80,11 @@ def _attack(cfg):
 # ---------------------------------------------------------------------------------------------- model and pairs
 def _model_and_data(cfg, ctx):
     """Parameter-free test objects (orthant, wedge, Voronoi) are built directly; trained nets come from the registry."""
-    from robust_cli.core.data import build_dataset, load_data
-    from robust_cli.core.models import build_model
 
-    probe = build_model(cfg, build_dataset(cfg).meta)
+    probe = build.make_model(cfg, build.make_dataset(cfg).meta)
     if next(probe.parameters(), None) is None:
-        return probe.to(ctx.device).eval(), load_data(cfg)
-    model, data, _ = load_trained_model(cfg, ctx)
+        return probe.to(ctx.device).eval(), build.make_data(cfg)
+    model, data, _ = build.trained_model(cfg, ctx)
     return model, data
 
 

@@ -11,12 +11,11 @@ from omegaconf import ListConfig
 from scipy.stats import norm
 
 from robust_cli.evaluation import evaluate as ev
-from robust_cli.core import store
 from robust_cli.analysis.certify import ABSTAIN, certified_accuracy, certify, predict
 from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize
 from robust_cli.core.errors import UserError
 from robust_cli.analysis.persistence import persistence
-from robust_cli.training.loop import load_trained_model
+from robust_cli.commands import build
 
 CHUNK = 32  # points certified together between progress-bar updates (draws do not depend on it)
 PERSISTENCE_POOL = 8192  # the fast persistence's largest pool of rays (its n_samples default)
@@ -67,7 +66,7 @@ def _attack(cfg):
 
 
 def run(cfg, ctx):
-    model, data, _ = load_trained_model(cfg, ctx)
+    model, data, _ = build.trained_model(cfg, ctx)
     x, y, device = data.test_x, data.test_y, ctx.device
     base_pred = ev.predict(model, x, device=device)
     # certificates are about the fp32 model (no reduced precision here); batch_size=auto halves on out-of-memory

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from robust_cli.core import registry, store
 from robust_cli.core.errors import UserError
+from robust_cli.commands import build
 
 WRITES_RUN_DIR = False
 NEEDS_COMMON_VALIDATION = False  # only the checkpoint is read: no dataset needed
@@ -18,7 +19,7 @@ FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 def validate(cfg):
     if cfg.format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
-    source = registry.published_checkpoint(cfg)
+    source = build.published_checkpoint(cfg)
     registry.load_checkpoint(source)  # a missing or unreadable checkpoint: one line, before anything is written
     for path in outputs(cfg, source):
         if path.exists():
@@ -36,7 +37,7 @@ def outputs(cfg, source: Path) -> tuple[Path, Path]:
 
 
 def run(cfg, ctx):
-    source = registry.published_checkpoint(cfg)
+    source = build.published_checkpoint(cfg)
     state = registry.load_checkpoint(source)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["state_dict"].items()}
     weights, meta = outputs(cfg, source)

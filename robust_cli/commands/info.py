@@ -3,6 +3,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from robust_cli.core import registry
+from robust_cli.commands import build
 
 WRITES_RUN_DIR = False
 
@@ -10,7 +11,7 @@ WRITES_RUN_DIR = False
 def run(cfg, ctx):
     out = Console()
     out.print(OmegaConf.to_yaml(cfg, resolve=True), highlight=False, markup=False)
-    path = registry.published_checkpoint(cfg)
+    path = build.published_checkpoint(cfg)
     lock = registry.lock_state(path.parent) if not cfg.get("checkpoint") else None
     if path.is_file():
         state = registry.load_checkpoint(path)

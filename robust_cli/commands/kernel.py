@@ -77,16 +77,15 @@ def _ood_points(cfg, data, dtype, gen):
 
 
 def run(cfg, ctx):
-    from robust_cli.core.data import load_data
-    from robust_cli.core.models import build_model
+    from robust_cli.commands import build
 
     started = time.perf_counter()
     k = cfg.kernel
     torch.manual_seed(int(cfg.seed))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     dtype, device = PRECISIONS[k.precision], ctx.device
-    data = load_data(cfg)
-    model = build_model(cfg, data.meta).to(device=device, dtype=dtype)
+    data = build.make_data(cfg)
+    model = build.make_model(cfg, data.meta).to(device=device, dtype=dtype)
     train_x, train_y = data.train_x.to(device, dtype), data.train_y.to(device)
     d = sum(p.numel() for p in model.parameters())
     path_mb = ((k.steps + 1) * d + k.steps * len(train_y) * data.meta.num_classes) * torch.finfo(dtype).bits / 8 / 2**20

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from robust_cli.evaluation import evaluate as ev
-from robust_cli.core import store
-from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize, engine_from, fit_batch
+from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize, fit_batch
+from robust_cli.commands import build
 from robust_cli.core.errors import UserError
-from robust_cli.training.loop import load_trained_model
 from robust_cli.analysis.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
 
 CHUNK = 32  # points searched together between progress-bar updates
@@ -111,9 +110,9 @@ def _persist(model, x, indices, cfg, ctx, description, sample_batch=None):
 def run(cfg, ctx):
     from robust_cli.commands.attack import build_attack
 
-    model, data, checkpoint = load_trained_model(cfg, ctx)
+    model, data, checkpoint = build.trained_model(cfg, ctx)
     device, gamma, method = ctx.device, float(cfg.gamma), cfg.persistence.method
-    engine = engine_from(cfg, device, ctx.warn)
+    engine = build.make_engine(cfg, device, ctx.warn)
     fast = engine.fast(model)  # the attack and the noisy samples run this; clean and adversarial labels are fp32
     ctx.record["engine"] = engine.describe(model)
     sample_batch = BatchSize(cfg.persistence.batch_size, "persistence.batch_size", device, start=AUTO_SAMPLE_START)
@@ -157,7 +156,7 @@ def run(cfg, ctx):
     success = ev.success_mask(adv_pred, y_pair, target)
     sizes = ev.perturbation_sizes(x_nat, x_adv)
     if not success.any():
-        raise UserError(f"{attack.name} found no adversarial example among {len(x_nat)} points: strengthen the attack (see conf/attack/{store.choice(cfg, 'attack')}.yaml)")
+        raise UserError(f"{attack.name} found no adversarial example among {len(x_nat)} points: strengthen the attack (see conf/attack/{build.choice(cfg, 'attack')}.yaml)")
     if not success.all():
         ctx.warn(f"{attack.name} failed on {int((~success).sum())} of {len(x_nat)} points: their adversarial rows have persistence NaN")
 
@@ -173,7 +172,7 @@ def run(cfg, ctx):
     persistence_seconds = time.perf_counter() - started
 
     # ---- persistence.csv
-    attack_name = store.choice(cfg, "attack")
+    attack_name = build.choice(cfg, "attack")
     rows = []
     for kind, res, pred in (("natural", nat, test_pred[chosen]), ("adversarial", adv, adv_pred)):
         perturbed = kind == "adversarial"
@@ -201,10 +200,10 @@ def run(cfg, ctx):
     mean_adv, median_adv, n_adv, inf_adv = stats(adv["sigma"][ok])
     evaluations = torch.cat([nat["evaluations"], adv["evaluations"][ok]]).double().mean().item()
     summary = {
-        "network": store.choice(cfg, "model"), "test_acc": 100.0 * test_acc, "avg_distortion": sizes["distortion"][success].mean().item(),
+        "network": build.choice(cfg, "model"), "test_acc": 100.0 * test_acc, "avg_distortion": sizes["distortion"][success].mean().item(),
         "persistence_nat": mean_nat, "persistence_adv": mean_adv, "median_nat": median_nat, "median_adv": median_adv,
         "n_nat": n_nat, "n_adv": n_adv, "n_inf_nat": inf_nat, "n_inf_adv": inf_adv, "attack_success": success.double().mean().item(),
-        "dataset": store.choice(cfg, "dataset"), "defense": store.choice(cfg, "defense"), "attack": attack_name, "gamma": gamma,
+        "dataset": build.choice(cfg, "dataset"), "defense": build.choice(cfg, "defense"), "attack": attack_name, "gamma": gamma,
         "method": method, "n_samples": int(cfg.persistence.max_samples if method == "fast" else cfg.persistence.n_samples), "evaluations_per_point": evaluations,
         "attack_seconds": attack_seconds, "persistence_seconds": persistence_seconds, "seed": int(cfg.seed),
     }
@@ -294,7 +293,7 @@ def _histogram(ctx, nat, adv, cfg):
     bins = np.histogram_bin_edges(both, bins=30) if len(both) else 10
     ax.hist(nat, bins=bins, color="tab:blue", alpha=0.6, label=f"natural (n={len(nat)})")
     ax.hist(adv, bins=bins, color="tab:red", alpha=0.6, label=f"adversarial (n={len(adv)})")
-    ax.set(xlabel=f"{cfg.gamma}-persistence", ylabel="count", title=f"{store.choice(cfg, 'model')}, {store.choice(cfg, 'attack')}")
+    ax.set(xlabel=f"{cfg.gamma}-persistence", ylabel="count", title=f"{build.choice(cfg, 'model')}, {build.choice(cfg, 'attack')}")
     ax.legend()
     ctx.save_figure("persistence_hist.png", fig)
 

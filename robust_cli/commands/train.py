@@ -1,8 +1,7 @@
 """`robust train`: train the configured model under the configured defense."""
 from hydra.utils import instantiate
 
-from robust_cli.core import store
-from robust_cli.core.data import load_data
+from robust_cli.commands import build
 from robust_cli.core.engine import init_distributed, ranks_from_environment
 from robust_cli.core.errors import UserError
 from robust_cli.training.loop import train_or_reuse
@@ -27,7 +26,7 @@ def validate(cfg):
 
 
 def run(cfg, ctx):
-    data = load_data(cfg)
+    data = build.make_data(cfg)
     ranks = ranks_from_environment()
     if ranks.distributed:
         init_distributed(ranks, ctx.device)
@@ -35,7 +34,7 @@ def run(cfg, ctx):
             raise UserError(f"train.batch_size={cfg.train.batch_size} is split over {ranks.world} processes: it must be at least {ranks.world}")
         ctx.record["processes"] = ranks.world
     try:
-        summary = train_or_reuse(cfg, data, ctx.device, run_dir=ctx.dir if ranks.main else None, ctx=ctx, ranks=ranks)
+        summary = train_or_reuse(build.make_training_plan(cfg, ctx.device, ctx.warn), data, ctx.device, run_dir=ctx.dir if ranks.main else None, ctx=ctx, ranks=ranks)
         if ranks.distributed:
             import torch.distributed as dist
 
@@ -51,9 +50,9 @@ def run(cfg, ctx):
     if selected:  # which epoch the registry publishes, and why (train.select, train.ema)
         ctx.record["selected"] = selected
     ctx.headline(
-        model=store.choice(cfg, "model"),
-        dataset=store.choice(cfg, "dataset"),
-        defense=store.choice(cfg, "defense"),
+        model=build.choice(cfg, "model"),
+        dataset=build.choice(cfg, "dataset"),
+        defense=build.choice(cfg, "defense"),
         epochs=summary["epochs"],
         train_accuracy=summary["train_accuracy"],
         test_accuracy=summary["test_accuracy"],

@@ -431,59 +431,18 @@ def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.sort(torch.cat(picked)).values
 
 
-def build_dataset(cfg) -> Dataset:
-    from hydra.utils import instantiate
-
-    return instantiate(_with_weights_preprocessing(cfg))
-
-
-def _with_weights_preprocessing(cfg):
-    """cfg.dataset with the resize and centre crop of the model's torchvision weights (see weights_sizes)."""
-    from omegaconf import OmegaConf
-
-    applied, _ = weights_sizes(cfg)
-    if not applied:
-        return cfg.dataset
-    return OmegaConf.create({**OmegaConf.to_container(cfg.dataset, resolve=False), **applied}, parent=cfg)
-
-
-def weights_sizes(cfg) -> tuple[dict, list[str]]:
-    """(the dataset sizes to take from the model's torchvision weights, one warning per size kept against them).
-
-    resnet50's IMAGENET1K_V2 is evaluated at resize 232 / crop 224, efficientnet_b3's at 320/300: accuracy under any
-    other preprocessing is not the published model's. A size given on the command line wins, with a warning."""
-    from robust_cli.core.models import weights_preprocessing
-
-    sizes = weights_preprocessing(cfg.get("model"))
-    if not sizes or not all(k in cfg.dataset for k in sizes):
-        return {}, []
-    given = _command_line_keys()
-    applied = {k: v for k, v in sizes.items() if f"dataset.{k}" not in given}
-    kept = [f"dataset.{k}={cfg.dataset[k]} as given; model.weights={cfg.model.weights} was evaluated with {k} {v}"
-            for k, v in sizes.items() if k not in applied and int(cfg.dataset[k]) != v]
-    return applied, kept
-
-
-def _command_line_keys() -> set[str]:
-    """The keys the user set on the command line (Hydra's task overrides), when Hydra runs this job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return set()
-    return {o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task}
-
-
-def load_data(cfg) -> DataBundle:
-    """The dataset of a composed config, with the `data.n_train/n_test/val_fraction` subsets applied."""
-    bundle = build_dataset(cfg).load(str(cfg.data.root), bool(cfg.data.download))
-    seed = int(cfg.seed)
-    if cfg.data.n_train is not None and len(bundle.train_y):
-        idx = stratified_subset(bundle.train_y, int(cfg.data.n_train), seed)
+def load_data(dataset: Dataset, root: str, download: bool, seed: int, n_train: int | None = None, n_test: int | None = None,
+              val_fraction: float = 0.0, memory_gb: float = 8.0) -> DataBundle:
+    """The dataset's train/test split with the stratified, seeded subsets `n_train`, `n_test` and the held-out
+    validation split `val_fraction` of the training set applied (seeds seed, seed + 1, seed + 2)."""
+    bundle = dataset.load(str(root), bool(download))
+    if n_train is not None and len(bundle.train_y):
+        idx = stratified_subset(bundle.train_y, int(n_train), seed)
         bundle.train_x, bundle.train_y = _take(bundle.train_x, idx), bundle.train_y[idx]
-    if cfg.data.n_test is not None:
-        idx = stratified_subset(bundle.test_y, int(cfg.data.n_test), seed + 1)
+    if n_test is not None:
+        idx = stratified_subset(bundle.test_y, int(n_test), seed + 1)
         bundle.test_x, bundle.test_y = _take(bundle.test_x, idx), bundle.test_y[idx]
-    fraction = float(cfg.data.val_fraction)
+    fraction = float(val_fraction or 0.0)
     if fraction > 0:
         n_val = max(1, int(round(fraction * len(bundle.train_y))))
         val = stratified_subset(bundle.train_y, n_val, seed + 2)
@@ -491,7 +450,7 @@ def load_data(cfg) -> DataBundle:
         keep[val] = False
         bundle.val_x, bundle.val_y = _take(bundle.train_x, val), bundle.train_y[val]
         bundle.train_x, bundle.train_y = _take(bundle.train_x, keep.nonzero().squeeze(1)), bundle.train_y[keep]
-    return _decode(bundle, float(cfg.data.get("memory_gb", 8)))
+    return _decode(bundle, float(memory_gb))
 
 
 def _take(x, idx):
@@ -513,11 +472,12 @@ def _decode(bundle: DataBundle, memory_gb: float) -> DataBundle:
 AUGMENTS = ("none", "crop_flip")
 
 
-def resolve_augment(cfg, dataset=None) -> str:
-    """data.augment, with auto = the dataset's default (crop_flip for CIFAR, none elsewhere)."""
-    value = str(cfg.data.get("augment", "none"))
+def resolve_augment(value: str, dataset_default=None) -> str:
+    """data.augment, with auto = the dataset's default (crop_flip for CIFAR, none elsewhere). `dataset_default` is
+    that default, or a function returning it (building a dataset is only worth it for auto)."""
+    value = str(value)
     if value == "auto":
-        value = (dataset or build_dataset(cfg)).default_augment
+        value = dataset_default() if callable(dataset_default) else dataset_default
     if value not in AUGMENTS:
         raise UserError(f"data.augment must be auto, {' or '.join(AUGMENTS)}, got {value!r}")
     return value

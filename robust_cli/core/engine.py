@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import re
+
 import torch
 import torch.nn as nn
 
@@ -145,9 +147,44 @@ class Engine:
         return out
 
 
-def engine_from(cfg, device: torch.device, warn=None) -> Engine:
-    """The command boundary: the engine settings of a composed config."""
-    return Engine.create(device, cfg.get("precision", "fp32"), cfg.get("compile", False), cfg.get("channels_last", "auto"), warn)
+# ----------------------------------------------------------------------------------------------- devices
+def resolve_device(spec: str) -> torch.device:
+    spec = str(spec)
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = ranks_from_environment().local_rank  # one GPU per process under torchrun / SLURM tasks
+        return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={spec} but no CUDA device is available here; use device=cpu or device=auto")
+        index = int(spec.split(":")[1]) if ":" in spec and spec.split(":")[1].isdigit() else 0
+        if ":" in spec and not spec.split(":")[1].isdigit():
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device(spec)
+    raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def shard_device(spec, shard=None) -> torch.device:
+    """resolve_device, except that with device=auto the shards of one multirun spread over a node's GPUs: shard I
+    runs on cuda:(I mod the number of visible GPUs), so a joblib sweep over data.shard gives each job its own GPU."""
+    device = resolve_device(spec)
+    if str(spec) == "auto" and device.type == "cuda" and shard is not None:
+        return torch.device(f"cuda:{parse_shard(shard)[0] % torch.cuda.device_count()}")
+    return device
+
+
+def parse_shard(spec) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N: the I-th of N parts of the test set (SLURM_ARRAY_TASK_ID counts from 0)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise UserError(f"data.shard must be I/N with 0 <= I < N (e.g. data.shard=0/4 ... data.shard=3/4), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
 
 
 # ----------------------------------------------------------------------------------------------- batch sizes

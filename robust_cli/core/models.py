@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from robust_cli.core.errors import UserError
 
@@ -337,12 +336,12 @@ def robustbench_model(input_shape, num_classes, name: str, threat_model: str = "
     return models[name]["model"]()
 
 
-def torchvision_weights_name(model_cfg) -> str | None:
+def torchvision_weights_name(spec) -> str | None:
     """model.weights when it names torchvision weights (IMAGENET1K_V1, DEFAULT) rather than a file, else None."""
     from pathlib import Path
 
-    weights = model_cfg.get("weights") if model_cfg is not None else None
-    if not weights or not str(model_cfg.get("_target_", "")).endswith("torchvision_model"):
+    weights = spec.get("weights") if spec is not None else None
+    if not weights or not str(spec.get("_target_", "")).endswith("torchvision_model"):
         return None
     return str(weights) if str(weights).isupper() and not Path(str(weights)).is_file() else None
 
@@ -421,7 +420,7 @@ def _import_target(target: str):
     return getattr(module, name)
 
 
-def _instantiate(model_cfg: dict, meta):
+def _instantiate(spec: dict, meta):
     """The model's `_target_` with its YAML's arguments, plus input_shape and num_classes where it takes them (a
     user's own class, `model._target_=my_pkg.module.Net`, need not)."""
     import inspect
@@ -429,7 +428,7 @@ def _instantiate(model_cfg: dict, meta):
     from hydra.utils import instantiate
 
     extra = {"input_shape": tuple(meta.shape), "num_classes": meta.num_classes}
-    target = model_cfg.get("_target_")
+    target = spec.get("_target_")
     if not target:
         raise UserError("model: no _target_; pick a model= option, or with model=python give model._target_=package.module.Class")
     obj = _import_target(target)
@@ -440,7 +439,7 @@ def _instantiate(model_cfg: dict, meta):
     except (TypeError, ValueError):
         pass
     try:
-        net = instantiate(model_cfg, **extra)
+        net = instantiate(spec, **extra)
     except UserError:
         raise
     except Exception as exc:  # hydra wraps constructor errors; surface ours, keep bugs loud
@@ -455,29 +454,29 @@ def _instantiate(model_cfg: dict, meta):
     return net
 
 
-def build_model(cfg, meta) -> Classifier:
-    """Instantiate `cfg.model` for the dataset's shape and classes, wrapped with normalisation and head.
+def build_model(spec: dict, meta) -> Classifier:
+    """Instantiate the model settings `spec` (the config's resolved `model` node) for the dataset's shape and classes, wrapped with normalisation and head.
 
     `model.weights` (any model): a weights file (.pt/.pth/.safetensors, a bare state dict or a wrapper), or for
     model=torchvision a weights name (IMAGENET1K_V1) whose file is already in the torch hub cache; its
     normalisation (mean/std) then replaces the dataset's, inside the model as always."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    head = model_cfg.pop("head", None)
-    normalize = model_cfg.pop("normalize", True)
-    test_noise = model_cfg.pop("test_noise", 0.0) or 0.0
-    weights = model_cfg.pop("weights", None)
+    settings = dict(spec)
+    head = settings.pop("head", None)
+    normalize = settings.pop("normalize", True)
+    test_noise = settings.pop("test_noise", 0.0) or 0.0
+    weights = settings.pop("weights", None)
     if not isinstance(test_noise, (int, float)) or test_noise < 0:
         raise UserError(f"model.test_noise must be a number >= 0 (std of test-time input noise), got {test_noise!r}")
     if head not in (None, "none", "tanh"):
         raise UserError(f"model.head must be none or tanh, got {head!r}")
-    net = _instantiate(model_cfg, meta)
+    net = _instantiate(settings, meta)
     mean, std = meta.mean, meta.std
     if weights:
         from pathlib import Path
 
         path, enum = Path(str(weights)), None
-        if torchvision_weights_name(cfg.model):
-            path, enum = torchvision_weights(model_cfg["arch"], str(weights))
+        if torchvision_weights_name(spec):
+            path, enum = torchvision_weights(settings["arch"], str(weights))
         elif not path.is_file():
             raise UserError(f"model.weights='{weights}' is not a file; give the path of a .pt, .pth or .safetensors weights file")
         load_weights(net, path, f"model.weights={weights}")
@@ -488,27 +487,22 @@ def build_model(cfg, meta) -> Classifier:
     return Classifier(net, meta.num_classes, mean if use_norm else None, std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise)
 
 
-def weights_preprocessing(model_cfg) -> dict | None:
+def weights_preprocessing(settings) -> dict | None:
     """{'resize': ..., 'image_size': ...} of a torchvision weights name's evaluation transform, else None."""
-    name = torchvision_weights_name(model_cfg)
+    name = torchvision_weights_name(settings)
     if name is None:
         return None
-    transforms = torchvision_weights(str(model_cfg.get("arch")), name)[1].transforms()  # a missing file is refused here, before any data is read
+    transforms = torchvision_weights(str(settings.get("arch")), name)[1].transforms()  # a missing file is refused here, before any data is read
     if not hasattr(transforms, "crop_size") or not hasattr(transforms, "resize_size"):
         return None
     return {"resize": int(transforms.resize_size[0]), "image_size": int(transforms.crop_size[0])}
 
 
-def weights_file(cfg):
+def weights_file(spec: dict):
     """The file model.weights stands for (a weights name resolved to its torch hub cache file)."""
     from pathlib import Path
 
-    name = torchvision_weights_name(cfg.model)
+    name = torchvision_weights_name(spec)
     if name is not None:
-        return Path(torchvision_weights(str(cfg.model.arch), name)[0])
-    return Path(str(cfg.model.weights))
-
-
-def pretrained(cfg) -> bool:
-    """Whether the configured model brings its own weights (model.weights): then nothing is trained for it."""
-    return bool(cfg.model.get("weights")) if "model" in cfg else False
+        return Path(torchvision_weights(str(spec["arch"]), name)[0])
+    return Path(str(spec["weights"]))

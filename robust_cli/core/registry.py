@@ -9,6 +9,7 @@ and `lock` keeps two jobs from training the same key at once. A published checkp
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -17,8 +18,6 @@ import socket
 import time
 import warnings
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 import robust_cli
 from robust_cli.core import store
@@ -107,10 +106,10 @@ def _as_robust_checkpoint(state, path) -> dict:
                     f"{', '.join(WRAPPER_KEYS)}")
 
 
-def check_checkpoint_matches(state: dict, model, path, cfg=None) -> None:
-    """A checkpoint must fit the config: trained on the same dataset, same parameter names and shapes."""
+def check_checkpoint_matches(state: dict, model, path, dataset: str | None = None) -> None:
+    """A checkpoint must fit the run: trained on the same dataset (its config-group name), same parameter names and shapes."""
     trained = (state.get("config") or {}).get("choices", {}).get("dataset") if isinstance(state.get("config"), dict) else None
-    wanted = store.choice(cfg, "dataset") if cfg is not None else None
+    wanted = dataset
     if trained and wanted and wanted != "custom" and trained != wanted:
         raise UserError(f"checkpoint '{path}' was trained on dataset={trained}, but this run uses dataset={wanted}; add dataset={trained} (or train one for {wanted})")
     weights, own = state.get("state_dict", {}), model.state_dict()
@@ -131,22 +130,18 @@ def check_checkpoint_matches(state: dict, model, path, cfg=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
-def training_identity(cfg) -> dict:
-    """The part of a config that decides the trained weights (not the device, paths or evaluation settings)."""
-    # resolve each node inside the full config: an interpolation such as model.k: ${k} points outside the node
-    resolved = lambda node: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node  # noqa: E731
-    keep = {k: resolved(cfg[k]) for k in ("model", "dataset", "defense", "train", "seed")}
+def training_identity(model: dict, dataset: dict, defense: dict, train: dict, seed: int, n_train: int | None, val_fraction: float,
+                      augment: str) -> dict:
+    """The settings that decide the trained weights (not the device, paths or evaluation settings), each a resolved
+    config node; the checkpoint key hashes them."""
+    keep = copy.deepcopy({"model": model, "dataset": dataset, "defense": defense, "train": train, "seed": seed})
     if isinstance(keep["model"], dict):  # test-time noise changes the evaluation, not the trained weights
         keep["model"] = {k: v for k, v in keep["model"].items() if k != "test_noise"}
-    keep["data"] = {k: resolved(cfg.data[k]) for k in ("n_train", "val_fraction")}
+    keep["data"] = {"n_train": n_train, "val_fraction": val_fraction}
     _drop_later_defaults(keep)
     _historical_targets(keep)
-    if "dataset" in cfg:
-        from robust_cli.core.data import resolve_augment
-
-        augment = resolve_augment(cfg)
-        if augment != "none":  # only then: the keys of models trained without augmentation stay what they were
-            keep["data"]["augment"] = augment
+    if augment != "none":  # only then: the keys of models trained without augmentation stay what they were
+        keep["data"]["augment"] = augment
     return keep
 
 
@@ -188,20 +183,15 @@ def _historical_targets(node) -> None:
             _historical_targets(value)
 
 
-def checkpoint_key(cfg) -> str:
-    digest = hashlib.sha256(json.dumps(training_identity(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{store.choice(cfg, 'model')}-{store.choice(cfg, 'dataset')}-{store.choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
+def checkpoint_key(identity: dict, choices: dict) -> str:
+    """`<model>-<dataset>-<defense>-s<seed>-<hash of the identity>`: the registry entry's name."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    names = "-".join(store.choice(choices, group) for group in ("model", "dataset", "defense"))
+    return f"{names}-s{identity['seed']}-{digest}"
 
 
-def checkpoint_dir(cfg) -> Path:
-    return Path(str(cfg.outputs_root)) / "checkpoints" / checkpoint_key(cfg)
-
-
-def published_checkpoint(cfg) -> Path:
-    """The checkpoint later commands use: `checkpoint=PATH` if given, else this config's registry entry."""
-    if cfg.get("checkpoint"):
-        return Path(str(cfg.checkpoint))
-    return checkpoint_dir(cfg) / "model.pt"
+def checkpoint_dir(outputs_root, key: str) -> Path:
+    return Path(str(outputs_root)) / "checkpoints" / key
 
 
 @contextlib.contextmanager

@@ -107,10 +107,10 @@ def save_torch(path, obj, replace: bool = True) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getvalue()), replace)
 
 
-def choice(cfg, group: str) -> str:
-    """The option name chosen for a config group (e.g. 'fc200_200_10'), recorded by the CLI in `cfg.choices`."""
-    choices = cfg.get("choices") or {}
-    return str(choices.get(group) or "custom")
+def choice(choices, group: str) -> str:
+    """The option name chosen for a config group (e.g. 'fc200_200_10') in {group: option} (the CLI records them in
+    the config's `choices`); 'custom' when none was chosen."""
+    return str((choices or {}).get(group) or "custom")
 
 
 
@@ -180,8 +180,8 @@ def run_status(record: dict, run_dir: Path) -> str:
 class RunContext:
     """What a command gets besides its config: its directory, device, atomic writers, warnings and headline."""
 
-    def __init__(self, cfg, directory: Path, device: torch.device, record: dict):
-        self.cfg = cfg
+    def __init__(self, directory: Path, device: torch.device, record: dict, described: dict | None = None):
+        self.described = dict(described or {})  # {group: option} the figures name: model, dataset, defense, attack
         self.dir = Path(directory)
         self.device = device
         self.record = record  # run.json contents, rewritten by the CLI at the end
@@ -217,10 +217,7 @@ class RunContext:
 
     def description(self) -> str:
         """'model fc200_200_10, dataset mnist, defense tulip, attack pgd': the line every figure carries."""
-        parts = [f"{group} {choice(self.cfg, group)}" for group in ("model", "dataset", "defense") if group in self.cfg]
-        if "attack" in self.cfg and (self.cfg.get("choices") or {}).get("attack"):
-            parts.append(f"attack {choice(self.cfg, 'attack')}")
-        return ", ".join(parts)
+        return ", ".join(f"{group} {option}" for group, option in self.described.items())
 
     def warn(self, message: str) -> None:
         from rich.markup import escape

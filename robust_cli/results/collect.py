@@ -178,7 +178,7 @@ def merge_shards(group) -> dict | None:
     from types import SimpleNamespace
 
     from robust_cli.evaluation import evaluate as ev
-    from robust_cli.cli import parse_shard
+    from robust_cli.core.engine import parse_shard
 
     parts = {parse_shard(record["shard"]["spec"]): (record, run_dir, cols) for record, run_dir, cols in group}
     counts = {n for _, n in parts}

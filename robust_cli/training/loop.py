@@ -9,7 +9,9 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +20,10 @@ from omegaconf import OmegaConf
 
 import robust_cli
 from robust_cli.core import registry, store
-from robust_cli.core.data import DataBundle, check_augment, crop_flip, iterate_batches, load_data, place_on_device, resolve_augment
-from robust_cli.core.engine import Ranks, average_gradients, broadcast_object, broadcast_parameters, engine_from
+from robust_cli.core.data import DataBundle, check_augment, crop_flip, iterate_batches, place_on_device
+from robust_cli.core.engine import Engine, Ranks, average_gradients, broadcast_object, broadcast_parameters
 from robust_cli.core.errors import UserError
-from robust_cli.core.models import build_model, pretrained, weights_file
+from robust_cli.core.models import build_model
 from robust_cli.training.selection import BestCheckpoint, Validation, WeightAverage
 
 OPTIMIZERS = ("sgd", "adam")
@@ -30,8 +32,46 @@ SELECTIONS = ("last", "best_clean", "best_robust")
 CYCLIC_PEAK = 0.4  # Wong et al. 2020: linear from 0 up to train.lr at 2/5 of the epochs, then down to 0, per step
 
 
-def validate_training(cfg) -> None:
-    t = cfg.train
+@dataclass(frozen=True)
+class TrainSettings:
+    """The config's `train` node as plain values (conf/common.yaml documents each key)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    scheduler: str
+    lr_step: int
+    lr_gamma: float
+    # the later features, off unless set
+    milestones: list | None = None
+    eval_train: bool = True
+    validate: bool = False
+    validate_every: int = 1
+    val_eps: float | None = None
+    val_attack: dict | None = None
+    select: str = "last"
+    ema: float | None = None
+
+    @classmethod
+    def from_dict(cls, train: dict) -> "TrainSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in train.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Defended:
+    """What the validation checks read about the defense: its config-group name and its resolved settings."""
+
+    name: str
+    settings: dict
+
+
+def validate_training(t: TrainSettings, val_fraction: float, defense: Defended | None) -> dict:
+    """Every training setting checked before any work (one line for a bad value); returns validation_settings."""
     checks = [
         (isinstance(t.epochs, int) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}"),
         (isinstance(t.batch_size, int) and t.batch_size >= 1, f"train.batch_size must be an integer >= 1, got {t.batch_size!r}"),
@@ -45,56 +85,84 @@ def validate_training(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    piecewise_milestones(t.get("milestones"), t.epochs)
-    validation_settings(cfg)
-    ema = t.get("ema")
+    piecewise_milestones(t.milestones, t.epochs)
+    settings = validation_settings(t, val_fraction, defense)
+    ema = t.ema
     if ema is not None and not (isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0 < ema < 1):
         raise UserError(f"train.ema is the decay of the weight average, a number in (0, 1) such as 0.995, or null (off); got {ema!r}")
+    return settings
 
 
-def validation_settings(cfg) -> dict:
+def validation_settings(t: TrainSettings, val_fraction: float, defense: Defended | None) -> dict:
     """The checked validation and selection keys: {validate, every, select, eps}; one line for a bad combination."""
-    t = cfg.train
-    validate, every, select = t.get("validate", False), t.get("validate_every", 1), t.get("select", "last")
+    validate, every, select = t.validate, t.validate_every, t.select
     if not isinstance(validate, bool):
         raise UserError(f"train.validate must be true or false, got {validate!r}")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise UserError(f"train.validate_every must be an integer >= 1 (epochs), got {every!r}")
     if select not in SELECTIONS:
         raise UserError(f"train.select must be one of {', '.join(SELECTIONS)}, got {select!r}")
-    fraction = cfg.data.get("val_fraction", 0.0) or 0.0
+    fraction = val_fraction or 0.0
     if (validate or select != "last") and not fraction > 0:
         raise UserError(f"train.validate=true and train.select={select} need a held-out validation split: set data.val_fraction "
                         "(e.g. 0.1; stratified and seeded)")
     if select == "best_robust" and not validate:
         raise UserError("train.select=best_robust needs the robust validation accuracy: set train.validate=true "
                         "(PGD-10 on the data.val_fraction split every train.validate_every epochs)")
-    eps = t.get("val_eps")
+    eps = t.val_eps
     if validate:
+        defense_settings = defense.settings if defense is not None else {}
         if eps is None:
-            eps = cfg.defense.get("eps") if "defense" in cfg else None
+            eps = defense_settings.get("eps")
             if eps is None:
-                raise UserError(f"train.validate=true: the defense '{store.choice(cfg, 'defense')}' has no eps to validate at; "
+                name = defense.name if defense is not None else "custom"
+                raise UserError(f"train.validate=true: the defense '{name}' has no eps to validate at; "
                                 "set train.val_eps=<budget in the validation attack's norm>")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
             raise UserError(f"train.val_eps must be a number >= 0 or null (the defense's eps), got {eps!r}")
-        if t.get("val_attack") is None or "_target_" not in t.val_attack:
+        if t.val_attack is None or "_target_" not in t.val_attack:
             raise UserError("train.validate=true needs a validation attack: train.val_attack is set by the defaults "
                             "(attack@train.val_attack=pgd); choose another with attack@train.val_attack=<attack>")
-        try:
-            attack = instantiate(t.val_attack)
-        except Exception as exc:  # a bad validation-attack setting is the user's to fix
-            raise UserError(f"train.val_attack: {exc.__cause__ or exc}") from None
+        attack = validation_attack(t)
         if getattr(attack, "kind", "budgeted") != "budgeted":
             raise UserError(f"train.val_attack must be a budgeted attack (pgd, apgd, fgsm, ...): {type(attack).__name__} finds "
                             "minimal perturbations and has no eps")
-        defense = cfg.get("defense") or {}
-        trained_norm = defense.get("norm") or (defense.get("attack") or {}).get("norm")
+        trained_norm = defense_settings.get("norm") or (defense_settings.get("attack") or {}).get("norm")
         val_norm = t.val_attack.get("norm", "linf")
-        if t.get("val_eps") is None and trained_norm and val_norm != trained_norm:
+        if t.val_eps is None and trained_norm and val_norm != trained_norm:
             raise UserError(f"train.validate=true: the defense trains in {trained_norm} but the validation attack is {val_norm}; "
                             f"set train.val_attack.norm={trained_norm} (or give train.val_eps in {val_norm})")
     return {"validate": validate, "every": every, "select": select, "eps": eps}
+
+
+def validation_attack(t: TrainSettings):
+    try:
+        return instantiate(t.val_attack)
+    except Exception as exc:  # a bad validation-attack setting is the user's to fix
+        raise UserError(f"train.val_attack: {exc.__cause__ or exc}") from None
+
+
+@dataclass
+class TrainingPlan:
+    """Everything the loop reads, as plain values and objects (commands/build.py makes it from the config)."""
+
+    entry: Path  # the registry entry <outputs_root>/checkpoints/<key>
+    identity: dict  # registry.training_identity: stored in the checkpoint
+    config: dict  # the resolved config: stored in the checkpoint and as config.yaml
+    seed: int
+    train: TrainSettings
+    validation: dict  # validation_settings
+    model: dict  # the model's settings, for build_model
+    defense: Callable  # the training objective: loss, stats = defense(model, x, y)
+    engine: Engine
+    augment: str  # none | crop_flip
+    eval_batch_size: int = 256
+    resume: bool = False
+    retrain: bool = False
+    sync_batchnorm: bool = False
+    dataset: str | None = None  # the dataset's config-group name: a resumed checkpoint must have been trained on it
+    n_train: Any = None  # data.n_train and data.val_fraction, named in a warning about thin classes
+    val_fraction: float = 0.0
 
 
 def piecewise_milestones(milestones, epochs: int) -> list[int]:
@@ -109,9 +177,8 @@ def piecewise_milestones(milestones, epochs: int) -> list[int]:
     return values
 
 
-def make_optimizer(cfg, model, steps_per_epoch: int = 1):
+def make_optimizer(t: TrainSettings, model, steps_per_epoch: int = 1):
     """(optimizer, scheduler, per_step): per_step schedulers (cyclic) step after every batch, the others per epoch."""
-    t = cfg.train
     if t.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=bool(t.nesterov) and t.momentum > 0, weight_decay=t.weight_decay)
     else:
@@ -129,7 +196,7 @@ def make_optimizer(cfg, model, steps_per_epoch: int = 1):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, triangle)
     elif t.scheduler == "piecewise":  # stepped once per epoch: after k steps, epoch k + 1 trains
-        milestones, gamma = piecewise_milestones(t.get("milestones"), t.epochs), float(t.lr_gamma)
+        milestones, gamma = piecewise_milestones(t.milestones, t.epochs), float(t.lr_gamma)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: gamma ** sum(k + 1 >= m for m in milestones))
     else:
         sched = None
@@ -166,45 +233,43 @@ def _set_rng_state(state, shuffle_gen, augment_gen):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:
-    """Train the config's model under its defense; publish the checkpoint in the registry; return a summary.
+def train(plan: TrainingPlan, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:
+    """Train the plan's model under its defense; publish the checkpoint in the registry; return a summary.
 
     With several processes (`ranks`, torchrun or SLURM tasks) each takes its part of every batch of train.batch_size
     and the gradients are averaged, so the update is that of one process on the whole batch; rank 0 alone writes."""
-    entry = registry.checkpoint_dir(cfg)
+    entry, t, seed, augment = plan.entry, plan.train, int(plan.seed), plan.augment
     last_path = entry / "last.pt"
-    torch.manual_seed(int(cfg.seed))
-    shuffle_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)  # the same order on every rank and every device
-    augment_gen = torch.Generator().manual_seed(int(cfg.seed) + 3)
-    augment = resolve_augment(cfg)
+    torch.manual_seed(seed)
+    shuffle_gen = torch.Generator().manual_seed(seed + 1)  # the same order on every rank and every device
+    augment_gen = torch.Generator().manual_seed(seed + 3)
     check_augment(augment, data.meta.shape)
-    model = build_model(cfg, data.meta).to(device)
-    if cfg.get("sync_batchnorm") and ranks.distributed:
+    model = build_model(plan.model, data.meta).to(device)
+    if plan.sync_batchnorm and ranks.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    engine = engine_from(cfg, device, ctx.warn if ctx is not None else None)
+    engine = plan.engine
     fast = engine.fast(model)  # the defense's forward and backward passes; the weights are model's
     scaler = torch.amp.GradScaler(device.type, enabled=engine.precision == "fp16")  # fp16 gradients underflow otherwise
-    defense = instantiate(cfg.defense)
-    epochs, bs = int(cfg.train.epochs), int(cfg.train.batch_size)
+    defense = plan.defense
+    epochs, bs = int(t.epochs), int(t.batch_size)
     steps_per_epoch = math.ceil(len(data.train_y) / bs)
-    optimizer, scheduler, per_step = make_optimizer(cfg, model, steps_per_epoch)
+    optimizer, scheduler, per_step = make_optimizer(t, model, steps_per_epoch)
     log, start_epoch = [], 1
     on_device = place_on_device(data, device)
-    settings = validation_settings(cfg)
+    settings = plan.validation
     validation = None
     if settings["validate"]:
-        validation = Validation(instantiate(cfg.train.val_attack), settings["eps"], settings["every"], data.val_x, data.val_y,
-                                int(cfg.data.get("eval_batch_size", 256) or 256))
+        validation = Validation(validation_attack(t), settings["eps"], settings["every"], data.val_x, data.val_y, int(plan.eval_batch_size))
     # the best epoch is tracked for the selection, and with validation also when the last epoch is published
     criterion = settings["select"] if settings["select"] != "last" else ("best_robust" if validation else None)
     best = BestCheckpoint(criterion) if criterion else None
-    average = WeightAverage(model, cfg.train.ema) if cfg.train.get("ema") else None
+    average = WeightAverage(model, t.ema) if t.ema else None
     scored = average.model if average is not None else model  # the weights that are validated, tested and published
     hooks = defense if hasattr(defense, "after_step") else None
 
-    if cfg.get("resume") and last_path.is_file():
+    if plan.resume and last_path.is_file():
         state = registry.load_checkpoint(last_path)
-        registry.check_checkpoint_matches(state, model, last_path, cfg)
+        registry.check_checkpoint_matches(state, model, last_path, plan.dataset)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
@@ -220,21 +285,21 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
         store.console.print(f"[cyan]resuming {entry.name} after epoch {state['epoch']}[/]")
     elif last_path.is_file() and ranks.main:  # an interrupted run of this key: say that it is being replaced, and how to keep it
         epoch = _epoch_of(last_path)
-        message = f"resume=true but the interrupted training of {entry.name} cannot be read; training from scratch" if cfg.get("resume") else (
+        message = f"resume=true but the interrupted training of {entry.name} cannot be read; training from scratch" if plan.resume else (
             f"an interrupted training of {entry.name} stopped after epoch {epoch}; training from scratch (resume=true continues it)")
         _say(ctx, message)
-    elif cfg.get("resume") and ranks.main:
+    elif plan.resume and ranks.main:
         _say(ctx, f"resume=true but there is nothing to resume for {entry.name}: training from scratch")
     if ranks.distributed:
         broadcast_parameters(model)
-        torch.manual_seed(int(cfg.seed) * 7919 + ranks.rank)  # each rank its own draws (attack starts, noise) for its examples
+        torch.manual_seed(seed * 7919 + ranks.rank)  # each rank its own draws (attack starts, noise) for its examples
 
     counts = torch.bincount(data.train_y.cpu(), minlength=data.meta.num_classes)
     if int(counts.min()) < 5 and ranks.main:  # a subset or a validation split this large leaves a class almost untrained
         cls = int(counts.argmin())
-        _say(ctx, f"class {cls} has {int(counts[cls])} training examples (data.n_train={cfg.data.n_train}, data.val_fraction={cfg.data.val_fraction}); "
+        _say(ctx, f"class {cls} has {int(counts[cls])} training examples (data.n_train={plan.n_train}, data.val_fraction={plan.val_fraction}); "
                   "fewer than 5 per class trains a model that cannot learn it: raise data.n_train or lower data.val_fraction")
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = plan.config
     environment = {**registry.environment(), "device": str(device), **engine.describe(model), "augment": augment, "data_on_device": on_device,
                    "processes": ranks.world}
 
@@ -246,7 +311,7 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
             "average": average.state_dict() if average is not None else None,
             "best": best.state() if best is not None else None,
             "config": config,
-            "identity": registry.training_identity(cfg),
+            "identity": plan.identity,
             "epoch": epoch,
             "epochs": epochs,
             "complete": complete,
@@ -314,7 +379,7 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
                 totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
                 dist.all_reduce(totals)
                 loss_sum, seen = totals[0], int(totals[1].item())
-            train_loss, train_acc = evaluate(scored, data.train_x, data.train_y, device) if cfg.train.eval_train else (loss_sum.item() / seen, float("nan"))
+            train_loss, train_acc = evaluate(scored, data.train_x, data.train_y, device) if t.eval_train else (loss_sum.item() / seen, float("nan"))
             test_loss, test_acc = evaluate(scored, data.test_x, data.test_y, device)
             row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
             if data.val_x is not None:
@@ -338,7 +403,7 @@ def train(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = No
         store.console.print(f"[cyan]{entry.name} already trained for {epochs} epochs[/]")
     selected = None
     if ranks.main:
-        store.write_text(entry / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        store.write_text(entry / "config.yaml", OmegaConf.to_yaml(plan.config))
         selected = publish(last_path, entry, settings["select"], Path(run_dir) if run_dir else None)
     return summary_of({"epochs": epochs, "log": log, "selected": selected}, entry / "model.pt")
 
@@ -443,15 +508,15 @@ def summary_of(state: dict, path: Path) -> dict:
     return out
 
 
-def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:
+def train_or_reuse(plan: TrainingPlan, data: DataBundle, device: torch.device, run_dir: Path | None = None, ctx=None, ranks: Ranks = Ranks()) -> dict:
     """`robust train`: the registry's finished checkpoint for this key if there is one (unless retrain=true, which
     first moves it to a numbered version), else train. Rank 0 holds the key's lock throughout and decides for all."""
-    entry = registry.checkpoint_dir(cfg)
+    entry = plan.entry
     published = entry / "model.pt"
     with registry.training_lock(entry) if ranks.main else contextlib.nullcontext():
         if ranks.main:
             registry.clean_stale_temporaries(entry)  # a kill -9 leaves them; nobody else can be writing while we hold the lock
-        reuse = broadcast_object(published.is_file() and not cfg.get("retrain"), ranks)
+        reuse = broadcast_object(published.is_file() and not plan.retrain, ranks)
         if reuse:
             state = registry.load_checkpoint(published)
             summary = summary_of(state, published)
@@ -468,34 +533,6 @@ def train_or_reuse(cfg, data: DataBundle, device: torch.device, run_dir: Path | 
         if published.is_file() and ranks.main:
             version = registry.archive_published(entry)
             _say(ctx, f"retrain=true: the previous checkpoint of {entry.name} is kept as {entry / f'model.v{version}.pt'}")
-        summary = train(cfg, data, device, run_dir=run_dir, ctx=ctx, ranks=ranks)
+        summary = train(plan, data, device, run_dir=run_dir, ctx=ctx, ranks=ranks)
         summary["reused"] = False
         return summary
-
-
-def load_trained_model(cfg, ctx):
-    """(model in eval mode on ctx.device, data, checkpoint path) for this config; trains it first if missing."""
-    data = load_data(cfg)
-    if pretrained(cfg) and not cfg.get("checkpoint"):  # the model brings its weights (model.weights): use it as it is
-        model = build_model(cfg, data.meta).to(ctx.device).eval()
-        path = weights_file(cfg)
-        ctx.record["checkpoint"] = str(path)
-        return model, data, path
-    path = registry.published_checkpoint(cfg)
-    if not path.is_file():
-        if cfg.get("checkpoint"):
-            registry.load_checkpoint(path)  # raises the one-line error that fits (missing file, a directory)
-        if not cfg.get("train_if_missing", True):
-            raise UserError(f"no trained checkpoint for this config at '{path}'; run `robust train` with the same overrides or set train_if_missing=true")
-        with registry.training_lock(path.parent):
-            if not path.is_file():  # another job may have trained it while we waited
-                registry.clean_stale_temporaries(path.parent)
-                store.console.print(f"[cyan]no checkpoint for this config: training it first ({path.parent.name})[/]")
-                train(cfg, data, ctx.device, run_dir=None)
-    state = registry.load_checkpoint(path)
-    model = build_model(cfg, data.meta)
-    registry.check_checkpoint_matches(state, model, path, cfg)
-    model.load_state_dict(state["state_dict"])
-    model.to(ctx.device).eval()
-    ctx.record["checkpoint"] = str(path)
-    return model, data, path
