@@ -20,8 +20,8 @@ def build(name, device):
     from hydra import compose, initialize_config_dir
 
     from robust_cli.cli import CONF_DIR
-    from robust_cli.core.data import DatasetMeta
     from robust_cli.commands import build
+    from robust_cli.core.data import DatasetMeta
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={name}", "dataset=mnist"])

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_attack import DEFAULT_MNIST, load  # noqa: E402
 
 from robust_cli.analysis.certify import certify  # noqa: E402
-from robust_cli.core.engine import resolve_device  # noqa: E402
-from robust_cli.commands.certify import PERSISTENCE_POOL  # noqa: E402
 from robust_cli.analysis.persistence import fast_persistence  # noqa: E402
+from robust_cli.commands.certify import PERSISTENCE_POOL  # noqa: E402
+from robust_cli.core.engine import resolve_device  # noqa: E402
 
 SIGMA, GAMMA = 0.25, 0.7
 SHARED_SIGMAS = [0.25, 0.5, 1.0]  # Cohen et al.'s noise levels

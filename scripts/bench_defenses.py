@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from robust_cli.core.data import DatasetMeta
 from robust_cli.commands import build
+from robust_cli.core.data import DatasetMeta
 
 CONF = Path(__file__).resolve().parents[1] / "robust_cli" / "conf"
 TARGETS = {  # the targets (x none); pgd_at is filled in as (steps + 1)

@@ -86,7 +86,7 @@ def main():
     mine = Engine.create(torch.device("cpu"), args.precision).fast(model)  # the model itself at fp32
     peer_model = Engine.create(torch.device("cpu"), args.their_precision).fast(model)
 
-    batches = lambda attack: torch.cat([attack(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])  # noqa: E731
+    batches = lambda attack: torch.cat([attack(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])
     if args.versus == "autoattack":
         import torchattacks
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from robust_cli.analysis.kernel import DiscretePathKernel, reference_predict, train_path  # noqa: E402
+from robust_cli.analysis.kernel import DiscretePathKernel, reference_predict, train_path
 
 
 def rss_mib() -> float:

@@ -30,9 +30,9 @@ def load(args):
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from robust_cli.core import store
-    from robust_cli.commands import build
     from robust_cli.cli import CONF_DIR
+    from robust_cli.commands import build
+    from robust_cli.core import store
     from robust_cli.core.engine import resolve_device
     from robust_cli.evaluation.evaluate import choose_targets, predict, run_attack
 

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from robust_cli.cli import CONF_DIR
-from robust_cli.core.engine import resolve_device
 from robust_cli.commands import build
+from robust_cli.core.engine import resolve_device
 from robust_cli.training.loop import train
 
 

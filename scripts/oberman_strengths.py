@@ -44,7 +44,7 @@ def summarise(sweeps) -> pd.DataFrame:
 
     c = collect([str(s) for s in sweeps], write=False, figures=False)
     dist, curve = c.frames["distances"], c.frames["curve"]
-    strength = lambda f: pd.to_numeric(f["defense.eps"], errors="coerce").fillna(0.0) if "defense.eps" in f else 0.0  # noqa: E731
+    strength = lambda f: pd.to_numeric(f["defense.eps"], errors="coerce").fillna(0.0) if "defense.eps" in f else 0.0
     dist = dist.assign(strength=strength(dist))
     curve = curve[curve["norm"] == "l2"].assign(strength=strength(curve))
     rows = []

@@ -74,7 +74,7 @@ def bell_table2(c):
             ok = set(zip(adv.run, adv["index"]))  # the natural images whose attack succeeded, as hers
             nat = f[(f.kind == "natural").to_numpy() & np.array([(r, i) in ok for r, i in zip(f.run, f["index"])], dtype=bool)]
             ref = BELL_TABLE2.get((arch, attack), (math.nan,) * 3)
-            finite = lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else math.nan  # noqa: E731
+            finite = lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else math.nan
             rows.append({"network": arch, "attack": attack, "avg_dist": finite(adv["distortion"]), "bell_avg_dist": ref[0],
                          "persist_nat": finite(nat["persistence"]), "bell_persist_nat": ref[1], "persist_adv": finite(adv["persistence"]),
                          "bell_persist_adv": ref[2], "nat>adv": bool(finite(nat["persistence"]) > finite(adv["persistence"])),

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import BIM, CW, FGM, FGSM, JSMA, LBFGS, MIFGSM, PGD, RFGSM, DeepFool, Gradient, Noise, norms
 from robust_cli.core.errors import UserError
+from robust_cli.evaluation import evaluate as ev
 
 
 # ------------------------------------------------------------------------------------------- models and data

@@ -2,9 +2,9 @@
 parameters; robust accuracy within 2 percentage points (both numbers in the failure message)."""
 import pytest
 import torch
+from test_attacks import trained_mlp  # noqa: F401  (the fixture: a small MLP trained on sklearn digits)
 
 from robust_cli.attacks import CW, FGSM, MIFGSM, PGD, DeepFool
-from test_attacks import trained_mlp  # noqa: F401  (the fixture: a small MLP trained on sklearn digits)
 
 torchattacks = pytest.importorskip("torchattacks")
 TOLERANCE = 0.02

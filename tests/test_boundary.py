@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from robust_cli.analysis.boundary import (boundary_dimension, boundary_point, count_degenerate, flat_svd, point_differences,
-                                 project_to_boundary, sample_around)
-from robust_cli.core.errors import UserError
+from robust_cli.analysis.boundary import boundary_dimension, boundary_point, count_degenerate, flat_svd, point_differences, project_to_boundary, sample_around
 from robust_cli.analysis.geometry_objects import Orthant, ThetaWedge, Voronoi
+from robust_cli.core.errors import UserError
 
 
 class Linear(torch.nn.Module):

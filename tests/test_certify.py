@@ -5,9 +5,9 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import latest_run
 from scipy.stats import norm
 
-from conftest import latest_run
 from robust_cli.analysis.certify import ABSTAIN, certified_accuracy, certify, lower_confidence_bound, predict
 from robust_cli.commands import build
 
@@ -179,9 +179,9 @@ def test_a_sandwich_violation_outside_the_orthant_is_explained(tmp_path):
     attacked distance, and the check finds g still saying class 0 at the attacked point (explained, not a failure)."""
     from omegaconf import OmegaConf
 
-    from robust_cli.core import store
-    from robust_cli.commands.certify import _sandwich
     from robust_cli.analysis.geometry_objects import Orthant
+    from robust_cli.commands.certify import _sandwich
+    from robust_cli.core import store
 
     class Shifted(torch.nn.Module):  # the orthant's apex at the centre of the [0, 1] box
         def __init__(self):

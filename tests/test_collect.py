@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from robust_cli.commands import collect as collect_command
 from robust_cli.results.collect import collect, run_columns, to_markdown
 from robust_cli.results.paper_tables import preset_block
-from robust_cli.commands import collect as collect_command
 
 
 def make_run(root, name, *, command="attack", status="completed", choices=None, seed=0, overrides=(), csvs=None,

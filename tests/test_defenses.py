@@ -11,11 +11,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from robust_cli.attacks import FGM, FGSM, PGD
+from robust_cli.core.errors import UserError
+from robust_cli.core.models import TanhHead
 from robust_cli.defenses import (
     MART,
     TRADES,
-    AdversarialWeightPerturbation,
     AdversarialTraining,
+    AdversarialWeightPerturbation,
     CrossEntropy,
     FastTangentProp,
     GaussianAugmentation,
@@ -30,8 +32,6 @@ from robust_cli.defenses import (
 from robust_cli.defenses import gradient as gradient_module
 from robust_cli.defenses import invariance as invariance_module
 from robust_cli.defenses.tangents import image_tangents
-from robust_cli.core.errors import UserError
-from robust_cli.core.models import TanhHead
 
 DEFENSE_DIR = Path(__file__).resolve().parents[1] / "robust_cli" / "conf" / "defense"
 
@@ -232,7 +232,7 @@ def test_lipschitz_estimates_match_brute_force():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
     x, y = batch("mlp", classes=4)
-    f = lambda v: model(v).softmax(-1)  # noqa: E731
+    f = lambda v: model(v).softmax(-1)
     jacobians = torch.stack([torch.autograd.functional.jacobian(f, xi) for xi in x])  # (B, classes, features)
     frob = jacobians.flatten(1).norm(dim=1)
     _, stats = LipschitzPenalty(lam=1.0)(model, x, y)
@@ -319,7 +319,7 @@ def test_tangents_match_the_analytic_derivatives_of_a_blob_and_a_real_rotation()
     # shift_u: the smoothed blob is a Gaussian of variance s^2 + sigma^2; the tangent is its central difference
     # in columns, per [-1, 1] unit (= 13.5 pixels); and that is the analytic derivative up to O(1 / variance)
     var = s**2 + sigma**2
-    smoothed = lambda c: (s**2 / var) * torch.exp(-((c - c0) ** 2 + (rows - r0) ** 2) / (2 * var))  # noqa: E731
+    smoothed = lambda c: (s**2 / var) * torch.exp(-((c - c0) ** 2 + (rows - r0) ** 2) / (2 * var))
     central = (smoothed(cols + 1) - smoothed(cols - 1)) / 2 * (size - 1) / 2
     analytic = -(cols - c0) / var * smoothed(cols) * (size - 1) / 2
     assert (t[0] - central).abs().max() < 1e-3 * central.abs().max()
@@ -328,7 +328,7 @@ def test_tangents_match_the_analytic_derivatives_of_a_blob_and_a_real_rotation()
     # off-centre anisotropic blob; the tangent uses central differences, so agreement is up to O(1 / width^2)
     half = (size - 1) / 2
     u, v = (cols - half) / half, (rows - half) / half
-    def rotated(a):  # noqa: E306
+    def rotated(a):
         uu, vv = u * math.cos(a) + v * math.sin(a), -u * math.sin(a) + v * math.cos(a)
         c, r = half + half * uu, half + half * vv
         return torch.exp(-((c - c0) ** 2 / (2 * 5.0**2) + (r - r0) ** 2 / (2 * 3.5**2)))

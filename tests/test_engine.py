@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import FGSM
+from robust_cli.commands import build
 from robust_cli.core.data import crop_flip
 from robust_cli.core.engine import BatchSize, Engine, FastModel, chunked, exact, fit_batch, ranks_from_environment
 from robust_cli.core.errors import UserError
-from robust_cli.commands import build
+from robust_cli.evaluation import evaluate as ev
 from tests.conftest import latest_run
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robust_cli.evaluation import audit
-from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import APGD, APGDT, FAB, FABT, PGD, AutoAttack, Square, cascade, norms
 from robust_cli.attacks.apgd import checkpoints
 from robust_cli.attacks.fab import project_halfspace, project_halfspace_sorted
+from robust_cli.evaluation import audit
+from robust_cli.evaluation import evaluate as ev
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +332,7 @@ def test_eot_averages_gradients_and_draws_vote(digits_model):
     torch.manual_seed(0)
     plain = APGD(n_iter=20, eval_draws=15)
     eot = APGD(n_iter=20, eot_iter=10, eval_draws=15)
-    judge = lambda a, z: ev.judge(noisy, a, z, y)  # noqa: E731
+    judge = lambda a, z: ev.judge(noisy, a, z, y)
     acc_plain = float((judge(plain, plain(noisy, x, y, 0.1)) == y).double().mean())
     acc_eot = float((judge(eot, eot(noisy, x, y, 0.1)) == y).double().mean())
     assert acc_eot <= acc_plain + 0.01

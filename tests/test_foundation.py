@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from robust_cli.core import store
 from robust_cli.cli import CONF_DIR
-from robust_cli.core.data import stratified_subset
 from robust_cli.commands import build
+from robust_cli.core import store
+from robust_cli.core.data import stratified_subset
 from robust_cli.core.errors import UserError
 from tests.conftest import latest_run
 
@@ -264,7 +264,7 @@ def test_same_seed_same_log_and_resume_equals_uninterrupted(robust, tmp_path):
     pd.testing.assert_frame_equal(_log(first), _log(resumed))
     weights_resumed = torch.load(resumed / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(weights_first[k], weights_resumed[k]) for k in weights_first)
-    other_seed = robust(*args, "seed=1", "outputs_root=seed1", check=True)
+    robust(*args, "seed=1", "outputs_root=seed1", check=True)
     seed1 = sorted((tmp_path / "seed1" / "train").glob("*/*"))[-1]
     assert not _log(first).equals(_log(seed1))
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import FGSM, PGD
 from robust_cli.core.engine import BatchSize, Engine, FastModel, chunked
+from robust_cli.evaluation import evaluate as ev
 from tests.conftest import latest_run
 from tests.test_engine import Bf16Flips
 
@@ -43,8 +43,8 @@ def test_bf16_attack_run_is_judged_in_fp32(robust, tmp_path):
     state = torch.load(next((tmp_path / "outputs" / "checkpoints").glob("*/model.pt")), weights_only=True)
     from omegaconf import OmegaConf
 
-    from robust_cli.core.data import DatasetMeta
     from robust_cli.commands import build
+    from robust_cli.core.data import DatasetMeta
 
     cfg = OmegaConf.create(state["config"])
     model = build.make_model(cfg, DatasetMeta("digits", (1, 8, 8), 10))

@@ -3,16 +3,16 @@ the Python functions that built them before (tests/legacy_tables.py) on random c
 validation: a bad block is one line, at collect and before a job does any work."""
 import math
 
+import legacy_tables as legacy
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_collect import curve_rows, make_run
 
-import legacy_tables as legacy
+from robust_cli.core.errors import UserError
 from robust_cli.results import paper_tables
 from robust_cli.results.collect import collect
-from robust_cli.core.errors import UserError
-from test_collect import curve_rows, make_run
 
 
 class Frames:  # what the legacy functions read from a Collection
@@ -39,7 +39,7 @@ def test_szegedy_table_from_yaml_equals_the_python_table(seed):
     rng = np.random.default_rng(seed)
     models = ["fc200_200_10", "c_8", "fc10_4", "fc10_0"]  # out of Bell's order on purpose
     rows = []
-    for i, model in enumerate(rng.permutation(models)):
+    for model in rng.permutation(models):
         for s in range(int(rng.integers(1, 4))):
             rows.append({"run": f"{model}-{s}", "network": model, "test_acc": rng.uniform(80, 99), "avg_distortion": rng.uniform(0.05, 0.3),
                          "persistence_nat": rng.uniform(0.2, 2), "persistence_adv": rng.uniform(0.2, 2), "n_nat": int(rng.integers(5, 50))})

@@ -7,8 +7,8 @@ import torch
 from scipy.stats import beta, binom, binomtest, norm
 
 from robust_cli.analysis.analytic import Wedge, wedge_persistence, wedge_stability
-from robust_cli.core.errors import UserError
 from robust_cli.analysis.persistence import acceptance_counts, binomial_interval, bracketing, fast_persistence, persistence, stability, stability_curve
+from robust_cli.core.errors import UserError
 
 torch.set_num_threads(1)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from robust_cli.commands import build
 
 TINY = ("train.epochs=1", "data.n_train=200")

@@ -26,7 +26,7 @@ def quickstart_report(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     env = {**os.environ, "COLUMNS": "200"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "robust_cli", *a], cwd=root, capture_output=True, text=True, env=env)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "robust_cli", *a], cwd=root, capture_output=True, text=True, env=env)
     assert run("attack", "--multirun", "defense=none,fgsm_at", "attack=pgd", "eps=[0,0.1,0.3]", "train.epochs=1", "data.n_test=60").returncode == 0
     bad = run("attack", "--multirun", "attack=pgd", "attack.steps=-1", "train.epochs=1", "data.n_test=30")
     assert bad.returncode == 1  # one job of this sweep fails: the report lists it

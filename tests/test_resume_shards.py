@@ -7,7 +7,6 @@ import sys
 import pandas as pd
 import pytest
 import torch
-
 from conftest import latest_run
 
 ATTACK = ("attack", "attack=apgd", "attack.n_iter=5", "eps=[0,0.1,0.2]", "data.n_test=200", "batch_size=32", "audit=false",

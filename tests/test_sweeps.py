@@ -131,9 +131,9 @@ def test_reproduce_smoke_scale_builds_the_table(tmp_path, preset):
     table = pd.read_csv(table_line.removeprefix("table: "))
     assert len(table) == 2 and table.notna().any(axis=1).all()
     # the table from the preset's YAML block is the one the Python function of the previous release built
-    from robust_cli.results.collect import collect
-
     import legacy_tables
+
+    from robust_cli.results.collect import collect
 
     c = collect([Path(table_line.removeprefix("table: ")).parent.parent], out=tmp_path / "recollected")
     old = getattr(legacy_tables, preset, lambda c: {})(c)  # cohen_table came with the YAML tables: no Python original

@@ -3,8 +3,8 @@
 Losses are checked against hand computations in numpy, AWP against the plain step taken by hand at the perturbed
 weights, the weight average against its closed form, and selection end to end through the CLI.
 """
-import json
 import dataclasses
+import json
 import math
 import re
 
@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from robust_cli.defenses import MART, TRADES, AdversarialTraining, AdversarialWeightPerturbation
 from robust_cli.attacks import PGD
+from robust_cli.defenses import MART, TRADES, AdversarialTraining, AdversarialWeightPerturbation
 from robust_cli.defenses.trades import kl_divergence
-from robust_cli.training.selection import WeightAverage
 from robust_cli.training.loop import TrainSettings, make_optimizer, piecewise_milestones
+from robust_cli.training.selection import WeightAverage
 from tests.conftest import latest_run
 
 
@@ -100,7 +100,7 @@ def test_trades_inner_maximisation_raises_the_kl_and_stays_in_ball_and_box():
 # ----------------------------------------------------------------------------------------------- AWP
 def test_awp_perturbation_is_gamma_times_the_layer_norm_along_the_loss_gradient():
     model, _, x_adv, y = tiny()
-    loss_fn = lambda m: F.cross_entropy(m(x_adv), y)  # noqa: E731
+    loss_fn = lambda m: F.cross_entropy(m(x_adv), y)
     awp = AdversarialWeightPerturbation(gamma=0.02)
     weights = awp.perturbed_weights(model)
     assert [w.shape for w in weights] == [(5, 4), (3, 5)]  # the two weight matrices, no biases
@@ -112,7 +112,7 @@ def test_awp_perturbation_is_gamma_times_the_layer_norm_along_the_loss_gradient(
 
 def test_awp_step_equals_the_plain_step_at_the_perturbed_weights_and_restores_exactly():
     model, _, x_adv, y = tiny(seed=2)
-    loss_fn = lambda m: F.cross_entropy(m(x_adv), y)  # noqa: E731
+    loss_fn = lambda m: F.cross_entropy(m(x_adv), y)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     awp = AdversarialWeightPerturbation(gamma=0.05)
     # by hand: v from the gradient at w, then the gradient of every parameter at (w + v, biases unchanged)
@@ -171,7 +171,7 @@ def test_weight_average_equals_its_closed_form_on_scripted_updates():
     history = []
     for t in range(1, steps + 1):
         with torch.no_grad():
-            for name, value in model.state_dict().items():
+            for value in model.state_dict().values():
                 if value.dtype.is_floating_point:
                     value.copy_(torch.randn_like(value) * t)
                 else:
@@ -304,9 +304,9 @@ BAD_VALUES = [
 def test_bad_training_values_are_refused_by_the_commands_checks():
     from hydra import compose, initialize_config_module
 
+    from robust_cli.commands import build
     from robust_cli.commands.train import validate
     from robust_cli.core.errors import UserError
-    from robust_cli.commands import build
 
     def checks(cfg):  # what a train job runs before any work: the shared training checks, then the command's own
         build.check_training(cfg)

@@ -15,8 +15,8 @@ A classifier here is any callable mapping a batch (B, *shape) to logits (B, C); 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import beta, binomtest, norm
 
+from robust_cli.analysis.persistence import PAGE, _mix, _Sampler
 from robust_cli.core.engine import BatchSize
 from robust_cli.core.errors import UserError
-from robust_cli.analysis.persistence import PAGE, _mix, _Sampler
 
 ABSTAIN = -1
 

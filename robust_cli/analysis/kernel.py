@@ -21,14 +21,13 @@ Per-training-point values use per-query Jacobians (Q x K x d) pushed through the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, vmap
 
 from robust_cli.core.errors import UserError
 

@@ -309,8 +309,9 @@ def bracketing(classifier, x, gamma: float = 0.7, *, n_samples: int = 1000, max_
             nonlocal calls
             pages = range(calls * stride, (calls + 1) * stride)
             calls += 1
-            pred = sampler.classify([(i, sigma, pages, n_samples)])[0]
-            return (pred.cpu() == labels[i].cpu()).double().mean().item()
+            # i is this iteration's point: the closures are used only inside it
+            pred = sampler.classify([(i, sigma, pages, n_samples)])[0]  # noqa: B023
+            return (pred.cpu() == labels[i].cpu()).double().mean().item()  # noqa: B023
 
         def unstable(s):  # estimate s says: below gamma
             if confidence is None:
@@ -566,7 +567,7 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
             break
         for (i, sigma, rays), pred in zip(requests, sampler.classify_rays(requests)):
             searches[i].record(sigma, rays, pred.cpu() == labels[i])
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)
     return Persistence(as_tensor([s.answer for s in searches]), as_tensor([s.ci[0] for s in searches]),
                        as_tensor([s.ci[1] for s in searches]), sampler.evaluations, labels, "fast")
 

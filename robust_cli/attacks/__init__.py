@@ -8,7 +8,7 @@ from robust_cli.attacks.cw import CW
 from robust_cli.attacks.deepfool import DeepFool
 from robust_cli.attacks.ensemble import AutoAttack, MinimalEnsemble, cascade
 from robust_cli.attacks.fab import FAB, FABT
-from robust_cli.attacks.gradient import BIM, IGSM, FGM, FGSM, MIFGSM, PGD, RFGSM, Gradient
+from robust_cli.attacks.gradient import BIM, FGM, FGSM, IGSM, MIFGSM, PGD, RFGSM, Gradient
 from robust_cli.attacks.jsma import JSMA
 from robust_cli.attacks.lbfgs import LBFGS
 from robust_cli.attacks.noise import Noise

@@ -175,7 +175,7 @@ class MinimalEnsemble(Attack):
         return [m.name for m in self.members]
 
     def perturb(self, model, x, y, eps, target):
-        judge = lambda z, yz: vote_labels(exact(model), z, yz, self.eval_draws, self.vote)  # noqa: E731  fp32 decides
+        judge = lambda z, yz: vote_labels(exact(model), z, yz, self.eval_draws, self.vote)
         x_adv, self.last_broken_by = smallest(self.members, model, x, y, judge)
         return x_adv
 

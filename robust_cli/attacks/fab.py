@@ -24,7 +24,6 @@ from robust_cli.attacks.base import Attack
 from robust_cli.attacks.gradient import _positive_int
 from robust_cli.core.errors import UserError
 
-
 NEWTON_STEPS = 30  # rows not settled by then (none seen on MNIST or random boxes: 1-3 steps) take the sorting solver
 
 

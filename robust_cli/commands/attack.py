@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import ListConfig, OmegaConf
 
-from robust_cli.evaluation import audit
-from robust_cli.evaluation import evaluate as ev
+from robust_cli.commands import build
 from robust_cli.core import store
 from robust_cli.core.engine import BatchSize, fit_batch
-from robust_cli.commands import build
 from robust_cli.core.errors import UserError
+from robust_cli.evaluation import audit
+from robust_cli.evaluation import evaluate as ev
 
 SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test set; robust collect merges the parts
 BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
@@ -48,7 +48,7 @@ def build_attack(cfg, bounds=(0.0, 1.0)):
         return instantiate(spec, bounds=bounds)
     except UserError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - hydra wraps constructor errors: ours surface, others stay loud below
         cause = exc.__cause__ or exc
         if isinstance(cause, UserError):
             raise cause from None

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robust_cli.commands import build
 from robust_cli.analysis.boundary import boundary_dimension, boundary_point, project_to_boundary, sample_around
+from robust_cli.commands import build
 from robust_cli.core.errors import UserError
 
 PAIRS = ("auto", "natural_natural", "natural_adversarial", "centerline", "parallel")
@@ -70,7 +70,7 @@ def _attack(cfg):
 
     try:
         return instantiate(cfg.attack)
-    except Exception as exc:  # a bad attack parameter is the user's to fix
+    except Exception as exc:  # noqa: BLE001 - a bad attack parameter is the user's to fix
         cause = exc.__cause__ or exc
         if isinstance(cause, UserError):
             raise cause from None

@@ -10,12 +10,12 @@ import torch
 from omegaconf import ListConfig
 from scipy.stats import norm
 
-from robust_cli.evaluation import evaluate as ev
 from robust_cli.analysis.certify import ABSTAIN, certified_accuracy, certify, predict
-from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize
-from robust_cli.core.errors import UserError
 from robust_cli.analysis.persistence import persistence
 from robust_cli.commands import build
+from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize
+from robust_cli.core.errors import UserError
+from robust_cli.evaluation import evaluate as ev
 
 CHUNK = 32  # points certified together between progress-bar updates (draws do not depend on it)
 PERSISTENCE_POOL = 8192  # the fast persistence's largest pool of rays (its n_samples default)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from robust_cli.commands import build
 from robust_cli.core import registry, store
 from robust_cli.core.errors import UserError
-from robust_cli.commands import build
 
 WRITES_RUN_DIR = False
 NEEDS_COMMON_VALIDATION = False  # only the checkpoint is read: no dataset needed
@@ -47,9 +47,9 @@ def run(cfg, ctx):
         except ImportError:
             raise UserError("format=safetensors needs the safetensors package: pip install safetensors") from None
         blob = save(tensors, metadata={"format": "pt", "exported_by": "robust"})
-        publish = lambda: store.atomic_write(weights, lambda f: f.write(blob), replace=False)  # noqa: E731
+        publish = lambda: store.atomic_write(weights, lambda f: f.write(blob), replace=False)
     else:
-        publish = lambda: store.save_torch(weights, tensors, replace=False)  # noqa: E731
+        publish = lambda: store.save_torch(weights, tensors, replace=False)
     try:  # new files only, decided when each is published: of two exports to one name started at once, one wins
         publish()
     except FileExistsError:

@@ -2,8 +2,8 @@
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from robust_cli.core import registry
 from robust_cli.commands import build
+from robust_cli.core import registry
 
 WRITES_RUN_DIR = False
 

@@ -13,11 +13,11 @@ import time
 import numpy as np
 import torch
 
-from robust_cli.evaluation import evaluate as ev
-from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize, fit_batch
-from robust_cli.commands import build
-from robust_cli.core.errors import UserError
 from robust_cli.analysis.persistence import DISTRIBUTIONS, INTERVALS, METHODS, persistence, stability_curve
+from robust_cli.commands import build
+from robust_cli.core.engine import AUTO_SAMPLE_START, BatchSize, fit_batch
+from robust_cli.core.errors import UserError
+from robust_cli.evaluation import evaluate as ev
 
 CHUNK = 32  # points searched together between progress-bar updates
 
@@ -103,7 +103,7 @@ def _persist(model, x, indices, cfg, ctx, description, sample_batch=None):
                                index_offset=indices[start : start + CHUNK], **options)
             parts.append(part)
             advance(len(part.sigma))
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if parts else torch.zeros(0)  # noqa: E731
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if parts else torch.zeros(0)
     return {name: cat(name) for name in ("sigma", "ci_low", "ci_high", "evaluations", "labels")}
 
 

@@ -6,7 +6,6 @@ from robust_cli.core.engine import init_distributed, ranks_from_environment
 from robust_cli.core.errors import UserError
 from robust_cli.training.loop import train_or_reuse
 
-
 DISTRIBUTED = True  # torchrun --nproc_per_node=N -m robust_cli train ...: data-parallel over N processes
 BATCH_SETTINGS = "train.batch_size"
 
@@ -20,7 +19,7 @@ def validate(cfg):
         raise UserError("resume=true and retrain=true contradict each other: resume continues the interrupted training, retrain starts again")
     try:
         instantiate(cfg.defense)
-    except Exception as exc:  # a bad defense parameter is the user's to fix
+    except Exception as exc:  # noqa: BLE001 - a bad defense parameter is the user's to fix
         cause = exc.__cause__ or exc
         raise UserError(f"defense: {cause}") from None
 

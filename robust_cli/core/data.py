@@ -159,7 +159,7 @@ class IdxImages(Dataset):
 
             try:
                 getattr(torchvision.datasets, self.torchvision_class)(root, train=True, download=True)
-            except Exception as exc:  # no network on a compute node is a user situation, not a bug
+            except Exception as exc:  # noqa: BLE001 - no network on a compute node is a user situation, not a bug
                 raise UserError(f"{self.meta.name}: download into '{root}' failed ({exc}); copy the 4 IDX files there and set data.download=false") from None
             files = self._find(root)
         arrays = [_read_idx(p) for p in files]
@@ -189,7 +189,7 @@ class Cifar(Dataset):
         cls = getattr(torchvision.datasets, self.torchvision_class)
         try:
             train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - torchvision's many failure types all mean: not loadable from this root
             raise UserError(f"{self.meta.name}: could not load from '{root}' ({exc}); set data.root/data.download") from None
         to_x = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).float().div_(255.0)
         return to_x(train), torch.tensor(train.targets), to_x(test), torch.tensor(test.targets)
@@ -237,7 +237,7 @@ class ImageFiles:
     def nbytes(self) -> int:
         return len(self.paths) * 3 * self.size * self.size * 4
 
-    def subset(self, idx) -> "ImageFiles":
+    def subset(self, idx) -> ImageFiles:
         idx = [int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)]
         return ImageFiles([self.paths[i] for i in idx], self.labels[idx], self.resize, self.size, self.workers)
 
@@ -324,10 +324,10 @@ class ImageFolder(Dataset):
         keep = self._keep_indices()
         if keep is None:
             return paths, labels
-        chosen = [(p, l) for p, l in zip(paths, labels) if l in keep]
-        return [p for p, _ in chosen], [l for _, l in chosen]
+        chosen = [(path, label) for path, label in zip(paths, labels) if label in keep]
+        return [path for path, _ in chosen], [label for _, label in chosen]
 
-    def load(self, root, download) -> "DataBundle":
+    def load(self, root, download) -> DataBundle:
         self.check_available(root, download)
         test = self._restricted(*self._files("test"))
         if not test[0]:
@@ -381,7 +381,7 @@ class ImageNetVal(ImageFolder):
             if unknown:
                 raise UserError(f"{folder}: folder {unknown[0]!r} is not an ImageNet wnid of LOC_synset_mapping.txt")
             pairs = [(f, index[d.name]) for d in sorted(subdirs) for f in _images_in(d)]
-            return [p for p, _ in pairs], [l for _, l in pairs]
+            return [path for path, _ in pairs], [label for _, label in pairs]
         images = _images_in(folder)
         labels = self._flat_labels(folder)
         missing = [f.name for f in images if f.stem not in labels and f.name not in labels]

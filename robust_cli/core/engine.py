@@ -14,9 +14,8 @@ and pass it down; nothing below reads `cfg`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -114,7 +113,7 @@ class Engine:
     _fast: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, device: torch.device, precision="fp32", compile=False, channels_last="auto", warn=None) -> "Engine":
+    def create(cls, device: torch.device, precision="fp32", compile=False, channels_last="auto", warn=None) -> Engine:
         resolved, why = resolve_precision(precision, device)
         if not isinstance(compile, bool):
             raise UserError(f"compile must be true or false, got {compile!r}")
@@ -204,7 +203,7 @@ class BatchSize:
         self.halvings = 0
 
     @classmethod
-    def halving(cls, size: int, setting: str, device: torch.device) -> "BatchSize":
+    def halving(cls, size: int, setting: str, device: torch.device) -> BatchSize:
         """A fixed size that still halves on out-of-memory: for work whose result does not depend on it."""
         batch = cls("auto", setting, device)
         batch.size = int(size)

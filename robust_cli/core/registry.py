@@ -23,7 +23,6 @@ import robust_cli
 from robust_cli.core import store
 from robust_cli.core.errors import UserError
 
-
 WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict", "last")  # where other codebases put the weights ("last": RobustBench's last-epoch ones)
 
 
@@ -53,7 +52,7 @@ def load_checkpoint(path) -> dict:
         with warnings.catch_warnings():  # torch warns in two lines before raising on a bad file: the error below says it
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file; all are one line
         if _pickle_imports_code(path):
             raise UserError(f"checkpoint '{path}' is a pickle that stores Python objects, not only tensors: loading it would run code from the "
                             "file, so it is refused; where it was made, save the weights alone: torch.save(model.state_dict(), 'weights.pt')") from None

@@ -16,8 +16,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from robust_cli.core.errors import UserError
-
 # progress, warnings and logs go to stderr; the results a script captures (final table, run directory) to stdout.
 # Piped, rich lays both out at 80 columns (COLUMNS overrides).
 console = Console(stderr=True)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from robust_cli.attacks import norms
-from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, frozen_buffers, per_example_norm
 from robust_cli.core.errors import UserError
+from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, frozen_buffers, per_example_norm
 
 ATTACK_BN = ("train", "eval")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from robust_cli.defenses.utils import check_nonnegative, frozen_buffers
 from robust_cli.core.errors import UserError
+from robust_cli.defenses.utils import check_nonnegative, frozen_buffers
 
 _EPS = 1e-20  # the official code's guard against a zero gradient
 

@@ -13,8 +13,8 @@ g / ||g||_2 (l2), given by robust_cli.attacks.norms.normalize. Both methods belo
 import torch.nn.functional as F
 
 from robust_cli.attacks.norms import normalize
-from robust_cli.defenses.utils import check_nonnegative, detached, frozen_buffers, input_gradient, per_example_norm
 from robust_cli.core.errors import UserError
+from robust_cli.defenses.utils import check_nonnegative, detached, frozen_buffers, input_gradient, per_example_norm
 
 
 class GradientNormPenalty:

@@ -10,6 +10,7 @@ is PyTorch's.
 import torch
 import torch.nn.functional as F
 
+from robust_cli.core.errors import UserError
 from robust_cli.defenses.tangents import image_tangents
 from robust_cli.defenses.utils import (
     check_nonnegative,
@@ -18,7 +19,6 @@ from robust_cli.defenses.utils import (
     jacobian_vector_product,
     per_example_norm,
 )
-from robust_cli.core.errors import UserError
 
 
 class LossIBP:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from robust_cli.attacks.norms import clip_box, normalize
-from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, input_gradient, per_example_norm
 from robust_cli.core.errors import UserError
+from robust_cli.defenses.utils import check_in_box, check_nonnegative, detached, input_gradient, per_example_norm
 
 _TINY = 1e-12  # inside square roots: keeps the derivative of a zero norm finite
 

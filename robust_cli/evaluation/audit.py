@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from robust_cli.evaluation import evaluate as ev
 from robust_cli.attacks import APGD, FGM, FGSM, Noise, model_mode, norms
 from robust_cli.attacks.base import Attack
+from robust_cli.evaluation import evaluate as ev
 
 CE_GAP = 0.01  # > 1 pp: another attack stronger than the CE attack
 EFFORT_GAP = 0.005  # > 0.5 pp: more steps still help

@@ -210,9 +210,8 @@ class MLflowTracking(Callback):
     def _log_job(self, config) -> None:
         import os
 
-        from mlflow.entities import Metric, Param
-
         from hydra.core.hydra_config import HydraConfig
+        from mlflow.entities import Metric, Param
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         record, log = _job_files(run_dir)
@@ -261,10 +260,9 @@ class TensorBoardLogging(Callback):
     @staticmethod
     def _log(config) -> None:
         import numpy as np
+        from hydra.core.hydra_config import HydraConfig
         from PIL import Image
         from torch.utils.tensorboard import SummaryWriter
-
-        from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         record, log = _job_files(run_dir)

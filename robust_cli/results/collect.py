@@ -22,10 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robust_cli.results import paper_tables
-
 from robust_cli.core import store
 from robust_cli.core.errors import UserError
+from robust_cli.results import paper_tables
 
 KINDS = ("train_log", "curve", "distances", "persistence", "summary", "certified_accuracy")
 FORMATS = ("csv", "parquet", "markdown", "latex", "robustbench")
@@ -177,8 +176,8 @@ def merge_shards(group) -> dict | None:
     shards' sum). None, with a line on the console, while shards are missing."""
     from types import SimpleNamespace
 
-    from robust_cli.evaluation import evaluate as ev
     from robust_cli.core.engine import parse_shard
+    from robust_cli.evaluation import evaluate as ev
 
     parts = {parse_shard(record["shard"]["spec"]): (record, run_dir, cols) for record, run_dir, cols in group}
     counts = {n for _, n in parts}
@@ -310,7 +309,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table (pandas' to_markdown needs `tabulate`, which we do not depend on)."""
     cells = [[str(c) for c in frame.columns]] + [[format_value(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(frame.columns))]
-    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
 
@@ -430,7 +429,7 @@ def _persistence_figure(c: Collection) -> Path | None:
         return None
     names = {k: v for spec in c.table_specs.values() for k, v in (spec.get("names") or {}).items()}  # the source's spelling
     order = {n: i for i, n in enumerate(paper_tables.orders(c.table_specs).get("network", []))}
-    label = lambda m: names.get(m, m)  # noqa: E731
+    label = lambda m: names.get(m, m)
     nets = sorted(p["model"].unique(), key=lambda m: (order.get(label(m), len(order)), str(m)))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(nets)), 4.5))
     for k, (kind, color) in enumerate((("natural", "tab:blue"), ("adversarial", "tab:red"))):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from robust_cli.core import store
-from robust_cli.results.collect import collect, format_value
 from robust_cli.core.errors import UserError
+from robust_cli.results.collect import collect, format_value
 
 MAX_ROWS = 200  # rows shown per table; the CSV beside it has them all
 

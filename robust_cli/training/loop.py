@@ -9,9 +9,10 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ class TrainSettings:
     ema: float | None = None
 
     @classmethod
-    def from_dict(cls, train: dict) -> "TrainSettings":
+    def from_dict(cls, train: dict) -> TrainSettings:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in train.items() if k in names})
 
@@ -138,7 +139,7 @@ def validation_settings(t: TrainSettings, val_fraction: float, defense: Defended
 def validation_attack(t: TrainSettings):
     try:
         return instantiate(t.val_attack)
-    except Exception as exc:  # a bad validation-attack setting is the user's to fix
+    except Exception as exc:  # noqa: BLE001 - a bad validation-attack setting is the user's to fix
         raise UserError(f"train.val_attack: {exc.__cause__ or exc}") from None
 
 
