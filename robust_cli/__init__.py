@@ -27,13 +27,26 @@ __version__ = "0.1.0"
 
 # modules that lived at the package's top level until 0.1.0; the old paths still import (users' notebooks use them)
 MOVED = {
-    "errors": "core.errors", "interrupts": "core.interrupts", "engine": "core.engine", "store": "core.store",
-    "registry": "core.registry", "models": "core.models", "data": "core.data",
-    "train": "training.loop", "selection": "training.selection",
-    "persistence": "analysis.persistence", "boundary": "analysis.boundary", "kernel": "analysis.kernel",
-    "certify": "analysis.certify", "analytic": "analysis.analytic", "geometry_objects": "analysis.geometry_objects",
-    "evaluate": "evaluation.evaluate", "audit": "evaluation.audit",
-    "collect": "results.collect", "report": "results.report", "paper_tables": "results.paper_tables",
+    "errors": "core.errors",
+    "interrupts": "core.interrupts",
+    "engine": "core.engine",
+    "store": "core.store",
+    "registry": "core.registry",
+    "models": "core.models",
+    "data": "core.data",
+    "train": "training.loop",
+    "selection": "training.selection",
+    "persistence": "analysis.persistence",
+    "boundary": "analysis.boundary",
+    "kernel": "analysis.kernel",
+    "certify": "analysis.certify",
+    "analytic": "analysis.analytic",
+    "geometry_objects": "analysis.geometry_objects",
+    "evaluate": "evaluation.evaluate",
+    "audit": "evaluation.audit",
+    "collect": "results.collect",
+    "report": "results.report",
+    "paper_tables": "results.paper_tables",
     "callbacks": "results.callbacks",
 }
 
@@ -44,7 +57,7 @@ def historical_name(dotted: str) -> str:
     for old, new in MOVED.items():
         prefix = f"{__name__}.{new}"
         if dotted == prefix or dotted.startswith(prefix + "."):
-            return f"{__name__}.{old}" + dotted[len(prefix):]
+            return f"{__name__}.{old}" + dotted[len(prefix) :]
     return dotted
 
 

@@ -4,6 +4,7 @@ The command word is removed from argv and the command's `@hydra.main(config_name
 Hydra feature works after it (overrides, --multirun, hydra/launcher=..., --cfg job). `collect` takes plain
 paths and uses argparse.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -61,7 +62,11 @@ def usage() -> str:
         if group == "hydra/launcher":  # Hydra's own default has no YAML here
             options = ["basic (default: one job after another)"] + options
         lines.append(f"  {group:<15} {', '.join(options) if options else '(none)'}")
-    lines += ["", "examples: robust train model=c_32 dataset=mnist    robust attack attack=pgd 'eps=[0,0.1,0.2]'", "help for one command: robust <command> --help"]
+    lines += [
+        "",
+        "examples: robust train model=c_32 dataset=mnist    robust attack attack=pgd 'eps=[0,0.1,0.2]'",
+        "help for one command: robust <command> --help",
+    ]
     return "\n".join(lines)
 
 
@@ -84,8 +89,13 @@ def command_groups(config_name: str) -> list[tuple[str, str]]:
 
 def command_help(command: str) -> str:
     """`robust <command> --help`: what it does and the config groups it uses (Hydra's own help lists every group)."""
-    lines = [f"robust {command}: {COMMANDS[command]}", "", "usage: robust " + command + " [group=option ...] [key=value ...] [--multirun] [--cfg job]",
-             "", "config groups it uses (pick with group=option):"]
+    lines = [
+        f"robust {command}: {COMMANDS[command]}",
+        "",
+        "usage: robust " + command + " [group=option ...] [key=value ...] [--multirun] [--cfg job]",
+        "",
+        "config groups it uses (pick with group=option):",
+    ]
     for group, package in command_groups(command):
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         name = f"{group}@{package}" if package else group
@@ -128,7 +138,9 @@ def _precheck(command: str, overrides: list[str]):
             HydraConfig.instance().set_config(cfg)  # resolves ${hydra.runtime.choices.*} in the run directory name
             added = [o.lstrip("+").partition("=")[0] for o in overrides if o.startswith("+") and o.lstrip("+").split(".")[0] in STRICT_NODES]
             if added:  # `+train.epoch=3` would add a key nothing reads: compare with the config without the additions
-                reference = compose(config_name=command, overrides=[o for o in overrides if not o.startswith("+") or o.lstrip("+").split(".")[0] not in STRICT_NODES])
+                reference = compose(
+                    config_name=command, overrides=[o for o in overrides if not o.startswith("+") or o.lstrip("+").split(".")[0] not in STRICT_NODES]
+                )
                 for key in added:
                     _check_known_key(reference, key, added=True)
             return str(cfg.hydra.run.dir), cfg
@@ -230,7 +242,9 @@ def shell_completion(args: list[str]) -> int:
     request = args[i + 1] if i + 1 < len(args) else ""
     action, _, shell = request.partition("=")
     if shell not in ("bash", "zsh") or action not in ("install", "uninstall", "query"):
-        raise UserError(f"shell completion takes install=bash, uninstall=bash or query=bash (zsh: the same after `autoload -U bashcompinit && bashcompinit`), got {request!r}")
+        raise UserError(
+            f"shell completion takes install=bash, uninstall=bash or query=bash (zsh: the same after `autoload -U bashcompinit && bashcompinit`), got {request!r}"
+        )
     if action == "install":
         print(BASH_COMPLETION, end="")
         return 0
@@ -269,8 +283,11 @@ def main(argv: list[str] | None = None) -> None:
 
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        print(f"error: unknown command '{command}'{hint}\nusage: robust <command> [key=value ...] [--multirun]   commands: {', '.join(COMMANDS)}\n"
-              "robust --help lists what each command does, the config groups and examples", file=sys.stderr)
+        print(
+            f"error: unknown command '{command}'{hint}\nusage: robust <command> [key=value ...] [--multirun]   commands: {', '.join(COMMANDS)}\n"
+            "robust --help lists what each command does, the config groups and examples",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if command == "collect":
         from robust_cli.commands import collect
@@ -324,16 +341,21 @@ def main(argv: list[str] | None = None) -> None:
 
         if SweepStatus.not_completed:
             first, status = SweepStatus.not_completed[0]
-            print(f"error: {len(SweepStatus.not_completed)} of {SweepStatus.jobs} sweep jobs did not complete (first: {first}, {status}); "
-                  "their run.json says why, and the sweep's collected/failed_runs.csv lists them", file=sys.stderr)
+            print(
+                f"error: {len(SweepStatus.not_completed)} of {SweepStatus.jobs} sweep jobs did not complete (first: {first}, {status}); "
+                "their run.json says why, and the sweep's collected/failed_runs.csv lists them",
+                file=sys.stderr,
+            )
             sys.exit(1)
 
 
 # launcher option -> (plugin module, install command): a missing plugin is one line, not Hydra's "Unknown plugin class"
 # (joblib's plugin is a core dependency; the submitit one comes with the cluster extra)
-LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "pip install hydra-joblib-launcher"),
-                    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "pip install 'robust[cluster]'"),
-                    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "pip install 'robust[cluster]'")}
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "pip install hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "pip install 'robust[cluster]'"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "pip install 'robust[cluster]'"),
+}
 
 
 def _check_launcher(overrides: list[str]) -> None:
@@ -380,12 +402,10 @@ def validate_common(cfg) -> None:
     if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
     if "train" in cfg:  # every command may train its model first (train_if_missing): its settings, before any work
-
         build.check_training(cfg)
     if "dataset" in cfg:
         dataset = build.make_dataset(cfg)
         if "model" in cfg:  # the model must fit the dataset: build it once on the metadata (cheap)
-
             build.make_model(cfg, dataset.meta)
         dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
 
@@ -404,15 +424,16 @@ def validate_job(module, cfg) -> torch.device:
             raise UserError(f"threads must be a positive integer or null, got {threads!r}")
         torch.set_num_threads(threads)
     if "precision" in cfg:  # precision, compile, channels_last: one line now, not after training
-
         build.make_engine(cfg, device)
     if getattr(module, "NEEDS_COMMON_VALIDATION", True):
         validate_common(cfg)
     from robust_cli.core.engine import ranks_from_environment
 
     if ranks_from_environment().distributed and not getattr(module, "DISTRIBUTED", False):
-        raise UserError("only robust train runs as several processes (torchrun, SLURM tasks); split an evaluation by examples "
-                        "instead: one job per GPU with data.shard=I/N, merged by robust collect")
+        raise UserError(
+            "only robust train runs as several processes (torchrun, SLURM tasks); split an evaluation by examples "
+            "instead: one job per GPU with data.shard=I/N, merged by robust collect"
+        )
     if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
         raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
     if cfg.get("table") is not None:  # an experiment preset's paper tables: a mistake in one shows now, not at collect
@@ -476,7 +497,6 @@ def run_command(command: str, cfg):
         record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
         ctx = store.RunContext(run_dir, device, record, build.described(cfg))
         if "dataset" in cfg:
-
             for message in build.weights_sizes(cfg)[1]:  # once per run, kept in run.json
                 ctx.warn(message)
         if run_json is not None:

@@ -11,6 +11,7 @@ CUDA is synchronised before every clock read.
 
     .venv/bin/python scripts/bench_attack.py [--device cuda] [--mnist-root DIR] [--models fc200_200_10 c_32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,7 +118,9 @@ def main():
     device = torch.device(args.device)
     checkpoints = dict(a.split("=", 1) for a in args.checkpoint)
     batches = {k: int(v) for k, v in (a.split("=", 1) for a in args.batch)}
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), torch {torch.__version__}"
+    )
     for name in args.models:
         model, data = load(name, args.mnist_root, checkpoints.get(name), device)
         n = batches.get(name, 256)

@@ -6,6 +6,7 @@ projecting samples (interpolate vs descent) per boundary point.
 Uses a randomly initialised model of the zoo on MNIST-shaped inputs (28x28): bisection cost does not depend on
 the weights, only on the forward pass and the number of steps (log2(length / tol)).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,7 @@ def main():
     with torch.no_grad():
         model(x1)  # warm-up
     batched_s, batched = clock(lambda: boundary_point(model, x1, x2, args.tol), device)
-    single_s, _ = clock(lambda: [boundary_point(model, x1[i:i + 1], x2[i:i + 1], args.tol) for i in range(n)], device)
+    single_s, _ = clock(lambda: [boundary_point(model, x1[i : i + 1], x2[i : i + 1], args.tol) for i in range(n)], device)
     print(f"model {args.model}, {n} pairs, tol {args.tol}, device {device}, {args.threads} threads")
     print(f"bisection batched:        {n / batched_s:10.1f} points/s  ({batched_s:.3f} s)")
     print(f"bisection one at a time:  {n / single_s:10.1f} points/s  ({single_s:.3f} s)  -> speed-up {single_s / batched_s:.1f}x")

@@ -8,6 +8,7 @@ Without a checkpoint the weights are random (the cost of CERTIFY does not depend
 give a trained model, ideally trained with defense=gaussian_aug at the certification sigma). Sigma 0.25, gamma 0.7.
 Cohen et al. report about 150 s per ImageNet image for a ResNet-50 at n = 100,000 on a 2019 GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,13 +70,17 @@ def main():
             shared_rows.append((name, sharing(model, data.test_x[: args.persistence_points].to(device), args)))
     if shared_rows:
         print(f"\nfast persistence (gamma {GAMMA}) after CERTIFY on the same draws (n={args.n}), per point: classifications")
-        print(f"{'model':<14} {'certify sigmas':<16} {'points':>6} {'median sigma*':>13} {'alone':>8} {'reusing':>8} {'saved':>6} "
-              f"{'max |sigma* change|':>20} {'of certify':>10}")
+        print(
+            f"{'model':<14} {'certify sigmas':<16} {'points':>6} {'median sigma*':>13} {'alone':>8} {'reusing':>8} {'saved':>6} "
+            f"{'max |sigma* change|':>20} {'of certify':>10}"
+        )
         for name, rows in shared_rows:
             for sigmas, points, median, alone, reusing, change in rows:
                 certify_cost = len(sigmas) * (100 + args.n)
-                print(f"{name:<14} {','.join(f'{s:g}' for s in sigmas):<16} {points:>6} {median:>13.3f} {alone:>8,.0f} {reusing:>8,.0f} "
-                      f"{1 - reusing / alone:>6.1%} {change:>20.2%} {alone / certify_cost:>10.2%}")
+                print(
+                    f"{name:<14} {','.join(f'{s:g}' for s in sigmas):<16} {points:>6} {median:>13.3f} {alone:>8,.0f} {reusing:>8,.0f} "
+                    f"{1 - reusing / alone:>6.1%} {change:>20.2%} {alone / certify_cost:>10.2%}"
+                )
 
 
 def sharing(model, x, args):
@@ -86,11 +91,20 @@ def sharing(model, x, args):
     finite = torch.isfinite(alone.sigma) & (alone.sigma > 0)
     rows = []
     for sigmas in ([SIGMA], SHARED_SIGMAS):
-        reusing = fast_persistence(model, x, GAMMA, n_samples=PERSISTENCE_POOL, batch_size=args.batch_size,
-                                   shared=[[(s, draws[s][i]) for s in sigmas] for i in range(len(x))])
+        reusing = fast_persistence(
+            model, x, GAMMA, n_samples=PERSISTENCE_POOL, batch_size=args.batch_size, shared=[[(s, draws[s][i]) for s in sigmas] for i in range(len(x))]
+        )
         change = float((reusing.sigma[finite] / alone.sigma[finite] - 1).abs().max()) if finite.any() else float("nan")
-        rows.append((sigmas, len(x), float(alone.sigma[finite].median()) if finite.any() else float("nan"),
-                     float(alone.evaluations.double().mean()), float(reusing.evaluations.double().mean()), change))
+        rows.append(
+            (
+                sigmas,
+                len(x),
+                float(alone.sigma[finite].median()) if finite.any() else float("nan"),
+                float(alone.evaluations.double().mean()),
+                float(reusing.evaluations.double().mean()),
+                change,
+            )
+        )
     return rows
 
 

@@ -16,6 +16,7 @@ Each defense is instantiated from its YAML in robust_cli/conf/defense (the shipp
 reports the median step; CUDA is synchronised before reading the clock.
 The data are random [0, 1] tensors of the dataset's shape: timing does not depend on the pixel values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,16 +118,20 @@ def objectives_table(args, cfg, meta, x, y, device, steps_per_epoch):
                 times[label] += seconds
     median = {label: statistics.median(t) for label, t in times.items()}
     low = {label: min(t) for label, t in times.items()}
-    print(f"\nadversarial objectives, {args.inner_steps} inner steps: median (min) ms per step, seconds per epoch of "
-          f"{steps_per_epoch} steps, ratio to the floor (objectives) or to the base objective (AWP)")
+    print(
+        f"\nadversarial objectives, {args.inner_steps} inner steps: median (min) ms per step, seconds per epoch of "
+        f"{steps_per_epoch} steps, ratio to the floor (objectives) or to the base objective (AWP)"
+    )
     print(f"{'objective':<14}{'ms/step':>10}{'(min)':>9}{'s/epoch':>9}{'vs':>14}{'median':>8}{'min':>7}{'target':>8}")
     for label, _, reference in rows:
         if reference is None:
             print(f"{label:<14}{median[label] * 1e3:>10.2f}{low[label] * 1e3:>9.2f}{median[label] * steps_per_epoch:>9.1f}")
             continue
         target = "<=1.15"  # the floor target, and +15 % for AWP over its base
-        print(f"{label:<14}{median[label] * 1e3:>10.2f}{low[label] * 1e3:>9.2f}{median[label] * steps_per_epoch:>9.1f}"
-              f"{reference:>14}{median[label] / median[reference]:>8.2f}{low[label] / low[reference]:>7.2f}{target:>8}")
+        print(
+            f"{label:<14}{median[label] * 1e3:>10.2f}{low[label] * 1e3:>9.2f}{median[label] * steps_per_epoch:>9.1f}"
+            f"{reference:>14}{median[label] / median[reference]:>8.2f}{low[label] / low[reference]:>7.2f}{target:>8}"
+        )
 
 
 def main():
@@ -141,11 +146,17 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the dev machine is shared)")
     parser.add_argument("--head", default="none", help="model.head: none | tanh")
-    parser.add_argument("--defenses", default="none,grad_norm_fd,grad_norm,fgsm_at,l2_at,fast_at,pgd_at,tulip,loss_ibp,"
-                        "prediction_ibp,fast_tangent_prop,tangent_prop,lipschitz,simprop,gaussian_aug")
+    parser.add_argument(
+        "--defenses",
+        default="none,grad_norm_fd,grad_norm,fgsm_at,l2_at,fast_at,pgd_at,tulip,loss_ibp,"
+        "prediction_ibp,fast_tangent_prop,tangent_prop,lipschitz,simprop,gaussian_aug",
+    )
     parser.add_argument("--set", action="append", default=[], help="defense override for every row, e.g. attack.steps=5")
-    parser.add_argument("--objectives", default="trades,mart,pgd_at", help="adversarial objectives timed against their floor "
-                        "(and with AWP against themselves); empty: skip that table")
+    parser.add_argument(
+        "--objectives",
+        default="trades,mart,pgd_at",
+        help="adversarial objectives timed against their floor (and with AWP against themselves); empty: skip that table",
+    )
     parser.add_argument("--inner-steps", type=int, default=10, help="inner maximisation steps of the objectives")
     parser.add_argument("--train-size", type=int, default=60000, help="examples per epoch, for the seconds-per-epoch column")
     args = parser.parse_args()
@@ -177,8 +188,10 @@ def main():
         rows.append((name, statistics.median(times[name]), target))
 
     base = rows[0][1] if rows[0][0] == "none" else None
-    print(f"model={args.model}{'+tanh' if args.head == 'tanh' else ''} shape={shape} batch={args.batch} device={device} "
-          f"threads={args.threads} median of {args.rounds} x {args.steps} interleaved steps")
+    print(
+        f"model={args.model}{'+tanh' if args.head == 'tanh' else ''} shape={shape} batch={args.batch} device={device} "
+        f"threads={args.threads} median of {args.rounds} x {args.steps} interleaved steps"
+    )
     print(f"{'defense':<18}{'ms/step':>10}{'x none':>9}{'target':>9}")
     for name, seconds, target in rows:
         ratio = f"{seconds / base:.2f}" if base else "-"

@@ -13,6 +13,7 @@ machine may be shared); run at --threads 1 for a stable ratio.
 reported robust accuracy is always the fp32 model's); --their-precision bf16 hands the peer the same autocast wrapper.
 Without --checkpoint it trains fc200_200_10 on MNIST for 3 epochs first (about a minute on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,18 @@ def train_default(model_name, mnist_root):
     import subprocess
 
     out = ROOT / "outputs"
-    args = [sys.executable, "-m", "robust_cli", "train", f"model={model_name}", "dataset=mnist", f"data.root={mnist_root}",
-            "data.download=false", "train.epochs=3", f"outputs_root={out}"]
+    args = [
+        sys.executable,
+        "-m",
+        "robust_cli",
+        "train",
+        f"model={model_name}",
+        "dataset=mnist",
+        f"data.root={mnist_root}",
+        "data.download=false",
+        "train.epochs=3",
+        f"outputs_root={out}",
+    ]
     subprocess.run(args, check=True, cwd=ROOT)
     return sorted((out / "checkpoints").glob(f"{model_name}-mnist-none-s0-*/model.pt"), key=lambda p: p.stat().st_mtime)[-1]
 
@@ -86,7 +97,7 @@ def main():
     mine = Engine.create(torch.device("cpu"), args.precision).fast(model)  # the model itself at fp32
     peer_model = Engine.create(torch.device("cpu"), args.their_precision).fast(model)
 
-    batches = lambda attack: torch.cat([attack(x[s:s + args.batch_size], y[s:s + args.batch_size]) for s in range(0, len(x), args.batch_size)])
+    batches = lambda attack: torch.cat([attack(x[s : s + args.batch_size], y[s : s + args.batch_size]) for s in range(0, len(x), args.batch_size)])
     if args.versus == "autoattack":
         import torchattacks
 
@@ -124,13 +135,22 @@ def main():
             with torch.no_grad():
                 acc = float((model(adv).argmax(1) == y).double().mean())
             results[name].append((seconds, counter.forward, counter.backward, acc))
-            print(f"round {r} {name:12s} {seconds:8.1f} s  forward {counter.forward:>10,}  backward {counter.backward:>10,}  robust accuracy {acc:.4f}", flush=True)
-    setting = f"linf eps={args.eps}, n_iter=100, square queries={args.n_queries}" if args.versus == "autoattack" else f"FAB-T l1 eps={args.eps}, n_iter=100, 9 targets"
+            print(
+                f"round {r} {name:12s} {seconds:8.1f} s  forward {counter.forward:>10,}  backward {counter.backward:>10,}  robust accuracy {acc:.4f}",
+                flush=True,
+            )
+    setting = (
+        f"linf eps={args.eps}, n_iter=100, square queries={args.n_queries}"
+        if args.versus == "autoattack"
+        else f"FAB-T l1 eps={args.eps}, n_iter=100, 9 targets"
+    )
     print(f"\n{args.model}, n={len(y)}, {setting}, threads={args.threads}, precision ours {args.precision} / theirs {args.their_precision}")
     for name, rows in results.items():
         secs, accs = [r[0] for r in rows], [r[3] for r in rows]
-        print(f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy "
-              f"{min(accs):.4f}-{max(accs):.4f} (median {statistics.median(accs):.4f})  forward {rows[0][1]:,}  backward {rows[0][2]:,}")
+        print(
+            f"{name:12s} min {min(secs):7.1f} s  median {statistics.median(secs):7.1f} s  robust accuracy "
+            f"{min(accs):.4f}-{max(accs):.4f} (median {statistics.median(accs):.4f})  forward {rows[0][1]:,}  backward {rows[0][2]:,}"
+        )
     ratio_min = min(r[0] for r in results[peer]) / min(r[0] for r in results["robust"])
     ratio_med = statistics.median(r[0] for r in results[peer]) / statistics.median(r[0] for r in results["robust"])
     print(f"speed ratio {peer} / robust: min {ratio_min:.2f}x, median {ratio_med:.2f}x" + (" (target >= 1.5)" if args.versus == "autoattack" else ""))

@@ -16,6 +16,7 @@ same shape (throughput does not depend on the pixels). `--device cpu --quick` ru
 
     .venv/bin/python scripts/bench_gpu.py [--device cuda] [--mnist-root DIR] [--quick] [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,7 +118,9 @@ def train_rows(args, device):
 
             seconds, peak = timed(epoch, device, 1 if args.quick else 3)
             label = precision + (" + compile" if compiled else "")
-            rows.append({"what": "train", "model": name, "setting": label, "batch": batch, "value": batch * steps / seconds, "unit": "images/s", "peak_MiB": peak})
+            rows.append(
+                {"what": "train", "model": name, "setting": label, "batch": batch, "value": batch * steps / seconds, "unit": "images/s", "peak_MiB": peak}
+            )
             print(f"train {name:13s} {label:15s} {batch * steps / seconds:12.0f} images/s", file=sys.stderr)
     return rows
 
@@ -153,8 +156,18 @@ def attack_rows(args, device):
         xb, yb = x[:bs], y[:bs]
         seconds, peak = timed(lambda: ours(fast, xb, yb, eps), device, 1 if args.quick else 3)
         floor_s, _ = timed(lambda: floor(fast, xb, yb, 10), device, 1 if args.quick else 3)
-        rows.append({"what": "pgd10", "model": "resnet18", "setting": f"ours {precision}", "batch": bs, "value": bs / seconds, "unit": "images/s",
-                     "peak_MiB": peak, "over_floor": seconds / floor_s})
+        rows.append(
+            {
+                "what": "pgd10",
+                "model": "resnet18",
+                "setting": f"ours {precision}",
+                "batch": bs,
+                "value": bs / seconds,
+                "unit": "images/s",
+                "peak_MiB": peak,
+                "over_floor": seconds / floor_s,
+            }
+        )
         print(f"pgd10 ours {precision}: {bs / seconds:.0f} images/s at batch {bs}, {seconds / floor_s:.2f}x the floor", file=sys.stderr)
         try:
             import torchattacks
@@ -163,8 +176,19 @@ def attack_rows(args, device):
             continue
         theirs = torchattacks.PGD(fast, eps=eps, alpha=alpha, steps=10, random_start=True)
         t_seconds, t_peak = timed(lambda: theirs(xb, yb), device, 1 if args.quick else 3)
-        rows.append({"what": "pgd10", "model": "resnet18", "setting": f"torchattacks {precision}", "batch": bs, "value": bs / t_seconds, "unit": "images/s",
-                     "peak_MiB": t_peak, "over_floor": t_seconds / floor_s, "ours_speedup": t_seconds / seconds})
+        rows.append(
+            {
+                "what": "pgd10",
+                "model": "resnet18",
+                "setting": f"torchattacks {precision}",
+                "batch": bs,
+                "value": bs / t_seconds,
+                "unit": "images/s",
+                "peak_MiB": t_peak,
+                "over_floor": t_seconds / floor_s,
+                "ours_speedup": t_seconds / seconds,
+            }
+        )
         print(f"pgd10 torchattacks {precision}: {bs / t_seconds:.0f} images/s; ours at {t_seconds / seconds:.2f}x their speed", file=sys.stderr)
     # the ensemble, at the precision auto picks
     engine = Engine.create(device, "auto", False, "auto")
@@ -173,7 +197,17 @@ def attack_rows(args, device):
     ensemble = AutoAttack(version="standard", norm="linf", n_iter=5 if args.quick else 100, n_queries=20 if args.quick else 5000)
     chunk = min(n, 32 if args.quick else 512)
     seconds, peak = timed(lambda: [ensemble(fast, x[i : i + chunk], y[i : i + chunk], eps) for i in range(0, n, chunk)], device, 1)
-    rows.append({"what": "autoattack", "model": "resnet18", "setting": f"standard {engine.precision}", "batch": chunk, "value": n / seconds, "unit": "images/s", "peak_MiB": peak})
+    rows.append(
+        {
+            "what": "autoattack",
+            "model": "resnet18",
+            "setting": f"standard {engine.precision}",
+            "batch": chunk,
+            "value": n / seconds,
+            "unit": "images/s",
+            "peak_MiB": peak,
+        }
+    )
     print(f"autoattack: {n / seconds:.0f} images/s", file=sys.stderr)
     return rows
 
@@ -195,13 +229,27 @@ def persistence_rows(args, device):
     seconds, peak = timed(run, device, 1)
     evaluations = int(result["p"].evaluations.sum())
     print(f"persistence c_32: {evaluations / seconds:.0f} classifications/s", file=sys.stderr)
-    return [{"what": "persistence", "model": "c_32", "setting": f"fast {engine.precision}", "batch": batch.size, "value": evaluations / seconds,
-             "unit": "classifications/s", "peak_MiB": peak}]
+    return [
+        {
+            "what": "persistence",
+            "model": "c_32",
+            "setting": f"fast {engine.precision}",
+            "batch": batch.size,
+            "value": evaluations / seconds,
+            "unit": "classifications/s",
+            "peak_MiB": peak,
+        }
+    ]
 
 
 def table(rows, device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    lines = [f"device: {name}, torch {torch.__version__}", "", "| what | model | setting | batch | throughput | peak MiB | note |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"device: {name}, torch {torch.__version__}",
+        "",
+        "| what | model | setting | batch | throughput | peak MiB | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         note = []
         if "over_floor" in r:

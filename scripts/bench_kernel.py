@@ -9,6 +9,7 @@ per step over the training set, one JVP of the query batch per quadrature node),
 The naive loop is linear in the number of steps (every step costs the same work), so it is timed on --naive-steps
 steps and scaled; its output on those steps is checked against the batched one on the same truncated path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,10 +72,14 @@ def main():
     path = train_path(model, x, y, args.steps, args.step_size, output="probabilities")
     t_train = clock(device) - t0
     d = path.weights.shape[1]
-    print(f"setup: {args.train} training points, {args.test} test points, {args.steps} steps, d = {d} weights, "
-          f"{args.quadrature} Gauss-Legendre nodes/step, float64, {args.threads} threads, {device}")
-    print(f"training (recorded):  {t_train:8.2f} s   path in memory {path.nbytes / 2**20:.1f} MiB "
-          f"((N+1) d weights + N M K coefficients)   train accuracy {float(path.accuracies[-1]):.4f}")
+    print(
+        f"setup: {args.train} training points, {args.test} test points, {args.steps} steps, d = {d} weights, "
+        f"{args.quadrature} Gauss-Legendre nodes/step, float64, {args.threads} threads, {device}"
+    )
+    print(
+        f"training (recorded):  {t_train:8.2f} s   path in memory {path.nbytes / 2**20:.1f} MiB "
+        f"((N+1) d weights + N M K coefficients)   train accuracy {float(path.accuracies[-1]):.4f}"
+    )
 
     net_out = DiscretePathKernel(path).network_output(test_x)
     results = {}
@@ -84,8 +89,10 @@ def main():
         out = kernel.predict(test_x)
         seconds = clock(device) - t0
         results[label] = seconds
-        print(f"{label:<24} {seconds:8.2f} s   max |network - kernel| = {float((out - net_out).abs().max()):.2e}   "
-              f"peak RSS {rss_mib():.0f} MiB (process start {base:.0f})")
+        print(
+            f"{label:<24} {seconds:8.2f} s   max |network - kernel| = {float((out - net_out).abs().max()):.2e}   "
+            f"peak RSS {rss_mib():.0f} MiB (process start {base:.0f})"
+        )
 
     short = truncated(path, args.naive_steps)
     fast_short = DiscretePathKernel(short, quadrature_points=args.quadrature, variant="continuous")
@@ -98,10 +105,12 @@ def main():
     slow_seconds = clock(device) - t0
     naive_total = slow_seconds * args.steps / args.naive_steps
     per_step_jacobians = (args.train + args.test) * 2 * d * 8 / 2**20
-    print(f"naive per-sample loop    {slow_seconds:8.2f} s on {args.naive_steps} steps -> {naive_total:.1f} s for {args.steps} "
-          f"(scaled; batched on the same {args.naive_steps} steps: {fast_seconds:.2f} s, outputs differ by "
-          f"{float((fast - slow).abs().max()):.1e})   explicit Jacobians {per_step_jacobians:.1f} MiB per step, "
-          f"peak RSS {max(before, rss_mib()):.0f} MiB")
+    print(
+        f"naive per-sample loop    {slow_seconds:8.2f} s on {args.naive_steps} steps -> {naive_total:.1f} s for {args.steps} "
+        f"(scaled; batched on the same {args.naive_steps} steps: {fast_seconds:.2f} s, outputs differ by "
+        f"{float((fast - slow).abs().max()):.1e})   explicit Jacobians {per_step_jacobians:.1f} MiB per step, "
+        f"peak RSS {max(before, rss_mib()):.0f} MiB"
+    )
     for label, seconds in results.items():
         print(f"speed-up, {label}: {naive_total / seconds:.0f}x")
 

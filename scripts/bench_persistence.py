@@ -11,6 +11,7 @@ sampling precision). Each method is timed (torch.cuda.synchronize before reading
 by its relative error |sigma - sigma_ref| / sigma_ref. Writes bench_persistence.csv (one row per point and method)
 and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def load(args):
     from robust_cli.core.engine import resolve_device
     from robust_cli.evaluation.evaluate import choose_targets, predict, run_attack
 
-    overrides = [f"model={args.model}", "dataset=mnist", f"data.root={args.data_root}", "data.download=false", "attack=lbfgs",
-                 f"outputs_root={args.outputs_root}", *args.overrides]
+    overrides = [
+        f"model={args.model}",
+        "dataset=mnist",
+        f"data.root={args.data_root}",
+        "data.download=false",
+        "attack=lbfgs",
+        f"outputs_root={args.outputs_root}",
+        *args.overrides,
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="bench"):
         cfg = compose(config_name="persistence", overrides=overrides)
     with open_dict(cfg):  # the CLI records the chosen options; the checkpoint key uses them
@@ -58,8 +66,10 @@ def load(args):
     nat = x[: args.points]
     adv = x_adv[ok][: args.points]
     dist = ((adv - x[ok][: args.points]).flatten(1).norm(dim=1) / math.sqrt(x[0].numel())).mean().item()
-    print(f"model {args.model}: test accuracy {(pred == data.test_y).double().mean().item():.4f}; "
-          f"{len(adv)} adversarial of {int(ok.numel())} attacked (success {ok.double().mean().item():.2f}), mean distortion {dist:.4f}")
+    print(
+        f"model {args.model}: test accuracy {(pred == data.test_y).double().mean().item():.4f}; "
+        f"{len(adv)} adversarial of {int(ok.numel())} attacked (success {ok.double().mean().item():.2f}), mean distortion {dist:.4f}"
+    )
     return model, device, torch.cat([nat, adv]).to(device), ["natural"] * len(nat) + ["adversarial"] * len(adv), cfg
 
 
@@ -73,8 +83,7 @@ def reference(model, x, gamma, guesses, n_ref, seed, step=1.04):
 
         def stab(sigma):
             with torch.no_grad():
-                hits = sum(int((model(x[i : i + 1].flatten(1).add(sigma * zc).view(-1, *x.shape[1:])).argmax(1) == label).sum())
-                           for zc in z.split(4096))
+                hits = sum(int((model(x[i : i + 1].flatten(1).add(sigma * zc).view(-1, *x.shape[1:])).argmax(1) == label).sum()) for zc in z.split(4096))
             return hits / n_ref
 
         lo = hi = guesses[i]
@@ -123,8 +132,10 @@ def main():
 
     cli = persistence_options(cfg) | {"seed": 2}  # the CLI's defaults (persistence.yaml), as `robust persistence` runs them
 
-    methods = {"bracketing (n=1000, precision=0.01)": lambda: bracketing(model, x, args.gamma, n_samples=1000, precision=0.01, seed=1),
-               "fast (CLI defaults)": lambda: fast_persistence(model, x, args.gamma, **cli)}
+    methods = {
+        "bracketing (n=1000, precision=0.01)": lambda: bracketing(model, x, args.gamma, n_samples=1000, precision=0.01, seed=1),
+        "fast (CLI defaults)": lambda: fast_persistence(model, x, args.gamma, **cli),
+    }
     for spec in args.fast:
         opts = {k: (v == "true" if v in ("true", "false") else float(v) if "." in v else int(v)) for k, v in (kv.split("=") for kv in spec.split(","))}
         methods[f"fast ({spec})"] = lambda opts=opts: fast_persistence(model, x, args.gamma, **(cli | opts))
@@ -143,17 +154,35 @@ def main():
 
     rows, table = [], []
     for name, r in results.items():
-        err = ((r.sigma - ref).abs() / ref)
+        err = (r.sigma - ref).abs() / ref
         for i in range(len(x)):
-            rows.append({"method": name, "index": i, "kind": kinds[i], "sigma": r.sigma[i].item(), "reference": ref[i].item(),
-                         "rel_error": err[i].item(), "ci_low": r.ci_low[i].item(), "ci_high": r.ci_high[i].item(),
-                         "evaluations": int(r.evaluations[i])})
+            rows.append(
+                {
+                    "method": name,
+                    "index": i,
+                    "kind": kinds[i],
+                    "sigma": r.sigma[i].item(),
+                    "reference": ref[i].item(),
+                    "rel_error": err[i].item(),
+                    "ci_low": r.ci_low[i].item(),
+                    "ci_high": r.ci_high[i].item(),
+                    "evaluations": int(r.evaluations[i]),
+                }
+            )
         covered = ((r.ci_low <= ref) & (ref <= r.ci_high))[finite].double().mean().item()
-        table.append({"method": name, "evals/point": r.evaluations.double().mean().item(), "seconds": r.seconds,
-                      "median rel err": err[finite].median().item(), "mean rel err": err[finite].mean().item(),
-                      "p90 rel err": err[finite].quantile(0.9).item(), "CI coverage": covered,
-                      "mean nat": r.sigma[[k == "natural" for k in kinds]].mean().item(),
-                      "mean adv": r.sigma[[k == "adversarial" for k in kinds]].mean().item()})
+        table.append(
+            {
+                "method": name,
+                "evals/point": r.evaluations.double().mean().item(),
+                "seconds": r.seconds,
+                "median rel err": err[finite].median().item(),
+                "mean rel err": err[finite].mean().item(),
+                "p90 rel err": err[finite].quantile(0.9).item(),
+                "CI coverage": covered,
+                "mean nat": r.sigma[[k == "natural" for k in kinds]].mean().item(),
+                "mean adv": r.sigma[[k == "adversarial" for k in kinds]].mean().item(),
+            }
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "bench_persistence.csv", index=False)
@@ -162,8 +191,10 @@ def main():
     frame["evals ratio"] = base["evals/point"] / frame["evals/point"]
     frame["time ratio"] = base["seconds"] / frame["seconds"]
     pd.set_option("display.width", 200)
-    print(f"\n{int(finite.sum())} points with a finite reference (mean {ref[finite].mean().item():.4f}); "
-          f"{PAGE}-ray pages; device {device}, {args.threads} thread(s)")
+    print(
+        f"\n{int(finite.sum())} points with a finite reference (mean {ref[finite].mean().item():.4f}); "
+        f"{PAGE}-ray pages; device {device}, {args.threads} thread(s)"
+    )
     print(frame.to_string(float_format=lambda v: f"{v:.4g}"))
 
 

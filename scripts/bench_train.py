@@ -3,6 +3,7 @@
 usage: python scripts/bench_train.py [--mnist-root DIR] [--device auto] [--n-train N] [--models fc200_200_10 c_32]
 Per-epoch time is measured on `--n-train` examples and scaled to the full 60,000 (the loop is linear in n).
 """
+
 import argparse
 import tempfile
 import time
@@ -33,9 +34,21 @@ def main():
         table.add_column(col, justify="right")
     for model in args.models:
         with tempfile.TemporaryDirectory() as out, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[f"model={model}", "dataset=mnist", f"data.root={args.mnist_root}", "data.download=false",
-                                              f"data.n_train={args.n_train}", "train.epochs=1", f"train.batch_size={args.batch_size}",
-                                              "train.eval_train=false", "data.n_test=100", f"outputs_root={out}"])
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"model={model}",
+                    "dataset=mnist",
+                    f"data.root={args.mnist_root}",
+                    "data.download=false",
+                    f"data.n_train={args.n_train}",
+                    "train.epochs=1",
+                    f"train.batch_size={args.batch_size}",
+                    "train.eval_train=false",
+                    "data.n_test=100",
+                    f"outputs_root={out}",
+                ],
+            )
             with open_dict(cfg):
                 cfg.choices = {"model": model, "dataset": "mnist", "defense": "none"}
             data = build.make_data(cfg)

@@ -12,6 +12,7 @@ Lipschitz weight 0.1, tanh head and weight decay as in the preset); J0 once. It 
 deviation), % error at L2 eps 0.1, clean % error) and oberman_strengths.png (median distance vs strength, one line
 per objective, J0 dashed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def run_sweeps(args) -> list[Path]:
         sweep = Path(args.out) / "sweeps" / objective
         axis = [f"defense.eps={','.join(map(str, strengths))}"] if strengths else []
         seeds = [f"seed={','.join(str(s) for s in range(args.seeds))}"]
-        subprocess.run([str(robust), "attack", "--multirun", *common, f"experiment/oberman_objective={objective}", *axis, *seeds,
-                        f"hydra.sweep.dir={sweep}"], check=True)
+        subprocess.run(
+            [str(robust), "attack", "--multirun", *common, f"experiment/oberman_objective={objective}", *axis, *seeds, f"hydra.sweep.dir={sweep}"], check=True
+        )
         sweeps.append(sweep)
     return sweeps
 
@@ -53,10 +55,18 @@ def summarise(sweeps) -> pd.DataFrame:
         cv = curve[curve["run"].isin(runs)]
         at = cv[cv["eps"] == 0.1]
         per_run = part.groupby("run")["l2"].median()  # one median per seed; their mean and spread
-        rows.append({"objective": NAMES.get(defense, defense), "defense": defense, "strength": s, "median_l2": per_run.mean(),
-                     "median_l2_sd": per_run.std() if len(per_run) > 1 else float("nan"),
-                     "error_at_0.1": 100 * (1 - at["robust_accuracy"].mean()), "clean_error": 100 * (1 - cv["clean_accuracy"].mean()),
-                     "runs": len(runs)})
+        rows.append(
+            {
+                "objective": NAMES.get(defense, defense),
+                "defense": defense,
+                "strength": s,
+                "median_l2": per_run.mean(),
+                "median_l2_sd": per_run.std() if len(per_run) > 1 else float("nan"),
+                "error_at_0.1": 100 * (1 - at["robust_accuracy"].mean()),
+                "clean_error": 100 * (1 - cv["clean_accuracy"].mean()),
+                "runs": len(runs),
+            }
+        )
     return pd.DataFrame(rows).sort_values(["defense", "strength"]).reset_index(drop=True)
 
 

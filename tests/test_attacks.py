@@ -1,5 +1,6 @@
 """Attacks: budgets and box, closed forms on linear models, targets, modes/buffers/grad hygiene, determinism,
 restarts, and one regression test per bug class in DESIGN.md's "Lessons from the peers"."""
+
 import hashlib
 import math
 
@@ -78,9 +79,19 @@ def hyperplane_distance(model, x, y, target=None):
 
 
 BUDGETED = [
-    FGSM(), FGM(norm="l2"), FGM(norm="linf"), Gradient(), BIM(steps=5), PGD(norm="linf", steps=5), PGD(norm="l2", steps=5),
-    PGD(norm="linf", steps=3, restarts=3), MIFGSM(norm="linf", steps=5), MIFGSM(norm="l2", steps=5), RFGSM(),
-    Noise(norm="linf"), Noise(norm="l2", distribution="gaussian"),
+    FGSM(),
+    FGM(norm="l2"),
+    FGM(norm="linf"),
+    Gradient(),
+    BIM(steps=5),
+    PGD(norm="linf", steps=5),
+    PGD(norm="l2", steps=5),
+    PGD(norm="linf", steps=3, restarts=3),
+    MIFGSM(norm="linf", steps=5),
+    MIFGSM(norm="l2", steps=5),
+    RFGSM(),
+    Noise(norm="linf"),
+    Noise(norm="l2", distribution="gaussian"),
 ]
 MINIMAL = [DeepFool(steps=10), CW(steps=20, binary_search_steps=2), LBFGS(max_iter=10), JSMA(gamma=0.1)]
 
@@ -283,10 +294,18 @@ def test_choose_target_modes(trained_mlp):
             PGD(targeted=bad)
 
 
-@pytest.mark.parametrize("attack", [
-    PGD(targeted="next", steps=20), BIM(targeted="next", steps=20, step_size=0.04), MIFGSM(targeted="next", steps=20),
-    CW(targeted="next", c=1, lr=0.1, steps=150, binary_search_steps=2), LBFGS(targeted="next", max_iter=50), JSMA(targeted="next", gamma=0.6),
-], ids=lambda a: a.name)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        PGD(targeted="next", steps=20),
+        BIM(targeted="next", steps=20, step_size=0.04),
+        MIFGSM(targeted="next", steps=20),
+        CW(targeted="next", c=1, lr=0.1, steps=150, binary_search_steps=2),
+        LBFGS(targeted="next", max_iter=50),
+        JSMA(targeted="next", gamma=0.6),
+    ],
+    ids=lambda a: a.name,
+)
 def test_targeted_success_hits_the_target(trained_mlp, attack):
     """Regression (targeted modes that silently attack untargeted): the returned points are classified as the
     target, far more often than an untargeted attack lands there by chance."""
@@ -411,7 +430,7 @@ def test_mifgsm_normalises_per_example():
     model = Scaled()
     x, y = digits(3)
     batch = MIFGSM(steps=5)(model, x, y, 0.2)
-    alone = torch.cat([MIFGSM(steps=5)(model.net, x[i:i + 1], y[i:i + 1], 0.2) for i in range(3)])
+    alone = torch.cat([MIFGSM(steps=5)(model.net, x[i : i + 1], y[i : i + 1], 0.2) for i in range(3)])
     assert torch.equal(batch[1:], alone[1:])
     # and the L1 normalisation matters: without it (mu=1) the first step's gradient would dominate the sum
     assert MIFGSM(steps=5).ascent_direction(torch.full((1, 4), 2.0), None)[1].abs().sum() == pytest.approx(1.0)
@@ -464,8 +483,16 @@ def test_binary_search_finds_the_exact_l2_distance():
 
 
 def test_user_errors_are_one_line():
-    for make in (lambda: PGD(norm="l3"), lambda: PGD(steps=-1), lambda: DeepFool(targeted="next"), lambda: LBFGS(targeted=False),
-                 lambda: LBFGS(c_search="max"), lambda: JSMA(bounds=None), lambda: CW(c=0), lambda: PGD(model_mode="train")):
+    for make in (
+        lambda: PGD(norm="l3"),
+        lambda: PGD(steps=-1),
+        lambda: DeepFool(targeted="next"),
+        lambda: LBFGS(targeted=False),
+        lambda: LBFGS(c_search="max"),
+        lambda: JSMA(bounds=None),
+        lambda: CW(c=0),
+        lambda: PGD(model_mode="train"),
+    ):
         with pytest.raises(UserError) as info:
             make()
         assert "\n" not in str(info.value)
@@ -491,9 +518,9 @@ def test_early_stop_ends_at_the_first_adversarial_iterate_closed_form():
         lin.bias.copy_(torch.tensor([0.4, -0.4]))
     y = torch.tensor([0])
     alpha, eps = 0.002, 0.2
-    margin = (lin(x)[0, 0] - lin(x)[0, 1]).item()                 # = w0.x + 0.8
+    margin = (lin(x)[0, 0] - lin(x)[0, 1]).item()  # = w0.x + 0.8
     assert margin > 0
-    per_step = alpha * w[0].abs().sum().item()                     # margin drop per sign step (no clipping inside the box)
+    per_step = alpha * w[0].abs().sum().item()  # margin drop per sign step (no clipping inside the box)
     k_star = math.floor(margin / per_step) + 1
     assert k_star * alpha < eps, "the budget must not bind for this test"
     stopped = BIM(steps=200, step_size=alpha, early_stop=True)(lin, x, y, eps)

@@ -1,4 +1,5 @@
 """`robust attack` end to end on digits: output files and columns, conventions, user errors, every attack YAML."""
+
 import json
 import math
 import os
@@ -11,8 +12,24 @@ import pytest
 import torch
 
 ATTACK_DIR = Path(__file__).resolve().parents[1] / "robust_cli" / "conf" / "attack"
-CURVE_COLUMNS = ["attack", "norm", "targeted", "eps", "n", "clean_accuracy", "robust_accuracy", "robust_accuracy_low", "robust_accuracy_high", "success_rate", "mean_l2",
-                 "mean_linf", "mean_distortion", "seconds", "precision", "fp32_rejected"]
+CURVE_COLUMNS = [
+    "attack",
+    "norm",
+    "targeted",
+    "eps",
+    "n",
+    "clean_accuracy",
+    "robust_accuracy",
+    "robust_accuracy_low",
+    "robust_accuracy_high",
+    "success_rate",
+    "mean_l2",
+    "mean_linf",
+    "mean_distortion",
+    "seconds",
+    "precision",
+    "fp32_rejected",
+]
 EXAMPLE_COLUMNS = ["index", "eps", "label", "clean_pred", "adv_pred", "target", "success", "l2", "linf", "l1", "distortion", "l0"]
 
 
@@ -23,8 +40,13 @@ def attack_cli(tmp_path_factory):
 
     def run(*args):
         env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "robust_cli", "attack", f"outputs_root={root}/outputs", "train.epochs=2", *args],
-                              cwd=root, capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "robust_cli", "attack", f"outputs_root={root}/outputs", "train.epochs=2", *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         runs = sorted((root / "outputs" / "attack").glob("*/*"), key=lambda p: p.stat().st_mtime)
         return proc, (runs[-1] if runs else None)
 
@@ -98,15 +120,18 @@ def test_binary_search_distances(attack_cli):
     assert ((dist.loc[found.index, "linf"] - found).abs() <= 1e-6).all()  # FGSM uses its whole linf budget
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["eps=-0.1"], "eps"),
-    (["attack.norm=l3"], "norm"),
-    (["attack=deepfool", "search=binary"], "budgeted"),
-    (["attack=lbfgs", "attack.targeted=false"], "targeted"),
-    (["attack=pgd", "attack.stepz=3"], "attack"),
-    (["attack=autoattack", "attack.norm=l1"], "l1"),
-    (["attack=apgd", "attack.norm=l1"], "norm"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["eps=-0.1"], "eps"),
+        (["attack.norm=l3"], "norm"),
+        (["attack=deepfool", "search=binary"], "budgeted"),
+        (["attack=lbfgs", "attack.targeted=false"], "targeted"),
+        (["attack=pgd", "attack.stepz=3"], "attack"),
+        (["attack=autoattack", "attack.norm=l1"], "l1"),
+        (["attack=apgd", "attack.norm=l1"], "norm"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(attack_cli, args, needle):
     proc, _ = attack_cli(*args, "data.n_test=10")
     assert proc.returncode == 2, proc.stderr

@@ -1,5 +1,6 @@
 """Cross-check against torchattacks 3.5.1 (test-only oracle): same small trained model, same batch, same
 parameters; robust accuracy within 2 percentage points (both numbers in the failure message)."""
+
 import pytest
 import torch
 from test_attacks import trained_mlp  # noqa: F401  (the fixture: a small MLP trained on sklearn digits)

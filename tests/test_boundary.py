@@ -1,4 +1,5 @@
 """Decision-boundary geometry (Bell Part III): known answers on objects whose boundary is exact."""
+
 import itertools
 import math
 
@@ -176,7 +177,7 @@ def test_batched_bisection_equals_one_at_a_time_and_brackets_the_boundary():
     x1, x2 = x[same][:m], x[~same][:m]
     batched = boundary_point(net, x1, x2, tol)
     for i in range(len(x1)):
-        one = boundary_point(net, x1[i:i + 1], x2[i:i + 1], tol)
+        one = boundary_point(net, x1[i : i + 1], x2[i : i + 1], tol)
         assert torch.allclose(one.points[0], batched.points[i], atol=2 * tol)
         assert int(one.class_b) == int(batched.class_b[i])
     assert (batched.width <= tol).all()

@@ -1,4 +1,5 @@
 """`robust boundary` end to end: files, columns, known answers on the orthant, determinism, user errors."""
+
 import json
 
 import pandas as pd
@@ -16,8 +17,18 @@ def test_digits_natural_pairs(robust, tmp_path):
         assert (run / name).is_file(), name
     table = pd.read_csv(run / "boundary.csv")
     assert len(table) == 3 * 2 and set(table.distribution) == {"gaussian", "flat_svd"}
-    for column in ("index", "pair", "class_a", "class_b", "distance_from_x1", "n_degenerate", "normal_vs_gradient_cos",
-                   "normal_vs_attack_gradient_cos", "normal_vs_direction_cos", "incidence_angle_deg"):
+    for column in (
+        "index",
+        "pair",
+        "class_a",
+        "class_b",
+        "distance_from_x1",
+        "n_degenerate",
+        "normal_vs_gradient_cos",
+        "normal_vs_attack_gradient_cos",
+        "normal_vs_direction_cos",
+        "incidence_angle_deg",
+    ):
         assert column in table.columns, column
     assert (table.pair == "natural_natural").all() and (table.class_a != table.class_b).all()
     assert (table.distance_from_x1 > 0).all() and (table.distance_from_x1 < table.segment_length).all()
@@ -30,8 +41,7 @@ def test_digits_natural_pairs(robust, tmp_path):
 
 @pytest.mark.slow
 def test_digits_adversarial_pairs(robust, tmp_path):
-    robust("boundary", "pairs=natural_adversarial", "attack=fgsm", "eps=0.3", "n_points=2", "n_samples=80",
-           "distributions=[flat_svd]", *SMALL_NET, check=True)
+    robust("boundary", "pairs=natural_adversarial", "attack=fgsm", "eps=0.3", "n_points=2", "n_samples=80", "distributions=[flat_svd]", *SMALL_NET, check=True)
     table = pd.read_csv(latest_run(tmp_path, "boundary") / "boundary.csv")
     assert len(table) == 2 and (table.pair == "natural_adversarial").all()
     assert (table.x1_index == table.x2_index).all() and (table.class_a != table.class_b).all()
@@ -77,13 +87,16 @@ def test_same_seed_same_csvs(robust, tmp_path):
     assert (first / "singular_values.csv").read_text() == (again / "singular_values.csv").read_text()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["pairs=centerline"], "cone model"),
-    (["pairs=natural_adversarial"], "needs an attack"),
-    (["sigma=-1"], "sigma"),
-    (["distributions=[uniform]"], "distributions"),
-    (["model=orthant", "k=100"], "model.k"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["pairs=centerline"], "cone model"),
+        (["pairs=natural_adversarial"], "needs an attack"),
+        (["sigma=-1"], "sigma"),
+        (["distributions=[uniform]"], "distributions"),
+        (["model=orthant", "k=100"], "model.k"),
+    ],
+)
 def test_user_errors_are_one_line(robust, args, fragment):
     proc = robust("boundary", *args)
     assert proc.returncode == 2, proc.stderr

@@ -1,4 +1,5 @@
 """Randomized smoothing (robust certify): Cohen et al.'s CERTIFY/PREDICT against closed forms and exact distances."""
+
 import json
 import math
 
@@ -52,7 +53,7 @@ def test_certified_radius_of_a_linear_classifier_approaches_the_distance_from_be
     cert = certify(model, x, sigma, n0=100, n=100_000, alpha=0.001, seed=1, batch_size=20_000)
     assert (cert.predicted != ABSTAIN).all()
     assert (cert.radius <= distance).all(), (cert.radius, distance)
-    assert (cert.radius >= 0.95 * distance).all(), (cert.radius / distance)
+    assert (cert.radius >= 0.95 * distance).all(), cert.radius / distance
     # p_A lower bound below the closed form, and close to it
     exact = torch.as_tensor(norm.cdf((distance / sigma).numpy()))
     assert (cert.p_a_lower <= exact).all() and (exact - cert.p_a_lower).max() < 0.01
@@ -80,7 +81,7 @@ def test_certified_radius_never_exceeds_the_exact_distance_inside_the_orthant(k)
 
     model = Orthant((6,), k=k).double()
     gen = torch.Generator().manual_seed(k)
-    x = (torch.randn(400, 6, generator=gen, dtype=torch.float64) * 0.8 + 0.6)
+    x = torch.randn(400, 6, generator=gen, dtype=torch.float64) * 0.8 + 0.6
     inside = model(x).argmax(1) == 1
     x = x[inside][:60]
     cert = certify(model, x, 0.3, n0=100, n=10_000, alpha=0.001, seed=0)
@@ -146,8 +147,18 @@ def test_certified_accuracy_counts_correct_and_certified_points():
 
 
 def test_robust_certify_end_to_end(robust, tmp_path):
-    proc = robust("certify", "defense=gaussian_aug", "defense.sigma=0.25", "data.n_test=40", "n=1000", "sigma=[0.25,0.5]",
-                  "attack=deepfool", "persistence=true", "train.epochs=3", check=True)
+    proc = robust(
+        "certify",
+        "defense=gaussian_aug",
+        "defense.sigma=0.25",
+        "data.n_test=40",
+        "n=1000",
+        "sigma=[0.25,0.5]",
+        "attack=deepfool",
+        "persistence=true",
+        "train.epochs=3",
+        check=True,
+    )
     run = latest_run(tmp_path, "certify")
     cert = pd.read_csv(run / "certify.csv")
     assert len(cert) == 80 and set(cert.sigma) == {0.25, 0.5}
@@ -195,8 +206,22 @@ def test_a_sandwich_violation_outside_the_orthant_is_explained(tmp_path):
     x = torch.tensor([[0.4, 0.8, 0.8, 0.5, 0.5, 0.5], [0.45, 0.7, 0.9, 0.5, 0.5, 0.5]])
     y = model(x).argmax(1)
     assert (y == 0).all()  # outside
-    cfg = OmegaConf.create({"attack": {"_target_": "robust_cli.attacks.DeepFool"}, "seed": 0, "batch_size": 64, "n0": 100, "n": 20_000,
-                            "alpha": 0.001, "persistence": False, "gamma": 0.7, "choices": {}, "model": {}, "dataset": {}, "defense": {}})
+    cfg = OmegaConf.create(
+        {
+            "attack": {"_target_": "robust_cli.attacks.DeepFool"},
+            "seed": 0,
+            "batch_size": 64,
+            "n0": 100,
+            "n": 20_000,
+            "alpha": 0.001,
+            "persistence": False,
+            "gamma": 0.7,
+            "choices": {},
+            "model": {},
+            "dataset": {},
+            "defense": {},
+        }
+    )
     ctx = store.RunContext(tmp_path, torch.device("cpu"), {}, build.described(cfg))
     cert = certify(model, x, 0.3, n0=100, n=20_000)
     assert (cert.predicted == 0).all()

@@ -1,5 +1,6 @@
 """Checkpoints from elsewhere (issue 16): bare state dicts, wrappers, DataParallel prefixes, safetensors; pickles
 that need code are refused without running it."""
+
 import pickle
 
 import pytest
@@ -14,15 +15,18 @@ def weights():
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).state_dict()
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: sd,
-    lambda sd: {"state_dict": sd, "epoch": 7},
-    lambda sd: {"model": sd, "optimizer": {}},
-    lambda sd: {"net": sd},
-    lambda sd: {"model_state_dict": sd},
-    lambda sd: {f"module.{k}": v for k, v in sd.items()},
-    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 7},
+        lambda sd: {"model": sd, "optimizer": {}},
+        lambda sd: {"net": sd},
+        lambda sd: {"model_state_dict": sd},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+)
 def test_wrappers_and_prefixes_load_to_the_same_weights(tmp_path, wrap):
     sd = weights()
     torch.save(wrap(sd), tmp_path / "w.pth")

@@ -1,4 +1,5 @@
 """`robust collect` on synthetic run directories: columns, failures, formats, paper tables, figures, exit codes."""
+
 import json
 import math
 
@@ -11,8 +12,21 @@ from robust_cli.results.collect import collect, run_columns, to_markdown
 from robust_cli.results.paper_tables import preset_block
 
 
-def make_run(root, name, *, command="attack", status="completed", choices=None, seed=0, overrides=(), csvs=None,
-             checkpoint=None, headline=None, experiment=None, config_extra=None):
+def make_run(
+    root,
+    name,
+    *,
+    command="attack",
+    status="completed",
+    choices=None,
+    seed=0,
+    overrides=(),
+    csvs=None,
+    checkpoint=None,
+    headline=None,
+    experiment=None,
+    config_extra=None,
+):
     """A run directory as the CLI writes it: run.json plus CSVs."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
@@ -20,8 +34,16 @@ def make_run(root, name, *, command="attack", status="completed", choices=None, 
     choices = dict(choices or {})
     if experiment:
         choices["experiment"] = experiment
-    record = {"command": command, "status": status, "overrides": list(overrides), "choices": choices,
-              "config": {"seed": seed, **(config_extra or {})}, "headline": headline or {}, "warnings": [], "error": None if status == "completed" else "boom"}
+    record = {
+        "command": command,
+        "status": status,
+        "overrides": list(overrides),
+        "choices": choices,
+        "config": {"seed": seed, **(config_extra or {})},
+        "headline": headline or {},
+        "warnings": [],
+        "error": None if status == "completed" else "boom",
+    }
     if checkpoint:
         record["checkpoint"] = str(checkpoint)
     (run / "run.json").write_text(json.dumps(record))
@@ -36,8 +58,13 @@ def curve_rows(acc_by_eps, norm="l2", attack="deepfool", clean=None):
 
 
 def test_run_columns_take_choices_seed_and_overrides():
-    record = {"command": "train", "status": "completed", "choices": {"model": "fc10_4", "defense": "tulip", "dataset": "digits"},
-              "config": {"seed": 3}, "overrides": ["defense=tulip", "seed=3", "data.n_train=200", "+train.lr=0.5", "tag=abc"]}
+    record = {
+        "command": "train",
+        "status": "completed",
+        "choices": {"model": "fc10_4", "defense": "tulip", "dataset": "digits"},
+        "config": {"seed": 3},
+        "overrides": ["defense=tulip", "seed=3", "data.n_train=200", "+train.lr=0.5", "tag=abc"],
+    }
     cols = run_columns(record, "some/run")
     assert cols["defense"] == "tulip" and cols["model"] == "fc10_4" and cols["seed"] == 3
     assert cols["data.n_train"] == 200 and isinstance(cols["data.n_train"], int)
@@ -50,8 +77,14 @@ def test_collect_concatenates_with_swept_columns_and_lists_failures(tmp_path):
     for i, (defense, seed) in enumerate([(d, s) for d in ("none", "fgsm_at", "tulip") for s in (0, 1)]):
         accs = {0.0: 0.9, 0.1: 0.5 + 0.1 * i, 0.2: 0.1 + 0.01 * i}
         expected[(defense, seed)] = accs
-        make_run(sweep, f"{i}_m-{defense}-s{seed}", choices={"model": "m", "defense": defense}, seed=seed,
-                 overrides=[f"defense={defense}", f"seed={seed}"], csvs={"curve": curve_rows(accs, norm="linf", attack="pgd")})
+        make_run(
+            sweep,
+            f"{i}_m-{defense}-s{seed}",
+            choices={"model": "m", "defense": defense},
+            seed=seed,
+            overrides=[f"defense={defense}", f"seed={seed}"],
+            csvs={"curve": curve_rows(accs, norm="linf", attack="pgd")},
+        )
     make_run(sweep, "6_m-none-s2", status="user_error", choices={"defense": "none"}, seed=2, overrides=["eps=-1"])
     (sweep / "7_m-none-s3" / ".hydra").mkdir(parents=True)  # a job that died before writing run.json
     (sweep / "7_m-none-s3" / ".hydra" / "config.yaml").write_text("seed: 3\n")
@@ -78,8 +111,14 @@ def test_train_logs_of_registry_checkpoints_are_collected_once(tmp_path):
     pd.DataFrame({"epoch": [1, 2], "test_accuracy": [0.5, 0.7], "seconds": [2.0, 4.0]}).to_csv(ckpt / "train_log.csv", index=False)
     sweep = tmp_path / "sweep"
     for i, eps in enumerate((0.1, 0.2)):  # two attacks on one checkpoint
-        make_run(sweep, f"{i}", choices={"defense": "none"}, overrides=[f"eps={eps}"], checkpoint=ckpt / "model.pt",
-                 csvs={"curve": curve_rows({0.0: 0.9, eps: 0.5}, norm="linf", attack="fgsm")})
+        make_run(
+            sweep,
+            f"{i}",
+            choices={"defense": "none"},
+            overrides=[f"eps={eps}"],
+            checkpoint=ckpt / "model.pt",
+            csvs={"curve": curve_rows({0.0: 0.9, eps: 0.5}, norm="linf", attack="fgsm")},
+        )
     c = collect([sweep], figures=False)
     log = c.frames["train_log"]
     assert list(log.epoch) == [1, 2] and list(log.defense) == ["none", "none"]
@@ -88,8 +127,14 @@ def test_train_logs_of_registry_checkpoints_are_collected_once(tmp_path):
 def test_formats_agree(tmp_path):
     sweep = tmp_path / "sweep"
     for seed in (0, 1):
-        make_run(sweep, f"r{seed}", command="train", choices={"defense": "none"}, seed=seed,
-                 csvs={"train_log": [{"epoch": 1, "test_accuracy": 0.5 + seed / 10}, {"epoch": 2, "test_accuracy": 0.6 + seed / 10}]})
+        make_run(
+            sweep,
+            f"r{seed}",
+            command="train",
+            choices={"defense": "none"},
+            seed=seed,
+            csvs={"train_log": [{"epoch": 1, "test_accuracy": 0.5 + seed / 10}, {"epoch": 2, "test_accuracy": 0.6 + seed / 10}]},
+        )
     csv = collect([sweep], out=tmp_path / "csv", fmt="csv", figures=False)
     collect([sweep], out=tmp_path / "pq", fmt="parquet", figures=False)
     collect([sweep], out=tmp_path / "md", fmt="markdown", figures=False)
@@ -112,9 +157,16 @@ def test_oberman_table_medians_errors_and_references(tmp_path):
             medians.setdefault(defense, []).append(np.median(d))
             acc_01 = float(np.mean(d > 0.1))
             errors.setdefault(defense, []).append(100 * (1 - acc_01))
-            make_run(sweep, f"{defense}-{seed}", choices={"defense": defense, "experiment": "oberman_table"}, seed=seed,
-                     csvs={"distances": [{"index": i, "l2": v} for i, v in enumerate(d)],
-                           "curve": curve_rows({0.0: float(np.mean(d > 0)), 0.1: acc_01, 0.3: float(np.mean(d > 0.3))})})
+            make_run(
+                sweep,
+                f"{defense}-{seed}",
+                choices={"defense": defense, "experiment": "oberman_table"},
+                seed=seed,
+                csvs={
+                    "distances": [{"index": i, "l2": v} for i, v in enumerate(d)],
+                    "curve": curve_rows({0.0: float(np.mean(d > 0)), 0.1: acc_01, 0.3: float(np.mean(d > 0.3))}),
+                },
+            )
     c = collect([sweep], figures=True)
     table = c.tables["oberman_table"]
     assert list(table.defense) == ["none", "l2_at", "tulip"]  # J0, J2, J2-Lip order
@@ -135,8 +187,14 @@ def test_szegedy_table_means_over_seeds_beside_bell(tmp_path):
         for seed, (acc, dist, nat, adv) in enumerate(rows):
             summary = {"network": model, "test_acc": acc, "avg_distortion": dist, "persistence_nat": nat, "persistence_adv": adv, "n_nat": 10}
             pers = [{"kind": k, "persistence": p, "gamma": 0.7} for k, p in (("natural", nat), ("adversarial", adv)) for _ in range(3)]
-            make_run(sweep, f"{model}-{seed}", command="persistence", choices={"model": model, "experiment": "szegedy_table"}, seed=seed,
-                     csvs={"summary": [summary], "persistence": pers})
+            make_run(
+                sweep,
+                f"{model}-{seed}",
+                command="persistence",
+                choices={"model": model, "experiment": "szegedy_table"},
+                seed=seed,
+                csvs={"summary": [summary], "persistence": pers},
+            )
     c = collect([sweep])
     t = c.tables["szegedy_table"].set_index("network")
     assert list(t.index) == ["FC10-4", "FC200-200-10"]  # Bell's row order
@@ -158,9 +216,14 @@ def test_ibp_table_seconds_per_epoch_relative_to_none_at_each_size(tmp_path):
             ckpt.mkdir(parents=True)
             pd.DataFrame({"epoch": [1, 2], "seconds": [scale * seconds, scale * (seconds + 1)]}).to_csv(ckpt / "train_log.csv", index=False)
             for attack, acc in (("fgsm", 0.4), ("noise", 0.8)):
-                make_run(sweep, f"{defense}-{size}-{attack}", choices={"defense": defense, "attack": attack, "experiment": "ibp_comparison"},
-                         overrides=[f"data.n_train={size}"], checkpoint=ckpt / "model.pt",
-                         csvs={"curve": curve_rows({0.0: 0.9, 0.1: acc}, norm="linf", attack=attack)})
+                make_run(
+                    sweep,
+                    f"{defense}-{size}-{attack}",
+                    choices={"defense": defense, "attack": attack, "experiment": "ibp_comparison"},
+                    overrides=[f"data.n_train={size}"],
+                    checkpoint=ckpt / "model.pt",
+                    csvs={"curve": curve_rows({0.0: 0.9, 0.1: acc}, norm="linf", attack=attack)},
+                )
     t = collect([sweep], figures=False).tables["ibp_comparison"].set_index(["defense", "data.n_train"])
     assert list(t.index) == [("none", 100), ("none", 1000), ("loss_ibp", 100), ("loss_ibp", 1000)]
     assert t.loc[("loss_ibp", 1000), "seconds_per_epoch"] == pytest.approx(35.0)
@@ -177,8 +240,7 @@ def test_collect_command_exit_codes(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert collect_command.main([str(tmp_path / "empty")]) == 2
     assert "no run directories" in capsys.readouterr().err
-    make_run(tmp_path / "sweep", "r0", command="train", choices={"defense": "none"},
-             csvs={"train_log": [{"epoch": 1, "test_accuracy": 0.5}]})
+    make_run(tmp_path / "sweep", "r0", command="train", choices={"defense": "none"}, csvs={"train_log": [{"epoch": 1, "test_accuracy": 0.5}]})
     assert collect_command.main([str(tmp_path / "sweep"), "--table", "oberman_table"]) == 2  # no data for that table
     assert collect_command.main([str(tmp_path / "sweep"), "--format", "markdown", "--out", str(tmp_path / "o")]) == 0
     assert "train_log.md" in capsys.readouterr().out
@@ -200,9 +262,17 @@ def test_latex_export_is_booktabs_with_console_numbers_and_escapes(tmp_path):
 
 def test_robustbench_export_has_the_model_info_fields(tmp_path):
     sweep = tmp_path / "sweep"
-    run = make_run(sweep, "r0", choices={"model": "resnet18", "dataset": "cifar10", "defense": "fgsm_rs"},
-                   csvs={"curve": [{"attack": "autoattack_standard", "norm": "linf", "eps": e, "n": 1000, "clean_accuracy": 0.8334, "robust_accuracy": a}
-                                   for e, a in ((0.0, 0.8334), (8 / 255, 0.4321))]})
+    run = make_run(
+        sweep,
+        "r0",
+        choices={"model": "resnet18", "dataset": "cifar10", "defense": "fgsm_rs"},
+        csvs={
+            "curve": [
+                {"attack": "autoattack_standard", "norm": "linf", "eps": e, "n": 1000, "clean_accuracy": 0.8334, "robust_accuracy": a}
+                for e, a in ((0.0, 0.8334), (8 / 255, 0.4321))
+            ]
+        },
+    )
     collect([sweep], out=tmp_path / "rb", fmt="robustbench", figures=False)
     (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "rb" / "robustbench").glob("*.json")]
     assert entry["clean_acc"] == "83.34" and entry["autoattack_acc"] == "43.21" and entry["eps"] == "8/255" and entry["threat_model"] == "Linf"

@@ -1,5 +1,6 @@
 """Defenses: parameter gradients against float64 central finite differences, closed forms on linear models,
 mode / gradient / BatchNorm hygiene, and every YAML instantiated and stepped once."""
+
 import math
 from pathlib import Path
 
@@ -47,9 +48,7 @@ def mlp_bn(features=6, classes=3, head=False):
 
 def conv_bn(classes=3):
     """Tiny conv net on 1x6x6 images, with BatchNorm2d."""
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Softplus(), nn.Flatten(), nn.Linear(2 * 6 * 6, classes)
-    ).double()
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Softplus(), nn.Flatten(), nn.Linear(2 * 6 * 6, classes)).double()
 
 
 def batch(kind, n=8, classes=3, seed=0):
@@ -138,9 +137,7 @@ PENALTIES = [  # (id, defense factory, model kinds): the held-fixed quantities a
 ]
 
 
-@pytest.mark.parametrize(
-    "name,factory,kind", [(n, f, k) for n, f, kinds in PENALTIES for k in kinds], ids=lambda v: v if isinstance(v, str) else ""
-)
+@pytest.mark.parametrize("name,factory,kind", [(n, f, k) for n, f, kinds in PENALTIES for k in kinds], ids=lambda v: v if isinstance(v, str) else "")
 def test_parameter_gradient_matches_finite_difference(name, factory, kind):
     x, y = batch(kind)
     assert_fd(factory(), make_model(kind), x, y)
@@ -328,10 +325,12 @@ def test_tangents_match_the_analytic_derivatives_of_a_blob_and_a_real_rotation()
     # off-centre anisotropic blob; the tangent uses central differences, so agreement is up to O(1 / width^2)
     half = (size - 1) / 2
     u, v = (cols - half) / half, (rows - half) / half
+
     def rotated(a):
         uu, vv = u * math.cos(a) + v * math.sin(a), -u * math.sin(a) + v * math.cos(a)
         c, r = half + half * uu, half + half * vv
         return torch.exp(-((c - c0) ** 2 / (2 * 5.0**2) + (r - r0) ** 2 / (2 * 3.5**2)))
+
     angle = 1e-4
     numeric = (rotated(angle) - rotated(-angle)) / (2 * angle)
     tangent = image_tangents(rotated(0.0)[None, None], sigma=0.0)[0, 4, 0]
@@ -397,8 +396,7 @@ def test_derivative_passes_leave_batchnorm_statistics_as_one_clean_forward():
     x, y = batch("conv", n=16)
     reference = make_model("conv")
     reference(x)
-    defenses = (LossIBP(), PredictionIBP(), PredictionIBP(direction="random"), TangentProp(),
-                GradientNormPenalty(method="fd"), LipschitzPenalty())
+    defenses = (LossIBP(), PredictionIBP(), PredictionIBP(direction="random"), TangentProp(), GradientNormPenalty(method="fd"), LipschitzPenalty())
     for defense in defenses:
         model = make_model("conv")
         defense(model, x, y)
@@ -431,8 +429,22 @@ YAMLS = sorted(p.stem for p in DEFENSE_DIR.glob("*.yaml"))
 
 
 def test_every_issue_defense_has_a_yaml():
-    wanted = {"none", "fgsm_at", "l2_at", "pgd_at", "grad_norm", "lipschitz", "tulip", "loss_ibp", "prediction_ibp",
-              "tangent_prop", "fast_tangent_prop", "fast_at", "simprop", "gaussian_aug"}
+    wanted = {
+        "none",
+        "fgsm_at",
+        "l2_at",
+        "pgd_at",
+        "grad_norm",
+        "lipschitz",
+        "tulip",
+        "loss_ibp",
+        "prediction_ibp",
+        "tangent_prop",
+        "fast_tangent_prop",
+        "fast_at",
+        "simprop",
+        "gaussian_aug",
+    }
     assert wanted <= set(YAMLS)
 
 
@@ -455,8 +467,11 @@ def test_defenses_that_clip_refuse_unbounded_data_with_a_hint():
     x = torch.randn(16, 2).double() * 3 + 2  # gaussians2d-like: not in [0, 1]
     y = torch.arange(16) % 2
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-    for defense, fix in ((AdversarialTraining(FGSM(), eps=0.1), "defense.attack.bounds=null"),
-                         (Tulip(), "defense.bounds=null"), (GaussianAugmentation(), "defense.clip=false")):
+    for defense, fix in (
+        (AdversarialTraining(FGSM(), eps=0.1), "defense.attack.bounds=null"),
+        (Tulip(), "defense.bounds=null"),
+        (GaussianAugmentation(), "defense.clip=false"),
+    ):
         with pytest.raises(UserError, match=fix):
             defense(model, x, y)
     for defense in (AdversarialTraining(FGSM(bounds=None), eps=0.1), Tulip(bounds=None), GaussianAugmentation(clip=False)):

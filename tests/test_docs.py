@@ -1,5 +1,6 @@
 """The documentation: the site builds strictly, its reference lists everything the configs hold, the getting-started
 commands run as written, and the README's set-up commands are the ones CI runs."""
+
 import re
 import shlex
 import subprocess
@@ -13,9 +14,15 @@ import reference  # noqa: E402  (docs/hooks/reference.py: the generator the site
 
 def test_site_builds_strictly_and_the_reference_lists_every_option_and_key(tmp_path):
     import mkdocs  # noqa: F401  (the docs extra; scripts/setup_venv.sh test installs it: a missing one is a failure, not a skip)
+
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
-                          capture_output=True, text=True, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr  # strict: a broken link, anchor or missing page fails
     assert "WARNING" not in proc.stderr, proc.stderr
     html = (site / "reference" / "index.html").read_text()

@@ -1,5 +1,6 @@
 """The execution engine on the CPU: reduced precision re-checked in fp32, compile, crop_flip, batch sizes that
 halve on out-of-memory, the cyclic schedule, data-parallel training with gloo."""
+
 import json
 import os
 import socket
@@ -88,8 +89,8 @@ def test_compile_gives_eager_predictions():
     assert fast._compiled is not None
     assert torch.allclose(out, model(x), atol=1e-5)
     x.requires_grad_(True)  # input gradients (what attacks need) through the compiled graph
-    g_fast, = torch.autograd.grad(F.cross_entropy(fast(x), torch.zeros(64, dtype=torch.long)), x)
-    g_eager, = torch.autograd.grad(F.cross_entropy(model(x), torch.zeros(64, dtype=torch.long)), x)
+    (g_fast,) = torch.autograd.grad(F.cross_entropy(fast(x), torch.zeros(64, dtype=torch.long)), x)
+    (g_eager,) = torch.autograd.grad(F.cross_entropy(model(x), torch.zeros(64, dtype=torch.long)), x)
     assert torch.allclose(g_fast, g_eager, atol=1e-5)
 
 
@@ -97,6 +98,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(model, **kwargs):
         def call(x):
             raise RuntimeError("no backend\ndetails")
+
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -155,10 +157,17 @@ def test_crop_flip_needs_images():
 def test_augment_auto_is_the_datasets_default_and_in_the_checkpoint_key():
     from omegaconf import OmegaConf
 
-
     def cfg(dataset, augment):
-        return OmegaConf.create({"dataset": OmegaConf.load(f"robust_cli/conf/dataset/{dataset}.yaml"), "data": {"augment": augment, "n_train": None, "val_fraction": 0.0},
-                                 "model": {}, "defense": {}, "train": {}, "seed": 0})
+        return OmegaConf.create(
+            {
+                "dataset": OmegaConf.load(f"robust_cli/conf/dataset/{dataset}.yaml"),
+                "data": {"augment": augment, "n_train": None, "val_fraction": 0.0},
+                "model": {},
+                "defense": {},
+                "train": {},
+                "seed": 0,
+            }
+        )
 
     assert build.augment(cfg("cifar10", "auto")) == "crop_flip" and build.augment(cfg("mnist", "auto")) == "none"
     assert build.identity(cfg("cifar10", "auto")) == build.identity(cfg("cifar10", "crop_flip"))
@@ -256,7 +265,12 @@ def test_fixed_batch_out_of_memory_in_the_cli_is_one_line(tmp_path, monkeypatch,
     assert json.loads((latest_run(tmp_path, "attack") / "run.json").read_text())["status"] == "user_error"
     cli.main(["robust", "attack", *common, "batch_size=auto"])
     record = json.loads((latest_run(tmp_path, "attack") / "run.json").read_text())
-    assert record["status"] == "completed" and record["batch_size"] == {"setting": "batch_size", "auto": True, "size": 22, "halvings": 2}  # 90 (the test set) -> 45 -> 22
+    assert record["status"] == "completed" and record["batch_size"] == {
+        "setting": "batch_size",
+        "auto": True,
+        "size": 22,
+        "halvings": 2,
+    }  # 90 (the test set) -> 45 -> 22
 
 
 def test_shards_need_a_fixed_batch_size(robust):
@@ -267,8 +281,20 @@ def test_shards_need_a_fixed_batch_size(robust):
 def test_cyclic_schedule_is_wongs_triangle():
     from robust_cli.training.loop import TrainSettings, make_optimizer
 
-    settings = TrainSettings.from_dict({"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                                        "scheduler": "cyclic", "epochs": 5, "lr_step": 1, "lr_gamma": 0.1, "batch_size": 64})
+    settings = TrainSettings.from_dict(
+        {
+            "optimizer": "sgd",
+            "lr": 0.2,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "scheduler": "cyclic",
+            "epochs": 5,
+            "lr_step": 1,
+            "lr_gamma": 0.1,
+            "batch_size": 64,
+        }
+    )
     param = nn.Parameter(torch.zeros(1))
     opt, sched, per_step = make_optimizer(settings, nn.ParameterList([param]), steps_per_epoch=10)
     assert per_step
@@ -303,8 +329,25 @@ def test_two_gloo_processes_train_the_weights_of_one_process_with_the_combined_b
     args = ["train", "dataset=digits", "model=fc100_20_10", "train.epochs=2", "data.n_train=640", "train.batch_size=64", "data.n_test=100", "threads=1"]
     robust(*args, "outputs_root=single", check=True)
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-                           "-m", "robust_cli", *args, "outputs_root=ddp"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "robust_cli",
+            *args,
+            "outputs_root=ddp",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single = torch.load(next((tmp_path / "single" / "checkpoints").glob("*/model.pt")), weights_only=True)
     ddp = torch.load(next((tmp_path / "ddp" / "checkpoints").glob("*/model.pt")), weights_only=True)
@@ -322,7 +365,9 @@ def test_other_commands_refuse_to_run_as_several_processes(robust):
     assert proc.returncode == 2 and "only robust train runs as several processes" in proc.stderr and "data.shard" in proc.stderr
 
 
-@pytest.mark.parametrize("preset, defense, scheduler, epochs, lr", [("cifar10_resnet18", "none", "cosine", 30, 0.1), ("cifar10_fast_at", "fgsm_rs", "cyclic", 15, 0.2)])
+@pytest.mark.parametrize(
+    "preset, defense, scheduler, epochs, lr", [("cifar10_resnet18", "none", "cosine", 30, 0.1), ("cifar10_fast_at", "fgsm_rs", "cyclic", 15, 0.2)]
+)
 def test_cifar_presets_compose_to_their_recipes(robust, preset, defense, scheduler, epochs, lr):
     import yaml
 
@@ -359,7 +404,9 @@ def test_gpu_check_says_in_one_line_that_it_skips_without_a_gpu():
 def test_bench_gpu_runs_its_quick_mode_on_the_cpu(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--device", "cpu", "--quick", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_gpu.py", "--device", "cpu", "--quick", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["what"] for r in rows} == {"train", "pgd10", "autoattack", "persistence"} and all(r["value"] > 0 for r in rows)

@@ -1,4 +1,5 @@
 """APGD, APGD-T, FAB-T, Square, the AutoAttack cascade and the audit: oracles, closed forms, planted masking."""
+
 import json
 import math
 
@@ -129,7 +130,7 @@ def test_fab_finds_the_exact_distance_to_a_hyperplane(norm):
     x = torch.randn(50, 20)
     y = model(x).argmax(1)
     fab = FABT(norm=norm, minimal=True, n_iter=20, bounds=None)
-    d = (fab(model, x, y) - x)
+    d = fab(model, x, y) - x
     found = SIZE[norm](d)
     exact = (x @ w - 0.3).abs() / DUAL[norm](w, 0)
     assert (model(x + d).argmax(1) != y).all()
@@ -163,7 +164,7 @@ def test_untargeted_fab_agrees_with_torchattacks(digits_model, norm):
     ta = pytest.importorskip("torchattacks")
     model, x, y = digits_model
     tnorm = "Linf" if norm == "linf" else "L2"
-    for eps in ((0.05, 0.1) if norm == "linf" else (0.5, 1.0)):
+    for eps in (0.05, 0.1) if norm == "linf" else (0.5, 1.0):
         torch.manual_seed(1)
         ours = accuracy(model, FAB(norm=norm, n_iter=100)(model, x, y, eps), y)
         theirs = accuracy(model, ta.FAB(model, norm=tnorm, eps=eps, steps=100, n_classes=10, multi_targeted=False, seed=0)(x, y), y)
@@ -353,8 +354,9 @@ def test_clopper_pearson_covers_at_least_nominal():
 
 
 def test_autoattack_cli_broken_by_audit_and_few_classes(robust, tmp_path):
-    proc = robust("attack", "attack=autoattack", "eps=[0,0.1]", "data.n_test=60", "train.epochs=2", "attack.n_queries=100",
-                  "attack.n_iter=20", "attack.report_each=true")
+    proc = robust(
+        "attack", "attack=autoattack", "eps=[0,0.1]", "data.n_test=60", "train.epochs=2", "attack.n_queries=100", "attack.n_iter=20", "attack.report_each=true"
+    )
     assert proc.returncode == 0, proc.stderr
     run = sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1]
     examples = pd.read_csv(run / "examples.csv", keep_default_na=False)
@@ -368,8 +370,17 @@ def test_autoattack_cli_broken_by_audit_and_few_classes(robust, tmp_path):
     assert (ens <= each + 1e-9).all()  # the per-example worst case is never above its best member
     assert (run / "audit.csv").is_file() and "audit" in proc.stderr + proc.stdout
     # two classes: runs, and says what it changed
-    proc = robust("attack", "dataset=gaussians2d", "model=two_layer_relu", "attack=autoattack", "eps=[0,0.5]", "data.n_test=40",
-                  "train.epochs=2", "attack.n_queries=50", "attack.n_iter=10")
+    proc = robust(
+        "attack",
+        "dataset=gaussians2d",
+        "model=two_layer_relu",
+        "attack=autoattack",
+        "eps=[0,0.5]",
+        "data.n_test=40",
+        "train.epochs=2",
+        "attack.n_queries=50",
+        "attack.n_iter=10",
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads(sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1].joinpath("run.json").read_text())
     assert any("target class" in w or "too few" in w for w in record["warnings"])
@@ -380,8 +391,18 @@ def test_randomised_model_cli_recommends_rand(robust, tmp_path):
     assert proc.returncode == 0, proc.stderr
     record = json.loads(sorted((tmp_path / "outputs" / "attack").glob("*/*"))[-1].joinpath("run.json").read_text())
     assert any("randomised" in w and "version=rand" in w for w in record["warnings"])
-    proc = robust("attack", "attack=autoattack", "attack.version=rand", "attack.eot_iter=3", "attack.n_iter=10", "attack.eval_draws=5",
-                  "eps=[0,0.1]", "data.n_test=40", "train.epochs=1", "++model.test_noise=0.1")
+    proc = robust(
+        "attack",
+        "attack=autoattack",
+        "attack.version=rand",
+        "attack.eot_iter=3",
+        "attack.n_iter=10",
+        "attack.eval_draws=5",
+        "eps=[0,0.1]",
+        "data.n_test=40",
+        "train.epochs=1",
+        "++model.test_noise=0.1",
+    )
     assert proc.returncode == 0, proc.stderr
 
 

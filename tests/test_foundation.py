@@ -1,4 +1,5 @@
 """Foundation: CLI dispatch, config composition, datasets, models, training loop, run store."""
+
 import gzip
 import json
 import struct
@@ -17,7 +18,9 @@ from robust_cli.core.errors import UserError
 from tests.conftest import latest_run
 
 # the analytic objects have their own tests; python (a user's class) and timm (an optional extra) are in test_zoo
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem not in ("wedge", "orthant", "theta_wedge", "voronoi", "python", "timm", "robustbench"))  # external zoos: tests/test_zoo.py
+MODELS = sorted(
+    p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem not in ("wedge", "orthant", "theta_wedge", "voronoi", "python", "timm", "robustbench")
+)  # external zoos: tests/test_zoo.py
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
 HEAVY = {"resnet18", "resnext", "c_256", "c_512", "torchvision"}
 
@@ -97,8 +100,12 @@ def _fits(model, dataset):
 # heavy nets are checked on digits and cifar10 only (same code path, a slow forward elsewhere)
 # image folders default to 224x224: checked with one model of each kind
 FOLDER_MODELS = {"fc200_200_10", "c_4", "lenet", "torchvision"}
-PAIRS = [(m, d) for m in MODELS for d in DATASETS if (m not in HEAVY or d in ("digits", "cifar10", "gaussians2d"))
-         and (d not in ("imagefolder", "imagenet") or m in FOLDER_MODELS)]
+PAIRS = [
+    (m, d)
+    for m in MODELS
+    for d in DATASETS
+    if (m not in HEAVY or d in ("digits", "cifar10", "gaussians2d")) and (d not in ("imagefolder", "imagenet") or m in FOLDER_MODELS)
+]
 
 
 @pytest.mark.parametrize("model, dataset", PAIRS)

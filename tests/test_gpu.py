@@ -1,4 +1,5 @@
 """Checks that need a CUDA device (scripts/gpu_check.sh runs them; skipped elsewhere)."""
+
 import json
 
 import pytest

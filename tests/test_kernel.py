@@ -4,6 +4,7 @@ Oracles: the network itself (the theorem says the kernel machine IS the network)
 path is plain gradient descent), explicit autograd Jacobians (kernel values), the literal per-sample loop
 (reference_predict), and closed forms of the representation (contributions sum to the output change).
 """
+
 import pytest
 import torch
 import torch.nn as nn
@@ -36,7 +37,7 @@ def relu_path():
 
 def queries(n=40, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return 2.5 + 3 * torch.randn(n, 2, generator=g, dtype=DT)   # in- and out-of-distribution
+    return 2.5 + 3 * torch.randn(n, 2, generator=g, dtype=DT)  # in- and out-of-distribution
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -102,7 +103,7 @@ def test_exact_on_the_2d_set(relu_path):
     net_out = kernel.network_output(x)
     err = (kernel.predict(x) - net_out).abs().max().item()
     assert err < 1e-9 * max(1.0, net_out.abs().max().item())
-    assert (net_out - relu_path.bias).abs().max() > 0.1       # the trained net is far from its constant start
+    assert (net_out - relu_path.bias).abs().max() > 0.1  # the trained net is far from its constant start
     # the kernel sums (Figure 21) use the same adaptive pieces: they equal the summed per-point values
     probes = torch.tensor([[4.0, 15.0], [1.0, 4.0], [-6.0, -6.0]], dtype=DT)
     sums = kernel.kernel_sums(probes)
@@ -129,7 +130,7 @@ def test_minibatch_extension_stays_exact():
     x, y = gaussians(40)
     path = train_path(net(), x, y, steps=12, step_size=0.5, batch_size=16, seed=3)
     on = (path.coefficients.abs().sum(2) > 0).sum(1)
-    assert (on == 16).all()                                    # a_{i,s} = 0 outside step s's batch
+    assert (on == 16).all()  # a_{i,s} = 0 outside step s's batch
     kernel = DiscretePathKernel(path, quadrature_points=4, tolerance=1e-10)
     q = queries(30)
     assert (kernel.predict(q) - kernel.network_output(q)).abs().max() < 1e-8
@@ -143,7 +144,7 @@ def test_error_falls_with_quadrature_points():
     q = queries(30)
     exact = DiscretePathKernel(smooth).network_output(q)
     errors = [(DiscretePathKernel(smooth, quadrature_points=p).predict(q) - exact).abs().max().item() for p in (1, 2, 3, 4, 6)]
-    assert errors[0] > 1e-3                                    # measured: 5e-3, 2e-5, 1e-6, 2e-8, 2e-12
+    assert errors[0] > 1e-3  # measured: 5e-3, 2e-5, 1e-6, 2e-8, 2e-12
     assert all(b < 0.1 * a for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-10
     relu = train_path(net(), x, y, steps=6, step_size=1.0)
@@ -164,7 +165,7 @@ def test_error_falls_with_step_size():
         errors.append((kernel.predict(q) - kernel.network_output(q)).abs().max().item())
     assert errors[0] > 1e-5
     for a, b in zip(errors, errors[1:]):
-        assert 0.3 < b / a < 0.7, errors                       # halves with eps: first order
+        assert 0.3 < b / a < 0.7, errors  # halves with eps: first order
 
 
 @pytest.mark.parametrize("output", ["logits", "probabilities"])
@@ -189,9 +190,8 @@ def test_kernel_values_against_explicit_jacobians():
     expected = torch.zeros_like(got.values)
     for s in range(path.steps):
         w0, w1 = path.weights[s], path.weights[s + 1]
-        train_jac = torch.autograd.functional.jacobian(lambda w: f(w, path.train_x), w0)      # (M, K, d)
-        query_jac = sum(o * torch.autograd.functional.jacobian(lambda w: f(w, q), w0 + t * (w1 - w0))
-                        for t, o in zip(nodes, weights))                                       # (Q, K, d)
+        train_jac = torch.autograd.functional.jacobian(lambda w: f(w, path.train_x), w0)  # (M, K, d)
+        query_jac = sum(o * torch.autograd.functional.jacobian(lambda w: f(w, q), w0 + t * (w1 - w0)) for t, o in zip(nodes, weights))  # (Q, K, d)
         expected += torch.einsum("qkd,icd->qikc", query_jac, train_jac)
     assert torch.allclose(got.values, expected, rtol=1e-10, atol=1e-12)
     # representation: contributions sum over training points to yhat(x) - b; the trace is the scalar kernel
@@ -213,7 +213,7 @@ def test_cross_class_terms_are_needed():
 # ------------------------------------------------------------------------------------------------ Lemma 14.4, Remark 1
 @pytest.mark.parametrize("variant", ["dpk", "tangent"])
 def test_symmetric_variants_give_a_psd_kernel_matrix(relu_path, variant):
-    x = torch.cat([queries(5), relu_path.train_x[:2]])            # includes training points (w_s(t, x) = w_s)
+    x = torch.cat([queries(5), relu_path.train_x[:2]])  # includes training points (w_s(t, x) = w_s)
     gram = DiscretePathKernel(relu_path, quadrature_points=4, variant=variant).matrix(x)
     m = gram.reshape(14, 14)
     scale = m.abs().max()
@@ -227,7 +227,7 @@ def test_continuous_variant_is_exact_everywhere_but_not_symmetric(relu_path):
     cont = DiscretePathKernel(relu_path, quadrature_points=4, variant="continuous", tolerance=1e-10)
     exact = dpk.network_output(on_train)
     assert (cont.predict(on_train) - exact).abs().max() < 1e-9
-    assert (dpk.predict(on_train) - exact).abs().max() > 1e-6     # the DPK's jump at training points (Remark 1)
+    assert (dpk.predict(on_train) - exact).abs().max() > 1e-6  # the DPK's jump at training points (Remark 1)
     m = cont.matrix(queries(4)).reshape(8, 8)
     assert (m - m.T).abs().max() > 1e-6 * m.abs().max()
 

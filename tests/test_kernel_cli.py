@@ -1,4 +1,5 @@
 """`robust kernel` end to end: files, columns, exactness on the 2-D set, image outputs, user errors."""
+
 import json
 
 import pandas as pd
@@ -6,15 +7,13 @@ import pytest
 
 from tests.conftest import latest_run
 
-SMALL_2D = ("kernel", "dataset.n_train_per_class=150", "dataset.n_test_per_class=50", "kernel.steps=25",
-            "kernel.n_agreement=60", "kernel.n_explain=2")
+SMALL_2D = ("kernel", "dataset.n_train_per_class=150", "dataset.n_test_per_class=50", "kernel.steps=25", "kernel.n_agreement=60", "kernel.n_explain=2")
 
 
 def test_gaussians2d_is_exact_and_writes_every_file(robust, tmp_path):
     robust(*SMALL_2D, check=True)
     run = latest_run(tmp_path, "kernel")
-    for name in ("path_log.csv", "kernel_agreement.csv", "agreement.png", "kernel_values.csv", "kernel_map.png",
-                 "ood.csv", "top_influences.csv", "run.json"):
+    for name in ("path_log.csv", "kernel_agreement.csv", "agreement.png", "kernel_values.csv", "kernel_map.png", "ood.csv", "top_influences.csv", "run.json"):
         assert (run / name).is_file(), name
     agreement = pd.read_csv(run / "kernel_agreement.csv")
     assert list(agreement.columns) == ["index", "class", "network_output", "kernel_output", "abs_error"]
@@ -38,8 +37,17 @@ def test_gaussians2d_is_exact_and_writes_every_file(robust, tmp_path):
 
 
 def test_digits_images_give_neighbours(robust, tmp_path):
-    robust("kernel", "dataset=digits", "data.n_train=100", "kernel.steps=6", "kernel.n_agreement=30",
-           "kernel.n_explain=2", "kernel.n_ood=1", "kernel.top_k=3", check=True)
+    robust(
+        "kernel",
+        "dataset=digits",
+        "data.n_train=100",
+        "kernel.steps=6",
+        "kernel.n_agreement=30",
+        "kernel.n_explain=2",
+        "kernel.n_ood=1",
+        "kernel.top_k=3",
+        check=True,
+    )
     run = latest_run(tmp_path, "kernel")
     assert (run / "neighbours.png").is_file()
     agreement = pd.read_csv(run / "kernel_agreement.csv")
@@ -49,13 +57,16 @@ def test_digits_images_give_neighbours(robust, tmp_path):
     assert len(top) == 3 * 3 and set(top.kind) == {"in", "ood"}
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("kernel.step_size=-1",), "kernel.step_size"),
-    (("kernel.variant=nope",), "kernel.variant"),
-    (("kernel.tolerance=0",), "kernel.tolerance"),
-    (("kernel.steps=0",), "kernel.steps"),
-    (("kernel.ood_points=[[1,2,3]]",), "kernel.ood_points"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("kernel.step_size=-1",), "kernel.step_size"),
+        (("kernel.variant=nope",), "kernel.variant"),
+        (("kernel.tolerance=0",), "kernel.tolerance"),
+        (("kernel.steps=0",), "kernel.steps"),
+        (("kernel.ood_points=[[1,2,3]]",), "kernel.ood_points"),
+    ],
+)
 def test_user_errors_are_one_line(robust, args, fragment):
     proc = robust("kernel", *args)
     assert proc.returncode == 2

@@ -1,4 +1,5 @@
 """Stability and persistence against Bell's closed forms (Prop. 4.3), a second implementation and edge cases."""
+
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
 """`robust persistence` end to end: files and columns, the wedge's known answer, determinism, user errors."""
+
 import json
 import math
 
@@ -8,8 +9,16 @@ from scipy.special import erfinv
 
 from tests.conftest import latest_run
 
-SMALL = ["train.epochs=3", "data.n_train=600", "attack.max_iter=50", "persistence.max_samples=256", "stability.n_samples=64", "sigma_grid.num=4",
-         "line.points=2", "line.steps=4"]
+SMALL = [
+    "train.epochs=3",
+    "data.n_train=600",
+    "attack.max_iter=50",
+    "persistence.max_samples=256",
+    "stability.n_samples=64",
+    "sigma_grid.num=4",
+    "line.points=2",
+    "line.steps=4",
+]
 
 
 def test_digits_files_and_columns(robust, tmp_path):
@@ -47,8 +56,19 @@ def test_wedge_known_answer_and_determinism(robust, tmp_path):
     # model=wedge, k = 1, apex 0.25: the sklearn digits' first pixel is always 0, so every digit lies outside
     # (class 1) at distance 0.25 from the one sheet; Prop. 4.3 (a half-space either side) gives the persistence
     # 0.25 / (sqrt(2) erfinv(2 gamma - 1)). DeepFool (untargeted) just crosses the sheet.
-    args = ["persistence", "model=wedge", "model.apex=0.25", "attack=deepfool", "n_points=3", "train.epochs=1",
-            "persistence.max_samples=8192", "stability.points=1", "stability.n_samples=32", "sigma_grid.num=2", "line.points=0"]
+    args = [
+        "persistence",
+        "model=wedge",
+        "model.apex=0.25",
+        "attack=deepfool",
+        "n_points=3",
+        "train.epochs=1",
+        "persistence.max_samples=8192",
+        "stability.points=1",
+        "stability.n_samples=32",
+        "sigma_grid.num=2",
+        "line.points=0",
+    ]
     robust(*args, check=True)
     run = latest_run(tmp_path, "persistence")
     table = pd.read_csv(run / "persistence.csv")
@@ -80,15 +100,18 @@ def test_several_random_targets_per_point(robust, tmp_path):
     assert summary.n_nat == 4 and summary.n_adv == len(ok)
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["gamma=1.5"], "gamma must be in (0, 1)"),
-    (["persistence.method=exact"], "persistence.method must be one of"),
-    (["persistence.n_init=20000"], "must not exceed persistence.max_samples"),
-    (["attack=pgd"], "budgeted attack"),
-    (["line.steps=1"], "line.steps must be an integer >= 2"),
-    (["attack=deepfool", "targets_per_point=2"], "add attack.targeted=random"),
-    (["targets_per_point=10"], "10 classes leave 9 other classes"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["gamma=1.5"], "gamma must be in (0, 1)"),
+        (["persistence.method=exact"], "persistence.method must be one of"),
+        (["persistence.n_init=20000"], "must not exceed persistence.max_samples"),
+        (["attack=pgd"], "budgeted attack"),
+        (["line.steps=1"], "line.steps must be an integer >= 2"),
+        (["attack=deepfool", "targets_per_point=2"], "add attack.targeted=random"),
+        (["targets_per_point=10"], "10 classes leave 9 other classes"),
+    ],
+)
 def test_user_errors_are_one_line(robust, args, fragment):
     proc = robust("persistence", *args)
     assert proc.returncode == 2, proc.stderr

@@ -1,4 +1,5 @@
 """Slow checks: Bell's Prop. 4.3 on the whole grid at n = 784 (both methods), `robust persistence` with defaults."""
+
 import json
 import math
 import time
@@ -44,8 +45,10 @@ def test_prop_4_3_grid_with_the_cli_defaults(k, gamma):
         return
     rel = (r.sigma - exact) / exact
     covered = ((r.ci_low <= exact) & (exact <= r.ci_high)).double().mean().item()
-    print(f"k={k} gamma={gamma}: median |rel err| {rel.abs().median().item():.4f}, median rel err {rel.median().item():+.4f}, "
-          f"coverage {covered:.3f}, evaluations {r.evaluations.double().mean().item():.0f}")
+    print(
+        f"k={k} gamma={gamma}: median |rel err| {rel.abs().median().item():.4f}, median rel err {rel.median().item():+.4f}, "
+        f"coverage {covered:.3f}, evaluations {r.evaluations.double().mean().item():.0f}"
+    )
     assert rel.abs().median().item() < 0.02
     assert covered >= 0.98
 

@@ -1,5 +1,6 @@
 """Nothing lost, nothing misleading (issue 14): run directories, the registry, killed runs, one-line user errors,
 shell completion, file modes, stdout vs stderr, figure titles."""
+
 import json
 import os
 import signal
@@ -48,8 +49,17 @@ def registry_entry(root: Path) -> Path:
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "robust_cli", "train", "train.epochs=1", f"seed={s}", "data.n_train=200"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for s in (8, 9)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "robust_cli", "train", "train.epochs=1", f"seed={s}", "data.n_train=200"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for s in (8, 9)
+    ]
     outs = [p.communicate() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     dirs = [next(line for line in (o + e).splitlines() if line.startswith("run directory:")) for o, e in outs]
@@ -72,8 +82,14 @@ def test_sigterm_marks_the_run_interrupted_in_one_line(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train", "train.epochs=200"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robust_cli", "train", "train.epochs=200"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "outputs").glob("checkpoints/*/last.pt")):
         time.sleep(0.2)
@@ -88,9 +104,15 @@ def test_sigterm_marks_the_run_interrupted_in_one_line(tmp_path):
 
 def test_sigint_is_one_line_with_the_resume_hint(tmp_path):
     # a pytest-xdist worker ignores SIGINT, and a child inherits that: give the child the default (a shell's) handler
-    proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train", "train.epochs=200"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robust_cli", "train", "train.epochs=200"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "outputs").glob("checkpoints/*/last.pt")):
         time.sleep(0.2)
@@ -103,8 +125,14 @@ def test_sigint_is_one_line_with_the_resume_hint(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the registry
 def test_sigint_while_the_libraries_load_is_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robust_cli", "train"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     time.sleep(0.3)  # torch alone takes longer than this to import
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -150,8 +178,13 @@ def test_a_sweep_with_a_failed_job_exits_non_zero_even_without_the_collect_callb
 
 # ----------------------------------------------------------------------------------------------- killed runs
 def test_kill_9_is_reported_died_and_its_temporaries_are_cleaned_at_the_next_start(robust, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "robust_cli", "train", "train.epochs=200"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robust_cli", "train", "train.epochs=200"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "outputs").glob("checkpoints/*/last.pt")):
         time.sleep(0.2)
@@ -184,20 +217,23 @@ def test_heartbeat_of_a_run_on_another_host_goes_stale(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- one-line errors
-@pytest.mark.parametrize("args, says", [
-    (("train", "+train.epoch=3"), "did you mean train.epochs?"),
-    (("train", "train.epoch=3"), "did you mean train.epochs?"),
-    (("train", "++data.n_tarin=5"), "did you mean data.n_train?"),
-    (("train", "+defense.foo=1"), "unknown key defense.foo"),
-    (("train", "checkpoint=nowhere.pt"), "does not read checkpoint="),
-    (("train", "resume=true", "retrain=true"), "contradict"),
-    (("attack", "attack.eot_iter=3"), "write +attack.eot_iter"),
-    (("attack", "+attack.stepz=3"), "did you mean attack.steps?"),
-    (("attack", "data.shard=3/3"), "0 <= I < N"),
-    (("attack", "data.shard=half"), "I/N"),
-    (("attack", "data.shard=0/8", "data.n_test=200", "batch_size=32"), "make only 7 batches"),
-    (("train", "data.shard=0/2"), "robust attack only"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (("train", "+train.epoch=3"), "did you mean train.epochs?"),
+        (("train", "train.epoch=3"), "did you mean train.epochs?"),
+        (("train", "++data.n_tarin=5"), "did you mean data.n_train?"),
+        (("train", "+defense.foo=1"), "unknown key defense.foo"),
+        (("train", "checkpoint=nowhere.pt"), "does not read checkpoint="),
+        (("train", "resume=true", "retrain=true"), "contradict"),
+        (("attack", "attack.eot_iter=3"), "write +attack.eot_iter"),
+        (("attack", "+attack.stepz=3"), "did you mean attack.steps?"),
+        (("attack", "data.shard=3/3"), "0 <= I < N"),
+        (("attack", "data.shard=half"), "I/N"),
+        (("attack", "data.shard=0/8", "data.n_test=200", "batch_size=32"), "make only 7 batches"),
+        (("train", "data.shard=0/2"), "robust attack only"),
+    ],
+)
 def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, says):
     assert says in refused_in_process(args, tmp_path, monkeypatch, capsys)
 
@@ -211,7 +247,12 @@ def test_truncated_idx_file_is_one_line_naming_it(robust, tmp_path):
 
     root = tmp_path / "mnist"
     root.mkdir()
-    shapes = {"train-images-idx3-ubyte": (20, 28, 28), "train-labels-idx1-ubyte": (20,), "t10k-images-idx3-ubyte": (10, 28, 28), "t10k-labels-idx1-ubyte": (10,)}
+    shapes = {
+        "train-images-idx3-ubyte": (20, 28, 28),
+        "train-labels-idx1-ubyte": (20,),
+        "t10k-images-idx3-ubyte": (10, 28, 28),
+        "t10k-labels-idx1-ubyte": (10,),
+    }
     for name, shape in shapes.items():
         header = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
         body = bytes(int(torch.tensor(shape).prod()))
@@ -266,17 +307,20 @@ def test_shell_completion_install_works_before_or_after_the_command(robust, pref
 
 
 def test_completion_in_a_real_bash(robust, tmp_path):
-    cases = [("robust tr", "train"), ("robust train defense=tu", "defense=tulip"), ("robust attack attack.st", "attack.steps="),
-             ("robust persistence model=fc1", "model=fc100_100_10")]
+    cases = [
+        ("robust tr", "train"),
+        ("robust train defense=tu", "defense=tulip"),
+        ("robust attack attack.st", "attack.steps="),
+        ("robust persistence model=fc1", "model=fc100_100_10"),
+    ]
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "robust").write_text(f"#!/bin/sh\nexec {sys.executable} -m robust_cli \"$@\"\n")
+    (bindir / "robust").write_text(f'#!/bin/sh\nexec {sys.executable} -m robust_cli "$@"\n')
     (bindir / "robust").chmod(0o755)
     bash = robust("-sc", "install=bash").stdout
     for line, _ in cases:
         words = line.split()
-        bash += (f'\nCOMP_LINE="{line}"; COMP_POINT={len(line)}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}\n'
-                 '_robust_completion; echo "${COMPREPLY[*]}"')
+        bash += f'\nCOMP_LINE="{line}"; COMP_POINT={len(line)}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}\n_robust_completion; echo "${{COMPREPLY[*]}}"'
     out = subprocess.run(["bash", "-c", bash], capture_output=True, text=True, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, cwd=tmp_path)
     replies = out.stdout.splitlines()
     assert len(replies) == len(cases), out.stdout + out.stderr
@@ -286,8 +330,9 @@ def test_completion_in_a_real_bash(robust, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- files and output
 def test_files_respect_the_umask_and_results_go_to_stdout(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "robust_cli", "train", *TINY], cwd=tmp_path, capture_output=True, text=True,
-                          preexec_fn=lambda: os.umask(0o002))
+    proc = subprocess.run(
+        [sys.executable, "-m", "robust_cli", "train", *TINY], cwd=tmp_path, capture_output=True, text=True, preexec_fn=lambda: os.umask(0o002)
+    )
     assert proc.returncode == 0, proc.stderr
     run = next((tmp_path / "outputs" / "train").glob("*/*"))
     for name in ("run.json", "model.pt", "train_log.csv"):
@@ -305,8 +350,9 @@ def test_every_figure_names_model_dataset_defense_and_attack(tmp_path):
 
     from robust_cli.core import store
 
-    cfg = OmegaConf.create({"model": {}, "dataset": {}, "defense": {}, "attack": {},
-                            "choices": {"model": "c_32", "dataset": "mnist", "defense": "tulip", "attack": "pgd"}})
+    cfg = OmegaConf.create(
+        {"model": {}, "dataset": {}, "defense": {}, "attack": {}, "choices": {"model": "c_32", "dataset": "mnist", "defense": "tulip", "attack": "pgd"}}
+    )
     ctx = store.RunContext(tmp_path, torch.device("cpu"), {}, build.described(cfg))
     fig, _ = plt.subplots()
     fig.suptitle("curve")

@@ -1,5 +1,6 @@
 """`robust report`: one self-contained report.html, rendered in a real headless Chromium when one is installed
 (scripts/test.sh installs Debian's chromium-headless-shell where it can)."""
+
 import re
 import shutil
 import subprocess

@@ -1,4 +1,5 @@
 """Issue 13: an evaluation survives a kill (resume=true) and splits into shards that merge into the unsharded run."""
+
 import json
 import shutil
 import subprocess
@@ -9,8 +10,17 @@ import pytest
 import torch
 from conftest import latest_run
 
-ATTACK = ("attack", "attack=apgd", "attack.n_iter=5", "eps=[0,0.1,0.2]", "data.n_test=200", "batch_size=32", "audit=false",
-          "train.epochs=1", "data.n_train=300")
+ATTACK = (
+    "attack",
+    "attack=apgd",
+    "attack.n_iter=5",
+    "eps=[0,0.1,0.2]",
+    "data.n_test=200",
+    "batch_size=32",
+    "audit=false",
+    "train.epochs=1",
+    "data.n_train=300",
+)
 
 
 def without_seconds(frame: pd.DataFrame) -> pd.DataFrame:
@@ -70,8 +80,19 @@ def test_batch_seeds_depend_on_the_global_batch_only():
     assert BatchPlan(seed=1).batch_seed(0.1, 5) != whole.batch_seed(0.1, 5)
 
 
-STAGED = ("attack", "attack=autoattack", "attack.n_iter=5", "attack.n_queries=20", "attack.report_each=true", "search=binary",
-          "eps=[0,0.1]", "data.n_test=64", "batch_size=32", "train.epochs=1", "data.n_train=300")
+STAGED = (
+    "attack",
+    "attack=autoattack",
+    "attack.n_iter=5",
+    "attack.n_queries=20",
+    "attack.report_each=true",
+    "search=binary",
+    "eps=[0,0.1]",
+    "data.n_test=64",
+    "batch_size=32",
+    "train.epochs=1",
+    "data.n_train=300",
+)
 
 
 def test_a_run_killed_after_the_curve_keeps_report_each_and_the_search_and_computes_the_audit_the_same(robust, tmp_path):

@@ -1,5 +1,6 @@
 """Sweeps through the real CLI: joblib and submitit_local launchers, the collect-on-multirun-end callback, failures
 recorded in run.json, chained training under the checkpoint lock, and the experiment presets' sweep settings."""
+
 import json
 import subprocess
 from pathlib import Path
@@ -20,8 +21,7 @@ def statuses(sweep: Path) -> dict:
 
 
 def test_joblib_sweep_of_three_defenses_and_two_seeds_is_collected(robust, tmp_path):
-    robust("train", "--multirun", "hydra/launcher=joblib", "defense=none,fgsm_at,tulip", "seed=0,1", *TINY,
-           "hydra.sweep.dir=sweep", check=True)
+    robust("train", "--multirun", "hydra/launcher=joblib", "defense=none,fgsm_at,tulip", "seed=0,1", *TINY, "hydra.sweep.dir=sweep", check=True)
     sweep = tmp_path / "sweep"
     assert sorted(statuses(sweep).values()) == ["completed"] * 6
     # the callback collected the sweep at its end: one table, defense and seed as columns
@@ -45,8 +45,20 @@ def test_submitit_local_sweep_of_two_jobs_is_collected(robust, tmp_path):
 
 
 def test_parallel_attack_jobs_train_their_shared_checkpoint_once_and_a_failing_job_is_recorded(robust, tmp_path):
-    proc = robust("attack", "--multirun", "hydra/launcher=joblib", "attack=fgsm", "eps=0.05,0.1,-1", "audit=false",
-                  "save_adversarial=false", "data.n_test=100", "model=fc10_4", "train.epochs=2", "data.n_train=300", "hydra.sweep.dir=sweep")
+    proc = robust(
+        "attack",
+        "--multirun",
+        "hydra/launcher=joblib",
+        "attack=fgsm",
+        "eps=0.05,0.1,-1",
+        "audit=false",
+        "save_adversarial=false",
+        "data.n_test=100",
+        "model=fc10_4",
+        "train.epochs=2",
+        "data.n_train=300",
+        "hydra.sweep.dir=sweep",
+    )
     # one failing job does not stop the others, but the sweep exits non-zero once all ran
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 sweep jobs did not complete")
@@ -91,8 +103,12 @@ def test_szegedy_igsm_variant_is_bells_histogram_attack():
 
 
 def test_oberman_objectives_carry_their_settings():
-    expected = {"j0": ("CrossEntropy", None, 0.0), "j1": ("AdversarialTraining", None, 0.0),
-                "j2": ("AdversarialTraining", None, 0.0), "j2_lip": ("Tulip", "tanh", 5e-4)}
+    expected = {
+        "j0": ("CrossEntropy", None, 0.0),
+        "j1": ("AdversarialTraining", None, 0.0),
+        "j2": ("AdversarialTraining", None, 0.0),
+        "j2_lip": ("Tulip", "tanh", 5e-4),
+    }
     for objective, (defense, head, decay) in expected.items():
         cfg, params = sweep_config("attack", ["experiment=oberman_table", f"experiment/oberman_objective={objective}"])
         assert cfg.defense._target_.endswith(defense) and cfg.model.get("head") == head and cfg.train.weight_decay == decay

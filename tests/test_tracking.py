@@ -1,4 +1,5 @@
 """Experiment tracking callbacks: MLflow (read back with MlflowClient) and TensorBoard; tracking never breaks a run."""
+
 import json
 import time
 
@@ -46,7 +47,8 @@ def test_missing_tracking_package_is_one_warning(robust, tmp_path):
     proc = robust("train", "train.epochs=1", "hydra/callbacks=mlflow", env={"PYTHONPATH": str(fake)})
     assert proc.returncode == 0
     assert [line for line in proc.stderr.splitlines() if "warning:" in line] == [
-        "warning: hydra/callbacks=mlflow needs the mlflow package (pip install 'robust[track]'): nothing was tracked; the run goes on and its files are written as always"]
+        "warning: hydra/callbacks=mlflow needs the mlflow package (pip install 'robust[track]'): nothing was tracked; the run goes on and its files are written as always"
+    ]
 
 
 def test_tensorboard_scalars_per_epoch(robust, tmp_path):

@@ -3,6 +3,7 @@
 Losses are checked against hand computations in numpy, AWP against the plain step taken by hand at the perturbed
 weights, the weight average against its closed form, and selection end to end through the CLI.
 """
+
 import dataclasses
 import json
 import math
@@ -188,8 +189,21 @@ def test_weight_average_equals_its_closed_form_on_scripted_updates():
 
 def test_piecewise_schedule_is_rices_and_takes_official_milestones():
     assert piecewise_milestones(None, 200) == [101, 151]
-    settings = TrainSettings.from_dict({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                                        "scheduler": "piecewise", "milestones": None, "lr_gamma": 0.1, "epochs": 8, "lr_step": 1, "batch_size": 64})
+    settings = TrainSettings.from_dict(
+        {
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "scheduler": "piecewise",
+            "milestones": None,
+            "lr_gamma": 0.1,
+            "epochs": 8,
+            "lr_step": 1,
+            "batch_size": 64,
+        }
+    )
 
     def epoch_lrs(epochs):
         optimizer, scheduler, per_step = make_optimizer(settings, nn.Linear(2, 2))
@@ -242,8 +256,18 @@ def test_new_objectives_train_with_robust_validation_and_write_the_columns(robus
     assert {"model.pt", "model.best.pt", "model.last.pt"} <= {p.name for p in entry.iterdir()}
 
 
-BLOWUP = ("defense=pgd_at", "defense.eps=0.05", "train.epochs=3", "data.n_train=600", "data.val_fraction=0.3", "train.validate=true",
-          "train.select=best_robust", "train.scheduler=piecewise", "train.milestones=[3]", "train.lr_gamma=20")
+BLOWUP = (
+    "defense=pgd_at",
+    "defense.eps=0.05",
+    "train.epochs=3",
+    "data.n_train=600",
+    "data.val_fraction=0.3",
+    "train.validate=true",
+    "train.select=best_robust",
+    "train.scheduler=piecewise",
+    "train.milestones=[3]",
+    "train.lr_gamma=20",
+)
 
 
 def _weights(path):
@@ -318,8 +342,9 @@ def test_bad_training_values_are_refused_by_the_commands_checks():
                 checks(compose("train", overrides=args))
 
 
-@pytest.mark.parametrize("args,needle", [BAD_VALUES[0], BAD_VALUES[4],
-                                         (["train.validate=true", "data.val_fraction=0.2", "attack@train.val_attack=pdg"], "attack/pdg")])
+@pytest.mark.parametrize(
+    "args,needle", [BAD_VALUES[0], BAD_VALUES[4], (["train.validate=true", "data.val_fraction=0.2", "attack@train.val_attack=pdg"], "attack/pdg")]
+)
 def test_bad_training_values_are_one_line_before_any_work(robust, tmp_path, args, needle):
     proc = robust("train", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -1,5 +1,6 @@
 """Models and images from elsewhere: torchvision architectures with local weights, a user's own class, image
 folders and ImageNet's validation layout, streaming training, robust export. All weights are generated here."""
+
 import json
 import os
 import sys
@@ -38,9 +39,13 @@ def test_image_folder_labels_sizes_and_class_restriction(tmp_path):
 
     def cfg(**dataset):
         base = OmegaConf.load("robust_cli/conf/dataset/imagefolder.yaml")
-        return OmegaConf.create({"seed": 0, "data": {"root": str(tmp_path / "data"), "download": False, "n_train": None, "n_test": None,
-                                                      "val_fraction": 0.0, "workers": 0, "memory_gb": 8},
-                                 "dataset": {**OmegaConf.to_container(base), "root": str(tmp_path / "data"), "workers": 0, "image_size": 32, "resize": 36, **dataset}})
+        return OmegaConf.create(
+            {
+                "seed": 0,
+                "data": {"root": str(tmp_path / "data"), "download": False, "n_train": None, "n_test": None, "val_fraction": 0.0, "workers": 0, "memory_gb": 8},
+                "dataset": {**OmegaConf.to_container(base), "root": str(tmp_path / "data"), "workers": 0, "image_size": 32, "resize": 36, **dataset},
+            }
+        )
 
     data = build.make_data(cfg())
     assert data.meta.class_names == ["cat", "dog", "owl"] and data.meta.num_classes == 3 and data.meta.shape == (3, 32, 32)
@@ -68,16 +73,24 @@ def test_imagenet_flat_validation_layouts(tmp_path):
     base = OmegaConf.to_container(OmegaConf.load("robust_cli/conf/dataset/imagenet.yaml"))
 
     def load(**over):
-        return build.make_data(OmegaConf.create({"seed": 0, "data": {"root": str(root), "download": False, "n_train": None, "n_test": None, "val_fraction": 0.0,
-                                                                "workers": 0, "memory_gb": 8},
-                                           "dataset": {**base, "root": str(root), "workers": 0, "image_size": 16, "resize": 16, **over}}))
+        return build.make_data(
+            OmegaConf.create(
+                {
+                    "seed": 0,
+                    "data": {"root": str(root), "download": False, "n_train": None, "n_test": None, "val_fraction": 0.0, "workers": 0, "memory_gb": 8},
+                    "dataset": {**base, "root": str(root), "workers": 0, "image_size": 16, "resize": 16, **over},
+                }
+            )
+        )
 
     data = load()
     assert data.test_y.tolist() == [11, 11, 14, 999] and data.meta.num_classes == 1000 and data.meta.class_names[11] == wnids[11]
     assert load(classes=[11]).test_y.tolist() == [11, 11]  # Bell's goldfinch images
     (root / "LOC_val_solution.csv").unlink()
     (root / "LOC_synset_mapping.txt").unlink()
-    (root / "val_labels.txt").write_text("ILSVRC2012_val_00000001.JPEG 5\nILSVRC2012_val_00000002.JPEG 7\nILSVRC2012_val_00000003.JPEG 9\nILSVRC2012_val_00000004.JPEG 1\n")
+    (root / "val_labels.txt").write_text(
+        "ILSVRC2012_val_00000001.JPEG 5\nILSVRC2012_val_00000002.JPEG 7\nILSVRC2012_val_00000003.JPEG 9\nILSVRC2012_val_00000004.JPEG 1\n"
+    )
     assert load().test_y.tolist() == [5, 7, 9, 1]
 
 
@@ -108,8 +121,10 @@ def test_torchvision_model_runs_persistence_and_boundary(robust, tmp_path):
     make_folder(tmp_path / "data")
     _resnet_weights(tmp_path / "r18.pth", 3)
     args = ["dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18.pth'}"]
-    for command in (["persistence", "attack=fgsm", "eps=0.05", "n_points=2", "stability.points=0", "line.points=0", "persistence.max_samples=64", "persistence.n_init=8"],
-                    ["boundary", "n_points=2", "pairs=natural_adversarial", "attack=deepfool"]):
+    for command in (
+        ["persistence", "attack=fgsm", "eps=0.05", "n_points=2", "stability.points=0", "line.points=0", "persistence.max_samples=64", "persistence.n_init=8"],
+        ["boundary", "n_points=2", "pairs=natural_adversarial", "attack=deepfool"],
+    ):
         proc = robust(command[0], *args, *command[1:])
         assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -119,8 +134,12 @@ def test_weights_of_another_head_size_are_one_line(tmp_path, monkeypatch, capsys
 
     make_folder(tmp_path / "data")
     _resnet_weights(tmp_path / "r18_1000.pth", 1000)
-    line = refused_in_process(["attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18_1000.pth'}"],
-                              tmp_path, monkeypatch, capsys)
+    line = refused_in_process(
+        ["attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet18", f"model.weights={tmp_path / 'r18_1000.pth'}"],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert "1000-class head (fc.weight [1000, 512])" in line and "the dataset has 3 classes" in line
     line = refused_in_process(["attack", "dataset=imagefolder", *IMG, "model=torchvision", "model.arch=resnet181"], tmp_path, monkeypatch, capsys)
     assert "did you mean" in line and "resnet18" in line
@@ -134,8 +153,17 @@ def test_torchvision_weights_name_comes_from_the_hub_cache_only(robust, tmp_path
     for i in range(3):
         Image.fromarray(np.full((40, 40, 3), 40 * i, dtype=np.uint8)).save(root / "val" / f"v{i}.JPEG")
     (root / "val_labels.txt").write_text("v0.JPEG 11\nv1.JPEG 14\nv2.JPEG 11\n")
-    args = ["dataset=imagenet", "data.root=imagenet", "dataset.image_size=32", "dataset.resize=32", "data.workers=0", "model=torchvision",
-            "model.arch=resnet18", "model.weights=IMAGENET1K_V1", "attack=fgsm"]
+    args = [
+        "dataset=imagenet",
+        "data.root=imagenet",
+        "dataset.image_size=32",
+        "dataset.resize=32",
+        "data.workers=0",
+        "model=torchvision",
+        "model.arch=resnet18",
+        "model.weights=IMAGENET1K_V1",
+        "attack=fgsm",
+    ]
     hub = tmp_path / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(hub))
     line = refused_in_process(["attack", *args], tmp_path, monkeypatch, capsys)
@@ -162,7 +190,8 @@ def _own_package(tmp_path):
         "        super().__init__()\n"
         "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))\n\n"
         "    def forward(self, x):\n"
-        "        return self.body(x)\n")
+        "        return self.body(x)\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         from mypkg.nets import Net
@@ -280,13 +309,20 @@ def test_bell_table2_smoke_runs_end_to_end_with_both_columns(tmp_path):
         lines.append(f"g{i}.JPEG 11")
     Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(root / "other.JPEG")
     (tmp_path / "imagenet" / "val_labels.txt").write_text("\n".join(lines + ["other.JPEG 5"]) + "\n")
-    images = torch.stack([TF.pil_to_tensor(TF.center_crop(TF.resize(Image.open(root / f"g{i}.JPEG").convert("RGB"), 64), [64, 64])).float() / 255 for i in range(3)])
+    images = torch.stack(
+        [TF.pil_to_tensor(TF.center_crop(TF.resize(Image.open(root / f"g{i}.JPEG").convert("RGB"), 64), [64, 64])).float() / 255 for i in range(3)]
+    )
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     _planted_alexnet(hub / "alexnet-owt-7be5be79.pth", images)
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "robust_cli", "persistence", "--multirun", "experiment=bell_table2", "scale=smoke", "data.root=imagenet",
-                           "data.workers=0"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "robust_cli", "persistence", "--multirun", "experiment=bell_table2", "scale=smoke", "data.root=imagenet", "data.workers=0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(next((tmp_path / "outputs" / "persistence" / "multirun").glob("*/*/collected/table_bell_table2.csv")))
     assert table[["network", "attack"]].values.tolist() == [["alexnet", "total"], ["alexnet", "bim"], ["alexnet", "pgd"]]
@@ -304,7 +340,9 @@ def test_timm_model_or_one_line_saying_how_to_get_it(robust, tmp_path):
         import timm
     except ImportError:
         proc = robust("attack", "dataset=imagefolder", *IMG, "model=timm", "model.arch=resnet18")
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: model=timm needs the timm package: pip install 'robust[zoo]' (or pip install timm)"]
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            "error: model=timm needs the timm package: pip install 'robust[zoo]' (or pip install timm)"
+        ]
         return
     net = timm.create_model("resnet18", pretrained=False, num_classes=3)
     torch.save(net.state_dict(), tmp_path / "t.pth")
@@ -356,13 +394,15 @@ def _fake_robustbench(root):
     (pkg / "model_zoo" / "enums.py").write_text(
         "from enum import Enum\n"
         "class BenchmarkDataset(Enum):\n    cifar_10 = 'cifar10'\n    cifar_100 = 'cifar100'\n    imagenet = 'imagenet'\n"
-        "class ThreatModel(Enum):\n    Linf = 'Linf'\n    L2 = 'L2'\n    corruptions = 'corruptions'\n")
+        "class ThreatModel(Enum):\n    Linf = 'Linf'\n    L2 = 'L2'\n    corruptions = 'corruptions'\n"
+    )
     (pkg / "model_zoo" / "models.py").write_text(
         "from collections import OrderedDict\nimport torch.nn as nn\n"
         "from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel\n"
         "def tiny():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))\n"
         "model_dicts = OrderedDict([(BenchmarkDataset.cifar_10, OrderedDict([(ThreatModel.Linf, OrderedDict(["
-        "('Tiny2024Made', {'model': tiny, 'gdrive_id': 'x'}), ('Ens2024Made', {'model': tiny, 'gdrive_id': ['a', 'b']})]))]))])\n")
+        "('Tiny2024Made', {'model': tiny, 'gdrive_id': 'x'}), ('Ens2024Made', {'model': tiny, 'gdrive_id': ['a', 'b']})]))]))])\n"
+    )
 
 
 def test_robustbench_model_from_its_zoo_and_a_local_checkpoint(robust, tmp_path):
@@ -378,8 +418,11 @@ def test_robustbench_model_from_its_zoo_and_a_local_checkpoint(robust, tmp_path)
     adv = torch.load(latest_run(tmp_path, "attack") / "adversarial.pt", weights_only=True)
     with torch.no_grad():
         assert torch.equal(adv["clean_pred"], reference(adv["x"]).argmax(1))  # its weights, its own [0, 1] inputs: no normalisation added
-    for override, expected in (("model.name=Tiny2024Mad", "did you mean Tiny2024Made"), ("model.name=Ens2024Made", "ensemble"),
-                               ("model.dataset=cifar100", "has 100 classes, the dataset here has 10")):
+    for override, expected in (
+        ("model.name=Tiny2024Mad", "did you mean Tiny2024Made"),
+        ("model.name=Ens2024Made", "ensemble"),
+        ("model.dataset=cifar100", "has 100 classes, the dataset here has 10"),
+    ):
         proc = robust("attack", *base, override, env=env)
         assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-800:]
     proc = robust("attack", "dataset=digits", "model=robustbench", "model.name=Tiny2024Made", env=env)  # 1x8x8 images, not CIFAR's
@@ -397,6 +440,7 @@ def test_a_missing_or_misshapen_image_folder_is_one_line(tmp_path, monkeypatch, 
     (tmp_path / "flat" / "stuff").mkdir(parents=True)  # no val/ inside
     for root in (tmp_path / "nowhere", tmp_path / "flat"):
         for dataset in ("imagefolder", "imagenet"):
-            line = refused_in_process(["attack", f"dataset={dataset}", f"data.root={root}", *IMG, "model=torchvision", "model.arch=resnet18"],
-                                      tmp_path, monkeypatch, capsys)
+            line = refused_in_process(
+                ["attack", f"dataset={dataset}", f"data.root={root}", *IMG, "model=torchvision", "model.arch=resnet18"], tmp_path, monkeypatch, capsys
+            )
             assert f"'{root / 'val'}' not found" in line and "val/<class>/<image>" in line, line

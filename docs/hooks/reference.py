@@ -8,6 +8,7 @@ Markers in a page's Markdown are replaced by tables built from the shipped YAML 
     <!-- reference:errors -->          every one-line error message the code can raise, by module
 `python docs/hooks/reference.py` prints the generated Markdown (for a quick look without building the site).
 """
+
 from __future__ import annotations
 
 import ast
@@ -118,8 +119,11 @@ def _description(path: Path) -> str:
 
 def _settings(path: Path) -> str:
     flat = _flatten(_load(path))
-    shown = [f"{k}={_value(v).strip('`')}" for k, v in flat.items() if not k.startswith("table") and k != "_target_"
-             and not k.endswith("._target_") and k != "scales" and not k.startswith("scales.")][:10]
+    shown = [
+        f"{k}={_value(v).strip('`')}"
+        for k, v in flat.items()
+        if not k.startswith("table") and k != "_target_" and not k.endswith("._target_") and k != "scales" and not k.startswith("scales.")
+    ][:10]
     target = flat.get("_target_")
     return _cell((f"`{target}`" + ("; " if shown else "") if target else "") + ", ".join(f"`{s}`" for s in shown))
 
@@ -222,5 +226,6 @@ def on_page_markdown(markdown, page=None, config=None, files=None, **kwargs):
 
 
 if __name__ == "__main__":
-    print(render("<!-- reference:common -->\n<!-- reference:command attack -->\n<!-- reference:groups -->\n"
-                 "<!-- reference:choices -->\n<!-- reference:errors -->"))
+    print(
+        render("<!-- reference:common -->\n<!-- reference:command attack -->\n<!-- reference:groups -->\n<!-- reference:choices -->\n<!-- reference:errors -->")
+    )

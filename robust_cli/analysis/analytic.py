@@ -8,6 +8,7 @@ of the k sheets has, under x' ~ N(x, sigma^2 I),
 
 independent of n. For k = 1 and gamma <= 1/2 the stability never drops below gamma: the persistence is +inf.
 """
+
 from __future__ import annotations
 
 import math

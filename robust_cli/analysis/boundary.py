@@ -12,6 +12,7 @@ A classifier here is any callable mapping a batch (B, *shape) to logits (B, C); 
 - `boundary_dimension`: SVD of the differences of projected points, the number of dropped (degenerate)
   singular values, the least-squares normal, and its angle to reference directions.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +92,16 @@ class Projection:
     class_b: torch.Tensor
 
 
-def project_to_boundary(classifier: Classifier, samples: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
-                        method: str = "interpolate", tol: float = 1e-5, max_steps: int = 50,
-                        classes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Projection:
+def project_to_boundary(
+    classifier: Classifier,
+    samples: torch.Tensor,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    method: str = "interpolate",
+    tol: float = 1e-5,
+    max_steps: int = 50,
+    classes: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Projection:
     """Project `samples` (M, *shape) around a boundary point between x1 and x2 onto the decision boundary.
 
     interpolate (the seed's way): a sample classified like x1 is bisected towards x2, any other sample towards x1.
@@ -121,7 +129,7 @@ def project_to_boundary(classifier: Classifier, samples: torch.Tensor, x1: torch
         x.requires_grad_(True)
         logits = classifier(x)
         gap = logits[rows, class_a] - logits[rows, class_b]
-        grad, = torch.autograd.grad(gap.sum(), x)
+        (grad,) = torch.autograd.grad(gap.sum(), x)
         x = x.detach()
         grad_sq = grad.flatten(1).pow(2).sum(1)
         gap = gap.detach()
@@ -146,8 +154,7 @@ def flat_svd(noise: torch.Tensor) -> torch.Tensor:
     return (u * s.pow(2).mean().sqrt()) @ vh
 
 
-def sample_around(center: torch.Tensor, n_samples: int, sigma: float, distribution: str = "gaussian",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_around(center: torch.Tensor, n_samples: int, sigma: float, distribution: str = "gaussian", generator: torch.Generator | None = None) -> torch.Tensor:
     """n_samples points center + noise, noise ~ N(0, sigma^2 I) or its Flat SVD version.
 
     The noise is centred (column means removed) before anything else, so the sample mean is exactly `center`
@@ -174,8 +181,7 @@ class BoundaryDimension:
     cosines: dict = field(default_factory=dict)  # name -> |cos| between the normal and a reference direction
 
 
-def point_differences(points: torch.Tensor, n_pairs: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def point_differences(points: torch.Tensor, n_pairs: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Differences among sampled points, which cancel the shared image content (the boundary point itself).
 
     n_pairs=None uses all pairs; their scatter is sum_{i<j} d_ij d_ij^T = M * sum_i (p_i - mean)(p_i - mean)^T,
@@ -213,9 +219,15 @@ def count_degenerate(singular_values: torch.Tensor, min_gap: float = 1.3, max_de
     return r - 1 - (first + int(gaps[0, 0])) if len(gaps) else 0
 
 
-def boundary_dimension(samples: torch.Tensor, projected: torch.Tensor, references: dict | None = None,
-                       min_gap: float = 1.3, max_degenerate: int | None = None, n_pairs: int | None = None,
-                       generator: torch.Generator | None = None) -> BoundaryDimension:
+def boundary_dimension(
+    samples: torch.Tensor,
+    projected: torch.Tensor,
+    references: dict | None = None,
+    min_gap: float = 1.3,
+    max_degenerate: int | None = None,
+    n_pairs: int | None = None,
+    generator: torch.Generator | None = None,
+) -> BoundaryDimension:
     """Section 31's analysis of one boundary point from its samples (M, *shape) and their projections.
 
     Singular values: of the differences of projected points (`point_differences`), first min(M - 1, n) of them.

@@ -10,6 +10,7 @@ p_A(sigma) is exactly Bell's (gamma, sigma)-stability of x's class when f(x) = c
 same sampler as `persistence`: point i's rays are seeded by (seed, index, page), whatever the batch or batch size.
 The selection draws use another seed than the estimation draws: Cohen's bound needs them independent.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,19 @@ def _num_classes(classifier, x) -> int:
     return int(out.shape[1])
 
 
-def certify(classifier, x, sigma: float, n0: int = 100, n: int = 100_000, alpha: float = 0.001, *, seed: int = 0,
-            index_offset: int | list[int] = 0, batch_size: int = 1024, keep: int = 0) -> Certificate:
+def certify(
+    classifier,
+    x,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    *,
+    seed: int = 0,
+    index_offset: int | list[int] = 0,
+    batch_size: int = 1024,
+    keep: int = 0,
+) -> Certificate:
     """Cohen's CERTIFY for every point of x (B, ...); deterministic for a seed, independent of the batch size.
     `keep`: also return the labels of the first `keep` estimation draws, which persistence can reuse (`shared`)."""
     _check(sigma, n, alpha, batch_size)
@@ -90,8 +102,9 @@ def certify(classifier, x, sigma: float, n0: int = 100, n: int = 100_000, alpha:
     return Certificate(predicted, p_low, radius, counts, select.evaluations + estimate.evaluations, draws)
 
 
-def predict(classifier, x, sigma: float, n: int = 100_000, alpha: float = 0.001, *, seed: int = 0,
-            index_offset: int | list[int] = 0, batch_size: int = 1024) -> torch.Tensor:
+def predict(
+    classifier, x, sigma: float, n: int = 100_000, alpha: float = 0.001, *, seed: int = 0, index_offset: int | list[int] = 0, batch_size: int = 1024
+) -> torch.Tensor:
     """Cohen's PREDICT: the smoothed class of every point, or ABSTAIN where the top two counts are too close."""
     _check(sigma, n, alpha, batch_size)
     num_classes = _num_classes(classifier, x)

@@ -14,6 +14,7 @@ All of them take `(input_shape, num_classes, **params)` like the model zoo, flat
 Extra classes (num_classes > 2 for the cones) get a logit strictly below both real ones, so argmax and the
 top-2 margin only ever see classes 0 and 1; this lets `model=orthant` run with any dataset's class count.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,7 @@ class ThetaWedge(nn.Module):
         derivative is still negative, where it is linear: t = (x_1 + sum_J a_i x_i) / (1 + sum_J a_i^2).
         """
         flat = x.reshape(len(x), self.n)
-        x1, xs = flat[:, 0], flat[:, 1:self.k]
+        x1, xs = flat[:, 0], flat[:, 1 : self.k]
         a = self.slopes.to(flat.dtype)
         if self.k > 1:
             positive = a > 0
@@ -99,7 +100,7 @@ class ThetaWedge(nn.Module):
         out = flat.clone()
         out[:, 0] = t
         if self.k > 1:
-            out[:, 1:self.k] = torch.maximum(xs, a * t[:, None])
+            out[:, 1 : self.k] = torch.maximum(xs, a * t[:, None])
         return out.reshape(x.shape)
 
     def project_to_boundary(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class ThetaWedge(nn.Module):
         out = torch.zeros(len(t), self.n, dtype=torch.float64)
         out[:, 0] = t
         if self.k > 1:
-            out[:, 1:self.k] = t[:, None] * torch.tan(math.pi / 4 + torch.atan(self.slopes.cpu()) / 2)
+            out[:, 1 : self.k] = t[:, None] * torch.tan(math.pi / 4 + torch.atan(self.slopes.cpu()) / 2)
         return out.reshape(len(t), *self.input_shape)
 
     def parallel(self, t: torch.Tensor, epsilon: float) -> torch.Tensor:

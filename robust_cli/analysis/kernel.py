@@ -19,6 +19,7 @@ Nothing d x M is ever built for a prediction: sum_i J_s(x_i)^T a_{i,s} is one ve
 training set (v_s), and each quadrature node costs one Jacobian-vector product of the query batch along v_s.
 Per-training-point values use per-query Jacobians (Q x K x d) pushed through the training set by batched JVPs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,15 +105,15 @@ class TrainingPath:
     """Every weight state of a forward-Euler run and the kernel coefficients a_{i,s} = -eps dL/dyhat_i."""
 
     flat: FlatModel
-    weights: torch.Tensor       # (N+1, d): w_0 .. w_N
+    weights: torch.Tensor  # (N+1, d): w_0 .. w_N
     coefficients: torch.Tensor  # (N, M, K): a_{i,s}; zero for points outside step s's mini-batch
-    train_x: torch.Tensor       # (M, *input_shape)
-    train_y: torch.Tensor       # (M,)
+    train_x: torch.Tensor  # (M, *input_shape)
+    train_y: torch.Tensor  # (M,)
     step_size: float
-    bias: torch.Tensor          # (K,): b = yhat_{w_0}(x), the same for every x
-    initial_spread: float       # max |yhat_{w_0}(x_i) - b| over training points; 0 makes the representation exact
-    losses: torch.Tensor        # (N+1,): training loss at w_0 .. w_N
-    accuracies: torch.Tensor    # (N+1,): training accuracy at w_0 .. w_N
+    bias: torch.Tensor  # (K,): b = yhat_{w_0}(x), the same for every x
+    initial_spread: float  # max |yhat_{w_0}(x_i) - b| over training points; 0 makes the representation exact
+    losses: torch.Tensor  # (N+1,): training loss at w_0 .. w_N
+    accuracies: torch.Tensor  # (N+1,): training accuracy at w_0 .. w_N
 
     @property
     def steps(self) -> int:
@@ -124,10 +125,20 @@ class TrainingPath:
         return self.weights.numel() * self.weights.element_size() + self.coefficients.numel() * self.coefficients.element_size()
 
 
-@torch.enable_grad()   # callers may sit inside no_grad
-def train_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, step_size: float,
-               loss=None, output: str = "logits", batch_size: int | None = None, seed: int = 0,
-               zero_last: bool = True, progress=None) -> TrainingPath:
+@torch.enable_grad()  # callers may sit inside no_grad
+def train_path(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    step_size: float,
+    loss=None,
+    output: str = "logits",
+    batch_size: int | None = None,
+    seed: int = 0,
+    zero_last: bool = True,
+    progress=None,
+) -> TrainingPath:
     """Train `model` in place by `steps` forward-Euler steps w <- w - eps grad L(w), recording every state.
 
     Full batch by default (the theorem's setting). With `batch_size`, each step draws a fresh random batch; the
@@ -172,8 +183,8 @@ def train_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, s
         batch = torch.arange(m) if batch_size is None else torch.randperm(m, generator=generator)[:batch_size]
         batch = batch.to(w.device)
         out_b = out[batch]
-        grad_out, = torch.autograd.grad(loss(out_b, y[batch]), out_b, retain_graph=True)
-        grad_w, = torch.autograd.grad(out_b, w, grad_out)     # = J^T dL/dyhat = grad_w L, the GD direction
+        (grad_out,) = torch.autograd.grad(loss(out_b, y[batch]), out_b, retain_graph=True)
+        (grad_w,) = torch.autograd.grad(out_b, w, grad_out)  # = J^T dL/dyhat = grad_w L, the GD direction
         coefficients[s, batch] = -step_size * grad_out.detach()
         w = w.detach() - step_size * grad_w
         weights[s + 1] = w
@@ -181,9 +192,18 @@ def train_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, s
             progress()
     flat.load(weights[-1])
     model.train(was_training)
-    return TrainingPath(flat=flat, weights=weights, coefficients=coefficients, train_x=x, train_y=y,
-                        step_size=float(step_size), bias=bias, initial_spread=(out0 - bias).abs().max().item(),
-                        losses=losses, accuracies=accuracies)
+    return TrainingPath(
+        flat=flat,
+        weights=weights,
+        coefficients=coefficients,
+        train_x=x,
+        train_y=y,
+        step_size=float(step_size),
+        bias=bias,
+        initial_spread=(out0 - bias).abs().max().item(),
+        losses=losses,
+        accuracies=accuracies,
+    )
 
 
 @dataclass
@@ -192,9 +212,9 @@ class KernelValues:
     values[q, i, r, c] = sum_s K_s(x_q, x_i)[rows[q, r], c]; contributions[q, i, r] = sum_s sum_c K_s[rows[q, r], c]
     a_{i,s,c}, which sums over i to yhat_k(x_q) - b_k for k = rows[q, r]. rows is every class (R = K) by default."""
 
-    values: torch.Tensor         # (Q, M, R, K)
+    values: torch.Tensor  # (Q, M, R, K)
     contributions: torch.Tensor  # (Q, M, R)
-    rows: torch.Tensor           # (Q, R) long: the query-side class of each row
+    rows: torch.Tensor  # (Q, R) long: the query-side class of each row
 
     @property
     def diagonal(self) -> torch.Tensor:
@@ -218,8 +238,9 @@ class DiscretePathKernel:
     `chunk` bounds how many weight states / tangents are batched in one vmap (memory ~ chunk x batch activations).
     """
 
-    def __init__(self, path: TrainingPath, quadrature_points: int = 16, variant: str = "dpk",
-                 tolerance: float | None = None, max_depth: int = 40, chunk: int = 32):
+    def __init__(
+        self, path: TrainingPath, quadrature_points: int = 16, variant: str = "dpk", tolerance: float | None = None, max_depth: int = 40, chunk: int = 32
+    ):
         if variant not in VARIANTS:
             raise UserError(f"kernel variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if tolerance is not None and tolerance <= 0:
@@ -283,10 +304,14 @@ class DiscretePathKernel:
                 if queries.numel():
                     q = self.nodes.numel()
                     t, weight = self._nodes_of(lo, hi)
-                    jac = self._over_states(lambda w, _, xs, sel: self._rows(w, xs, sel),
-                                            torch.full_like(queries, s).repeat_interleave(q), t,
-                                            x[inner[queries]].repeat_interleave(q, 0),
-                                            selector[inner[queries]].repeat_interleave(q, 0), size=self.chunk)
+                    jac = self._over_states(
+                        lambda w, _, xs, sel: self._rows(w, xs, sel),
+                        torch.full_like(queries, s).repeat_interleave(q),
+                        t,
+                        x[inner[queries]].repeat_interleave(q, 0),
+                        selector[inner[queries]].repeat_interleave(q, 0),
+                        size=self.chunk,
+                    )
                     rebuilt = torch.zeros_like(phi[inner])
                     rebuilt.index_add_(0, queries.repeat_interleave(q), weight[:, None, None] * jac)
                     refined = torch.unique(queries)
@@ -307,7 +332,7 @@ class DiscretePathKernel:
         """fn(states, steps, *items) over chunks of (step, t, item) rows, the weight states w_s + t (w_{s+1} - w_s)
         built one chunk at a time (a chunk holds ~2^22 parameter values, at least `chunk` states)."""
         w = self.path.weights
-        size = size or max(self.chunk, 2 ** 22 // self.f.size)
+        size = size or max(self.chunk, 2**22 // self.f.size)
         out = []
         for idx in torch.arange(len(steps), device=steps.device).split(size):
             s = steps[idx]
@@ -325,8 +350,7 @@ class DiscretePathKernel:
         q = self.nodes.numel()
         t, omega = self._nodes_of(lo, hi)
         push1 = vmap(lambda w, d, xi: self._push(w, d, xi.unsqueeze(0)).squeeze(0))
-        g = self._over_states(lambda w, s, xs: push1(w, self.directions[s], xs),
-                              steps.repeat_interleave(q), t, x[queries.repeat_interleave(q)])
+        g = self._over_states(lambda w, s, xs: push1(w, self.directions[s], xs), steps.repeat_interleave(q), t, x[queries.repeat_interleave(q)])
         return (omega[:, None] * g).view(-1, q, g.shape[-1]).sum(1)
 
     def _outputs_at(self, steps, queries, t, x):
@@ -358,13 +382,13 @@ class DiscretePathKernel:
         p = self.path
         n = p.steps
         with torch.no_grad():
-            ends = torch.stack([self.f(w, x) for w in p.weights])                # (N+1, Q, K)
+            ends = torch.stack([self.f(w, x) for w in p.weights])  # (N+1, Q, K)
         allowance = self.tolerance / n
         bad = ((integrals - (ends[1:] - ends[:-1])).abs().amax(-1) > allowance).nonzero()
         steps, queries = bad[:, 0], bad[:, 1]
         lo, hi = torch.zeros_like(steps, dtype=x.dtype), torch.ones_like(steps, dtype=x.dtype)
         f_lo, f_hi = ends[steps, queries], ends[steps + 1, queries]
-        integrals[steps, queries] = 0.0      # refined pairs are rebuilt from their accepted pieces
+        integrals[steps, queries] = 0.0  # refined pairs are rebuilt from their accepted pieces
         accepted = []
         for depth in range(self.max_depth):
             if steps.numel() == 0:
@@ -423,8 +447,7 @@ class DiscretePathKernel:
         p = self.path
         x = x.to(p.weights)
         n_q, k = x.shape[0], p.coefficients.shape[2]
-        rows = (torch.arange(k, device=x.device).expand(n_q, k) if classes is None
-                else torch.as_tensor(classes, device=x.device).long().view(n_q, 1))
+        rows = torch.arange(k, device=x.device).expand(n_q, k) if classes is None else torch.as_tensor(classes, device=x.device).long().view(n_q, 1)
         left = self._at_left_endpoint(x)
         inner = (~left).nonzero().squeeze(1)
         pieces = self._predict(x)[1] if self.tolerance is not None and inner.numel() else None
@@ -432,7 +455,7 @@ class DiscretePathKernel:
         summed = jacrev(lambda w: self.f(w, p.train_x).sum(0))
         eye = torch.eye(k, dtype=x.dtype, device=x.device)
 
-        def diagonal(w, u, idx):   # sum over the rows of each query idx of (J_w(x) u_c)[c]: (len(idx),)
+        def diagonal(w, u, idx):  # sum over the rows of each query idx of (J_w(x) u_c)[c]: (len(idx),)
             out = torch.zeros(len(idx), dtype=x.dtype, device=x.device)
             r = rows[idx]
             for c in r.unique().tolist():
@@ -444,7 +467,7 @@ class DiscretePathKernel:
         one = vmap(lambda w, u_c, xi, e: (self._push(w, u_c, xi.unsqueeze(0)).squeeze(0) * e).sum())
         with torch.no_grad():
             for s in range(p.steps):
-                u = summed(p.weights[s])                                        # (K, d)
+                u = summed(p.weights[s])  # (K, d)
                 if bool(left.any()):
                     idx = left.nonzero().squeeze(1)
                     sums[idx] += diagonal(p.weights[s], u, idx)
@@ -457,11 +480,15 @@ class DiscretePathKernel:
                     queries, lo, hi = pieces[1][here], pieces[2][here], pieces[3][here]
                     q, r = self.nodes.numel(), rows.shape[1]
                     t, weight = self._nodes_of(lo, hi)
-                    node_rows = rows[inner[queries]].repeat_interleave(q, 0).flatten()          # (P q r,)
-                    vals = self._over_states(lambda w, _, uc, xi, e: one(w, uc, xi, e),
-                                             torch.full((node_rows.numel(),), s, device=x.device),
-                                             t.repeat_interleave(r), u[node_rows],
-                                             x[inner[queries]].repeat_interleave(q * r, 0), eye[node_rows])
+                    node_rows = rows[inner[queries]].repeat_interleave(q, 0).flatten()  # (P q r,)
+                    vals = self._over_states(
+                        lambda w, _, uc, xi, e: one(w, uc, xi, e),
+                        torch.full((node_rows.numel(),), s, device=x.device),
+                        t.repeat_interleave(r),
+                        u[node_rows],
+                        x[inner[queries]].repeat_interleave(q * r, 0),
+                        eye[node_rows],
+                    )
                     vals = vals.view(-1, r).sum(1)
                     rebuilt = torch.zeros_like(step).index_add_(0, queries.repeat_interleave(q), weight * vals)
                     refined = torch.unique(queries)
@@ -484,9 +511,8 @@ class DiscretePathKernel:
         pieces = self._predict(x)[1] if self.tolerance is not None else None
         n_q, m, k = x.shape[0], p.train_x.shape[0], p.coefficients.shape[2]
         eye = torch.eye(k, dtype=x.dtype, device=x.device)
-        rows = (torch.arange(k, device=x.device).expand(n_q, k) if classes is None
-                else torch.as_tensor(classes, device=x.device).long().view(n_q, 1))
-        selector = eye[rows]                                                    # (Q, R, K)
+        rows = torch.arange(k, device=x.device).expand(n_q, k) if classes is None else torch.as_tensor(classes, device=x.device).long().view(n_q, 1)
+        selector = eye[rows]  # (Q, R, K)
         values = torch.zeros(n_q, m, rows.shape[1], k, dtype=x.dtype, device=x.device)
         contributions = torch.zeros(n_q, m, rows.shape[1], dtype=x.dtype, device=x.device)
         with torch.no_grad():
@@ -509,10 +535,10 @@ class DiscretePathKernel:
         k = self.path.coefficients.shape[2]
         if k * (3 + n_q * r) < 3 * n_q * r:
             per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
-            chunk = max(1, 2 ** 22 // (k * d))          # ~32 MiB of Jacobian (float64) at a time
+            chunk = max(1, 2**22 // (k * d))  # ~32 MiB of Jacobian (float64) at a time
             return torch.cat([torch.einsum("qrd,icd->qirc", phi, per_sample(w, xs)) for xs in train_x.split(chunk)], 1)
         push = vmap(lambda t: jvp(lambda w_: self.f(w_, train_x), (w,), (t,))[1])
-        ks = torch.cat([push(t) for t in phi.flatten(0, 1).split(self.chunk)])   # (Q R, M, K)
+        ks = torch.cat([push(t) for t in phi.flatten(0, 1).split(self.chunk)])  # (Q R, M, K)
         return ks.view(n_q, r, m, k).permute(0, 2, 1, 3)
 
     def train_self_values(self, cls: int | None = None) -> torch.Tensor:
@@ -522,9 +548,9 @@ class DiscretePathKernel:
             p = self.path
             k = p.coefficients.shape[2]
             eye = torch.eye(k, dtype=p.weights.dtype, device=p.weights.device)
-            selector = eye if cls is None else eye[cls:cls + 1]
+            selector = eye if cls is None else eye[cls : cls + 1]
             norms = torch.zeros(p.train_x.shape[0], dtype=p.weights.dtype, device=p.weights.device)
-            chunk = max(1, 2 ** 22 // (selector.shape[0] * self.f.size))
+            chunk = max(1, 2**22 // (selector.shape[0] * self.f.size))
             with torch.no_grad():
                 for s in range(p.steps):
                     for idx in torch.arange(p.train_x.shape[0], device=norms.device).split(chunk):
@@ -544,8 +570,7 @@ class DiscretePathKernel:
         x = x.to(p.weights)
         left = self._at_left_endpoint(x)
         per_sample = vmap(jacrev(self.f.single), in_dims=(None, 0))
-        gram = torch.zeros(x.shape[0], p.coefficients.shape[2], x.shape[0], p.coefficients.shape[2],
-                           dtype=x.dtype, device=x.device)
+        gram = torch.zeros(x.shape[0], p.coefficients.shape[2], x.shape[0], p.coefficients.shape[2], dtype=x.dtype, device=x.device)
         with torch.no_grad():
             for s in range(p.steps):
                 at_ws = per_sample(p.weights[s], x)
@@ -578,20 +603,19 @@ def reference_predict(path: TrainingPath, x: torch.Tensor, quadrature_points: in
         out = model(sample.unsqueeze(0)).squeeze(0)
         if flat.output == "probabilities":  # the function the path represents, as FlatModel computes it
             out = out.softmax(-1)
-        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[k], params, retain_graph=True)])
-                for k in range(out.shape[0])]
-        return torch.stack(rows)                                              # (K, d)
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[k], params, retain_graph=True)]) for k in range(out.shape[0])]
+        return torch.stack(rows)  # (K, d)
 
     saved, was_training = flat.flatten(), model.training
     model.eval()
     out = path.bias.expand(x.shape[0], -1).clone()
     for s in range(path.steps):
         flat.load(path.weights[s])
-        train_jac = torch.stack([jacobian(xi) for xi in path.train_x])       # (M, K, d)
+        train_jac = torch.stack([jacobian(xi) for xi in path.train_x])  # (M, K, d)
         for t, omega in zip(nodes, node_weights):
             flat.load(path.weights[s] + t * (path.weights[s + 1] - path.weights[s]))
-            query_jac = torch.stack([jacobian(xq) for xq in x])              # (Q, K, d)
-            kernel = torch.einsum("qkd,icd->qikc", query_jac, train_jac)      # explicit K_s(x_q, x_i)
+            query_jac = torch.stack([jacobian(xq) for xq in x])  # (Q, K, d)
+            kernel = torch.einsum("qkd,icd->qikc", query_jac, train_jac)  # explicit K_s(x_q, x_i)
             out += omega * torch.einsum("qikc,ic->qk", kernel, path.coefficients[s])
     flat.load(saved)
     model.train(was_training)

@@ -22,6 +22,7 @@ batch it is in or the batch size, and two points given the same index share thei
 not clip the samples to the data box, so `clip=False` is the default.
 An evaluation is one input classified (a sample, or the point itself); that is what `evaluations` counts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -175,6 +176,7 @@ class _Sampler:
     def classify(self, requests):
         """requests: list of (i, sigma, pages, n): point i at sigma on the rays of `pages`, the first n of them.
         Returns one label tensor of length n per request (see classify_rays)."""
+
         def rays(pages, n):
             return (torch.tensor(list(pages), dtype=torch.long).view(-1, 1) * PAGE + torch.arange(PAGE)).flatten()[:n]
 
@@ -225,8 +227,20 @@ class Stability:
     evaluations: torch.Tensor  # (B,) inputs classified per point
 
 
-def stability(classifier, x, sigma, n_samples: int = 1000, *, clip: bool = False, distribution: str = "gaussian", antithetic: bool = False,
-              seed: int = 0, index_offset: int | list[int] = 0, batch_size: int = 1024, num_classes: int | None = None) -> Stability:
+def stability(
+    classifier,
+    x,
+    sigma,
+    n_samples: int = 1000,
+    *,
+    clip: bool = False,
+    distribution: str = "gaussian",
+    antithetic: bool = False,
+    seed: int = 0,
+    index_offset: int | list[int] = 0,
+    batch_size: int = 1024,
+    num_classes: int | None = None,
+) -> Stability:
     """(gamma, sigma)-stability of each point of x (B, ...) under N(x, sigma^2 I) (Bell Def. 4.1), by Monte Carlo.
 
     `classifier` maps a batch to logits (B, C) or labels (B,). `sigma` is a number or one value per point.
@@ -237,7 +251,11 @@ def stability(classifier, x, sigma, n_samples: int = 1000, *, clip: bool = False
     _check_common(None, clip, distribution, batch_size)
     if not isinstance(n_samples, int) or n_samples < 1:
         raise UserError(f"n_samples must be a positive integer, got {n_samples!r}")
-    sigmas = torch.as_tensor(sigma, dtype=torch.float64).flatten().expand(len(x)) if torch.as_tensor(sigma).numel() == 1 else torch.as_tensor(sigma, dtype=torch.float64)
+    sigmas = (
+        torch.as_tensor(sigma, dtype=torch.float64).flatten().expand(len(x))
+        if torch.as_tensor(sigma).numel() == 1
+        else torch.as_tensor(sigma, dtype=torch.float64)
+    )
     if sigmas.shape != (len(x),) or (sigmas < 0).any():
         raise UserError(f"sigma must be a number >= 0 or one value >= 0 per point ({len(x)})")
     sampler = _Sampler(classifier, x, clip=clip, distribution=distribution, antithetic=antithetic, seed=seed, index_offset=index_offset, batch_size=batch_size)
@@ -280,10 +298,26 @@ def _check_search(gamma, n_samples, sigma_floor, sigma_cap, confidence, interval
         raise UserError(f"interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
 
 
-def bracketing(classifier, x, gamma: float = 0.7, *, n_samples: int = 1000, max_steps: int = 20, precision: float = 0.01,
-               sigma_min: float = 0.5, sigma_max: float = 1.5, sigma_floor: float = 1e-4, sigma_cap: float = 1e3,
-               confidence: float | None = 0.99, interval: str = "wilson", clip: bool = False, distribution: str = "gaussian",
-               seed: int = 0, index_offset: int | list[int] = 0, batch_size: int = 1024) -> Persistence:
+def bracketing(
+    classifier,
+    x,
+    gamma: float = 0.7,
+    *,
+    n_samples: int = 1000,
+    max_steps: int = 20,
+    precision: float = 0.01,
+    sigma_min: float = 0.5,
+    sigma_max: float = 1.5,
+    sigma_floor: float = 1e-4,
+    sigma_cap: float = 1e3,
+    confidence: float | None = 0.99,
+    interval: str = "wilson",
+    clip: bool = False,
+    distribution: str = "gaussian",
+    seed: int = 0,
+    index_offset: int | list[int] = 0,
+    batch_size: int = 1024,
+) -> Persistence:
     """Bell's Bracketing Algorithm (Algorithm 1), one point after the other, fresh draws for every evaluation.
 
     As printed, except: (1) RANGEFINDER stops and reports +inf once sigma_max passes `sigma_cap`, 0 once sigma_min
@@ -356,7 +390,6 @@ def bracketing(classifier, x, gamma: float = 0.7, *, n_samples: int = 1000, max_
         result[i] = answer
     nan = torch.full_like(result, math.nan)
     return Persistence(result, nan, nan.clone(), sampler.evaluations, labels.cpu(), "bracketing")
-
 
 
 STAGES = 3  # pools a fast search may be judged on (pilot, sized from the pilot, top-up); each at (1 - confidence) / STAGES
@@ -524,10 +557,26 @@ class _Search:
         return False
 
 
-def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192, n_init: int = 128, confidence: float = 0.99,
-                     rtol: float = 0.07, sigma_start: float = 1.0, sigma_floor: float = 1e-4, sigma_cap: float = 1e3,
-                     antithetic: bool = True, clip: bool = False, distribution: str = "gaussian", seed: int = 0,
-                     index_offset: int | list[int] = 0, batch_size: int = 1024, shared=None) -> Persistence:
+def fast_persistence(
+    classifier,
+    x,
+    gamma: float = 0.7,
+    *,
+    n_samples: int = 8192,
+    n_init: int = 128,
+    confidence: float = 0.99,
+    rtol: float = 0.07,
+    sigma_start: float = 1.0,
+    sigma_floor: float = 1e-4,
+    sigma_cap: float = 1e3,
+    antithetic: bool = True,
+    clip: bool = False,
+    distribution: str = "gaussian",
+    seed: int = 0,
+    index_offset: int | list[int] = 0,
+    batch_size: int = 1024,
+    shared=None,
+) -> Persistence:
     """gamma-persistence of every point of x, to a relative precision `rtol`, with an exact interval (see _Search).
 
     Per point a pool of rays (common random numbers, pages of 16 seeded per point): a pilot of `n_init`, grown
@@ -553,8 +602,10 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
     sampler = _Sampler(classifier, x, clip=clip, distribution=distribution, antithetic=antithetic, seed=seed, index_offset=index_offset, batch_size=batch_size)
     labels = sampler.center_labels().cpu()
     max_pages = -(-n_samples // PAGE)
-    searches = [_Search(min(max_pages, -(-n_init // PAGE)), max_pages, gamma, 1.0 - confidence, rtol, antithetic, sigma_start, sigma_floor, sigma_cap)
-                for _ in range(len(x))]
+    searches = [
+        _Search(min(max_pages, -(-n_init // PAGE)), max_pages, gamma, 1.0 - confidence, rtol, antithetic, sigma_start, sigma_floor, sigma_cap)
+        for _ in range(len(x))
+    ]
     if shared is not None:
         if len(shared) != len(x):
             raise ValueError(f"shared needs one list of (sigma, labels) per point ({len(x)}), got {len(shared)}")
@@ -568,12 +619,19 @@ def fast_persistence(classifier, x, gamma: float = 0.7, *, n_samples: int = 8192
         for (i, sigma, rays), pred in zip(requests, sampler.classify_rays(requests)):
             searches[i].record(sigma, rays, pred.cpu() == labels[i])
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)
-    return Persistence(as_tensor([s.answer for s in searches]), as_tensor([s.ci[0] for s in searches]),
-                       as_tensor([s.ci[1] for s in searches]), sampler.evaluations, labels, "fast")
+    return Persistence(
+        as_tensor([s.answer for s in searches]),
+        as_tensor([s.ci[0] for s in searches]),
+        as_tensor([s.ci[1] for s in searches]),
+        sampler.evaluations,
+        labels,
+        "fast",
+    )
 
 
 def _inside_of(sampler: _Sampler, labels: torch.Tensor, label):
     """rays -> (the rays `labels` covers, whether each is classified as `label` there)."""
+
     def inside_of(rays):
         index = sampler.independent_index(rays)
         known = (index >= 0) & (index < len(labels))

@@ -2,6 +2,7 @@
 
 budgeted: `attack(model, x, y, eps) -> x_adv`; minimal: `attack(model, x, y) -> x_adv`.
 """
+
 from robust_cli.attacks.apgd import APGD, APGDT
 from robust_cli.attacks.base import Attack, model_mode, vote_labels
 from robust_cli.attacks.cw import CW
@@ -14,5 +15,29 @@ from robust_cli.attacks.lbfgs import LBFGS
 from robust_cli.attacks.noise import Noise
 from robust_cli.attacks.square import Square
 
-__all__ = ["Attack", "model_mode", "FGSM", "FGM", "Gradient", "BIM", "IGSM", "PGD", "MIFGSM", "RFGSM", "DeepFool", "CW",
-           "LBFGS", "JSMA", "Noise", "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "MinimalEnsemble", "cascade", "vote_labels"]
+__all__ = [
+    "Attack",
+    "model_mode",
+    "FGSM",
+    "FGM",
+    "Gradient",
+    "BIM",
+    "IGSM",
+    "PGD",
+    "MIFGSM",
+    "RFGSM",
+    "DeepFool",
+    "CW",
+    "LBFGS",
+    "JSMA",
+    "Noise",
+    "APGD",
+    "APGDT",
+    "FAB",
+    "FABT",
+    "Square",
+    "AutoAttack",
+    "MinimalEnsemble",
+    "cascade",
+    "vote_labels",
+]

@@ -9,6 +9,7 @@ after a halving the iterate restarts from the best point. Steps carry momentum a
   z = P(x_k + eta * a(grad)),  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})).
 Every example keeps its own step size, checkpoints decisions, best loss and first adversarial iterate.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,7 @@ class APGD(Attack):
 
     iterative = True
 
-    def __init__(self, norm: str = "linf", n_iter: int = 100, restarts: int = 1, loss: str = "ce", rho: float = 0.75,
-                 momentum: float = 0.75, **kwargs):
+    def __init__(self, norm: str = "linf", n_iter: int = 100, restarts: int = 1, loss: str = "ce", rho: float = 0.75, momentum: float = 0.75, **kwargs):
         super().__init__(**kwargs)
         self.norm = norms.check_norm(norm)
         self.loss = check_loss(loss)
@@ -132,9 +132,9 @@ class APGD(Attack):
                     fooled[run[success]] = True
                     keep = (~success).nonzero().squeeze(1)
                     run = run[keep]
-                    (x, y, target, x_adv, loss, grad, x_prev, prev_loss, eta, best_loss, x_best, grad_best, increases,
-                     loss_at_mark, reduced_at_mark) = rows(keep, x, y, target, x_adv, loss, grad, x_prev, prev_loss, eta, best_loss,
-                                                           x_best, grad_best, increases, loss_at_mark, reduced_at_mark)
+                    (x, y, target, x_adv, loss, grad, x_prev, prev_loss, eta, best_loss, x_best, grad_best, increases, loss_at_mark, reduced_at_mark) = rows(
+                        keep, x, y, target, x_adv, loss, grad, x_prev, prev_loss, eta, best_loss, x_best, grad_best, increases, loss_at_mark, reduced_at_mark
+                    )
                     eps = norms.per_example_slice(eps, keep)
                     project = norms.projector(x, eps, self.norm, self.bounds)
                 increases += (loss > prev_loss).to(increases.dtype)

@@ -6,6 +6,7 @@ minimal:  `attack(model, x, y) -> x_adv`, the smallest perturbation the attack c
 Both take `target=` (a (B,) tensor) to attack towards given classes; otherwise a targeted attack picks its
 targets with `choose_target` (callers that report success need them: call it first and pass them in).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,7 @@ class Attack:
     norm = "linf"  # "linf" | "l2" | "l1" | "l0"
     iterative = False  # iterative attacks must not be weaker than their single-step version (masking check)
 
-    def __init__(self, targeted=False, model_mode: str = "eval", bounds=(0.0, 1.0), eot_iter: int = 1,
-                 eval_draws: int = 1, vote: str = "majority"):
+    def __init__(self, targeted=False, model_mode: str = "eval", bounds=(0.0, 1.0), eot_iter: int = 1, eval_draws: int = 1, vote: str = "majority"):
         self.targeted = parse_targeted(targeted)
         if eval_draws is None or int(eval_draws) != eval_draws or int(eval_draws) < 1:
             raise UserError(f"eval_draws must be an integer >= 1 (forward passes that judge success), got {eval_draws!r}")

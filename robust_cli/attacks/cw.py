@@ -1,4 +1,5 @@
 """Carlini & Wagner's L2 attack (2017)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,11 +27,22 @@ class CW(Attack):
     kind = "minimal"
     norm = "l2"
 
-    def __init__(self, c: float = 1e-3, kappa: float = 0.0, steps: int = 1000, lr: float = 0.01,
-                 binary_search_steps: int = 9, abort_early: bool = True, warm_start: bool = True, **kwargs):
+    def __init__(
+        self,
+        c: float = 1e-3,
+        kappa: float = 0.0,
+        steps: int = 1000,
+        lr: float = 0.01,
+        binary_search_steps: int = 9,
+        abort_early: bool = True,
+        warm_start: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not (float(c) > 0 and float(kappa) >= 0 and int(steps) >= 1 and float(lr) > 0 and int(binary_search_steps) >= 1):
-            raise UserError(f"cw needs c > 0, kappa >= 0, steps >= 1, lr > 0, binary_search_steps >= 1 (got {c}, {kappa}, {steps}, {lr}, {binary_search_steps})")
+            raise UserError(
+                f"cw needs c > 0, kappa >= 0, steps >= 1, lr > 0, binary_search_steps >= 1 (got {c}, {kappa}, {steps}, {lr}, {binary_search_steps})"
+            )
         self.c, self.kappa, self.steps, self.lr = float(c), float(kappa), int(steps), float(lr)
         self.binary_search_steps, self.abort_early = int(binary_search_steps), bool(abort_early)
         self.warm_start = bool(warm_start) and self.targeted is None

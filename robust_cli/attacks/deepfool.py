@@ -1,4 +1,5 @@
 """DeepFool (Moosavi-Dezfooli et al. 2016): the smallest L2 step to the nearest linearised decision boundary."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ the cost of the survivors, and it says which attack broke each example first (`b
 MinimalEnsemble: every minimal attack runs on every example and the smallest misclassifying perturbation is kept
 (`broken_by`: the member that found it).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,13 +50,21 @@ def standard_members(version, norm, n_iter, n_queries, n_target_classes, eot_ite
     # accuracy vs 0.350 / 0.333 fixed (0.290 / 0.313 with the standalone p_init 0.05)
     square = {"norm": norm, "n_queries": n_queries, "p_init": 0.8, **common}
     if version == "standard":
-        return [APGD(norm=norm, n_iter=n_iter, loss="ce", **common), APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
-                FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common), Square(**square)]
+        return [
+            APGD(norm=norm, n_iter=n_iter, loss="ce", **common),
+            APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
+            FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
+            Square(**square),
+        ]
     if version == "plus":  # AutoAttack's plus: 5 restarts, the untargeted DLR loss and untargeted FAB, then the targeted ones
-        return [APGD(norm=norm, n_iter=n_iter, loss="ce", restarts=5, **common), APGD(norm=norm, n_iter=n_iter, loss="dlr", restarts=5, **common),
-                FAB(norm=norm, n_iter=n_iter, restarts=5, **common), Square(**square),
-                APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
-                FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common)]
+        return [
+            APGD(norm=norm, n_iter=n_iter, loss="ce", restarts=5, **common),
+            APGD(norm=norm, n_iter=n_iter, loss="dlr", restarts=5, **common),
+            FAB(norm=norm, n_iter=n_iter, restarts=5, **common),
+            Square(**square),
+            APGDT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
+            FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
+        ]
     if version == "rand":  # expectation over transformation for randomised models
         common = {**common, "eot_iter": eot_iter}
         return [APGD(norm=norm, n_iter=n_iter, loss="ce", **common), APGD(norm=norm, n_iter=n_iter, loss="dlr", **common)]
@@ -91,12 +100,24 @@ class AutoAttack(Attack):
 
     iterative = True
 
-    def __init__(self, version: str = "standard", norm: str = "linf", attacks=None, n_iter: int = 100, n_queries: int = 5000,
-                 n_target_classes: int = 9, eot_iter: int = 20, report_each: bool = False, **kwargs):
+    def __init__(
+        self,
+        version: str = "standard",
+        norm: str = "linf",
+        attacks=None,
+        n_iter: int = 100,
+        n_queries: int = 5000,
+        n_target_classes: int = 9,
+        eot_iter: int = 20,
+        report_each: bool = False,
+        **kwargs,
+    ):
         super().__init__(**{k: v for k, v in kwargs.items() if k != "eot_iter"})
         if norm == "l1" and version != "custom":
-            raise UserError(f"autoattack version={version} has no l1 members here (l1-APGD and l1-Square are not implemented): "
-                            "attack=fab_t attack.norm=l1 (budgeted or attack.minimal=true) is the l1 attack")
+            raise UserError(
+                f"autoattack version={version} has no l1 members here (l1-APGD and l1-Square are not implemented): "
+                "attack=fab_t attack.norm=l1 (budgeted or attack.minimal=true) is the l1 attack"
+            )
         self.norm = norms.check_norm(norm, norms.MINIMAL_NORM_NORMS if version == "custom" else norms.NORMS)
         self.version = version
         self.report_each = bool(report_each)

@@ -13,6 +13,7 @@ recorded if closer than the best so far and pulled back: x_{i+1} = (1 - beta) x_
 The result is the closest adversarial point found (minimal mode) or, for a budget eps, that point when it lies
 within eps and the unchanged input otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,7 +119,7 @@ def project_halfspace_sorted(w, c, lower, upper, norm):
     idx = (m - 1).clamp_min(0)[:, None]
     sat_before = torch.where(m[:, None] > 0, sat_cum.gather(1, idx), torch.zeros_like(idx, dtype=w.dtype)).squeeze(1)
     wt_before = torch.where(m[:, None] > 0, wt_cum.gather(1, idx), torch.zeros_like(idx, dtype=w.dtype)).squeeze(1)
-    free = (total.squeeze(1) - wt_before)
+    free = total.squeeze(1) - wt_before
     param = (c - sat_before) / free.clamp_min(1e-300)
     infeasible = (m >= n) | (free <= 0)
     param = torch.where(infeasible, torch.full_like(param, math.inf), param)
@@ -136,8 +137,18 @@ class FABT(Attack):
 
     iterative = True
 
-    def __init__(self, norm: str = "linf", n_iter: int = 100, n_target_classes: int = 9, restarts: int = 1,
-                 alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, minimal: bool = False, **kwargs):
+    def __init__(
+        self,
+        norm: str = "linf",
+        n_iter: int = 100,
+        n_target_classes: int = 9,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        minimal: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.norm = norms.check_norm(norm, norms.MINIMAL_NORM_NORMS)
         self.n_iter = _positive_int("n_iter", n_iter)
@@ -200,7 +211,11 @@ class FABT(Attack):
         best_adv = x.clone()
         targets = self._targets(logits)
         # minimal mode ignores a budget (the CLI passes eps = inf to minimal attacks): every example runs to the boundary
-        eps_vec = None if eps is None or self.kind == "minimal" else (eps.to(x.dtype) if isinstance(eps, torch.Tensor) else torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype))
+        eps_vec = (
+            None
+            if eps is None or self.kind == "minimal"
+            else (eps.to(x.dtype) if isinstance(eps, torch.Tensor) else torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype))
+        )
         for tgt in targets:
             for r in range(self.restarts):
                 # a budgeted run only needs examples not yet broken within eps
@@ -237,10 +252,18 @@ class FAB(FABT):
     """Untargeted FAB: every iterate steps to the closest linearised boundary of any other class (one gradient per
     class and iterate, so K times FAB-T's cost per pass, in one pass instead of n_target_classes)."""
 
-    def __init__(self, norm: str = "linf", n_iter: int = 100, restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, minimal: bool = False, **kwargs):
-        super().__init__(norm=norm, n_iter=n_iter, n_target_classes=1, restarts=restarts, alpha_max=alpha_max, eta=eta,
-                         beta=beta, minimal=minimal, **kwargs)
+    def __init__(
+        self,
+        norm: str = "linf",
+        n_iter: int = 100,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        minimal: bool = False,
+        **kwargs,
+    ):
+        super().__init__(norm=norm, n_iter=n_iter, n_target_classes=1, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, minimal=minimal, **kwargs)
 
     @property
     def name(self) -> str:
@@ -253,8 +276,9 @@ class FAB(FABT):
         x = x.detach().requires_grad_(True)
         logits = model(x)
         diff = logits - logits.gather(1, y[:, None])  # Z_l - Z_y for every class l
-        grads = torch.stack([torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < diff.shape[1] - 1)[0]
-                             for k in range(diff.shape[1])], dim=1)  # (B, K, ...)
+        grads = torch.stack(
+            [torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < diff.shape[1] - 1)[0] for k in range(diff.shape[1])], dim=1
+        )  # (B, K, ...)
         flat = grads.flatten(2)
         dual = {"linf": lambda: flat.abs().sum(dim=2), "l2": lambda: flat.norm(dim=2), "l1": lambda: flat.abs().amax(dim=2)}[self.norm]()
         distance = diff.detach().abs() / dual.clamp_min(1e-12)

@@ -1,6 +1,7 @@
 """Gradient attacks with an eps budget: single step (FGM/FGSM, Rozsa's gradient step, R+FGSM) and iterative
 (PGD, BIM/IGSM, MI-FGSM). The norm-specific parts live in `norms`; nothing here is copied per norm.
 """
+
 from __future__ import annotations
 
 import math
@@ -112,8 +113,17 @@ class PGD(Attack):
 
     iterative = True
 
-    def __init__(self, norm: str = "linf", steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 restarts: int = 1, loss: str = "ce", early_stop: bool = False, **kwargs):
+    def __init__(
+        self,
+        norm: str = "linf",
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        early_stop: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(early_stop, bool):
             raise UserError(f"early_stop must be true or false, got {early_stop!r}")

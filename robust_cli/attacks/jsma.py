@@ -1,4 +1,5 @@
 """Jacobian-based saliency map attack (Papernot et al. 2016), an L0 attack."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ class JSMA(Attack):
     def perturb(self, model, x, y, eps, target):
         n = math.prod(x.shape[1:])
         per_chunk = max(1, self.chunk_elements // (n * n))  # the pair scores are (b, n, n)
-        return torch.cat([self._attack(model, x[i:i + per_chunk], target[i:i + per_chunk])
-                          for i in range(0, x.shape[0], per_chunk)])
+        return torch.cat([self._attack(model, x[i : i + per_chunk], target[i : i + per_chunk]) for i in range(0, x.shape[0], per_chunk)])
 
     def _attack(self, model, x, target):
         lo, hi = self.bounds

@@ -1,4 +1,5 @@
 """Szegedy et al.'s box-constrained L-BFGS attack (2014), as recreated by Bell (Table 1)."""
+
 from __future__ import annotations
 
 import scipy.optimize
@@ -36,22 +37,33 @@ class LBFGS(Attack):
     kind = "minimal"
     norm = "l2"
 
-    def __init__(self, targeted="random", c: float = 0.01, c_search: str = "szegedy", search_steps: int = 10,
-                 factor: float = 10.0, max_iter: int = 1000, chunk: int = 50, **kwargs):
+    def __init__(
+        self,
+        targeted="random",
+        c: float = 0.01,
+        c_search: str = "szegedy",
+        search_steps: int = 10,
+        factor: float = 10.0,
+        max_iter: int = 1000,
+        chunk: int = 50,
+        **kwargs,
+    ):
         super().__init__(targeted=targeted, **kwargs)
         if self.targeted is None:
             raise UserError("lbfgs is a targeted attack (Szegedy et al.): set attack.targeted to random, next or least_likely")
         if c_search not in C_SEARCHES:
             raise UserError(f"lbfgs c_search must be one of {', '.join(C_SEARCHES)}, got {c_search!r}")
         if not (float(c) > 0 and float(factor) > 1 and int(search_steps) >= 1 and int(max_iter) >= 1 and int(chunk) >= 1):
-            raise UserError(f"lbfgs needs c > 0, factor > 1, search_steps >= 1, max_iter >= 1, chunk >= 1 (got {c}, {factor}, {search_steps}, {max_iter}, {chunk})")
+            raise UserError(
+                f"lbfgs needs c > 0, factor > 1, search_steps >= 1, max_iter >= 1, chunk >= 1 (got {c}, {factor}, {search_steps}, {max_iter}, {chunk})"
+            )
         self.c, self.c_search, self.search_steps = float(c), c_search, int(search_steps)
         self.factor, self.max_iter, self.chunk = float(factor), int(max_iter), int(chunk)
 
     # ------------------------------------------------------------------------------------------- one solve
     def solve(self, model, x, target, c):
         """The L-BFGS-B minimisers for per-example weights c (shape (B,)), starting at x (r = 0)."""
-        parts = [self._solve(model, x[i:i + self.chunk], target[i:i + self.chunk], c[i:i + self.chunk]) for i in range(0, len(x), self.chunk)]
+        parts = [self._solve(model, x[i : i + self.chunk], target[i : i + self.chunk], c[i : i + self.chunk]) for i in range(0, len(x), self.chunk)]
         return torch.cat(parts) if parts else x.clone()
 
     def _solve(self, model, x, target, c):

@@ -2,6 +2,7 @@
 
 A gradient attack that does no better than noise of the same norm is not attacking (gradient masking).
 """
+
 from __future__ import annotations
 
 import torch

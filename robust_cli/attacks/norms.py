@@ -5,6 +5,7 @@ tensor of shape (B,) (one budget per example, used by the binary eps search).
 Oberman's Theorem 2.2: the steepest-ascent direction of size eps in a norm is eps * a with a . g = ||g||_*:
 sign(g) for linf, g / ||g||_2 for l2.
 """
+
 from __future__ import annotations
 
 import math

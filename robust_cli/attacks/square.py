@@ -9,6 +9,7 @@ Z_y - max_{i != y} Z_i (targeted: max_{i != t} Z_i - Z_t). An example stops as s
                       pattern, a second window gives its share of the budget, the whole stays on the eps-sphere.
 Inputs that are not images (C, H, W) are treated as one channel of height 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ def _rectangles(rows: int, cols: int, device) -> torch.Tensor:
     delta = torch.zeros(rows, cols, device=device)
     cx, cy = rows // 2 - 1, cols // 2 - 1
     for r in range(max(cx, cy) + 1):
-        delta[max(cx - r, 0):min(cx + r + 1, rows), max(0, cy - r):min(cy + r + 1, cols)] += 1.0 / (r + 1) ** 2
+        delta[max(cx - r, 0) : min(cx + r + 1, rows), max(0, cy - r) : min(cy + r + 1, cols)] += 1.0 / (r + 1) ** 2
     return delta / delta.square().sum().sqrt().clamp_min(1e-12)
 
 
@@ -58,7 +59,7 @@ def meta_pattern(s: int, device, generator=None) -> torch.Tensor:
     """An s x s window: + pseudo-Gaussian on one half, - on the other, unit L2 norm, transposed half the time."""
     delta = torch.zeros(s, s, device=device)
     delta[: s // 2] = _rectangles(s // 2, s, device)
-    delta[s // 2:] = -_rectangles(s - s // 2, s, device)
+    delta[s // 2 :] = -_rectangles(s - s // 2, s, device)
     delta = delta / delta.square().sum().sqrt().clamp_min(1e-12)
     if torch.rand(1, generator=generator).item() > 0.5:
         delta = delta.t()
@@ -68,8 +69,7 @@ def meta_pattern(s: int, device, generator=None) -> torch.Tensor:
 class Square(Attack):
     """Budgeted score-based attack; `n_queries` model evaluations at most per example (5000, the paper's value)."""
 
-    def __init__(self, norm: str = "linf", n_queries: int = 5000, p_init: float | None = None, restarts: int = 1,
-                 rescale_schedule: bool = True, **kwargs):
+    def __init__(self, norm: str = "linf", n_queries: int = 5000, p_init: float | None = None, restarts: int = 1, rescale_schedule: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.norm = norms.check_norm(norm)
         self.n_queries = _positive_int("n_queries", n_queries)
@@ -165,7 +165,7 @@ class Square(Attack):
         for i in range(0, h - s + 1, s):
             for j in range(0, w - s + 1, s):
                 sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
-                delta[:, :, i:i + s, j:j + s] = meta_pattern(s, x.device).to(x.dtype) * sign
+                delta[:, :, i : i + s, j : j + s] = meta_pattern(s, x.device).to(x.dtype) * sign
         if not delta.abs().sum():
             delta = torch.randn_like(x)
         return delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
@@ -185,14 +185,18 @@ class Square(Attack):
         norm_total = delta.flatten(1).norm(dim=1).reshape(n, 1, 1, 1)
         norm_windows = (delta * both).square().sum(dim=(2, 3), keepdim=True).sqrt()  # per channel
         # the new window: a fresh meta pattern with random sign per channel plus the old window's direction
-        in_window1 = (ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None],
-                      r1[:, None, :, None], c1[:, None, None, :])  # indexes delta's (n, c, sh, sw) window 1
+        in_window1 = (
+            ar[:, :, :, None].expand(n, c, 1, 1),
+            torch.arange(c, device=x.device)[None, :, None, None],
+            r1[:, None, :, None],
+            c1[:, None, None, :],
+        )  # indexes delta's (n, c, sh, sw) window 1
         old = delta[in_window1]
         old_norm = old.square().sum(dim=(2, 3), keepdim=True).sqrt()
         pattern = meta_pattern(s, x.device).to(x.dtype)[:sh, :sw]
         sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
         new = pattern * sign + old / (old_norm + 1e-12)
-        budget = ((eps_b ** 2 - norm_total ** 2).clamp_min(0) / c + norm_windows ** 2).sqrt()
+        budget = ((eps_b**2 - norm_total**2).clamp_min(0) / c + norm_windows**2).sqrt()
         new = new / new.square().sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
         delta = delta * (1 - mask2)  # window 2 gives its budget to window 1
         delta[in_window1] = new

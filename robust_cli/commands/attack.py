@@ -1,4 +1,5 @@
 """`robust attack`: attack this config's trained model; curve, per-example sizes, distances, figures, warnings."""
+
 from __future__ import annotations
 
 import hashlib
@@ -103,7 +104,9 @@ def run(cfg, ctx):
     runs = len(epsilons) if attack.kind == "budgeted" else 1
 
     def evaluate(bs):  # the whole curve at one batch size (batch_size=auto: again at half the size on out-of-memory)
-        with ctx.progress(math.ceil(len(y) / bs) * runs, f"{attack.name} over {len(epsilons)} eps" if attack.kind == "budgeted" else f"{attack.name} (minimal)") as advance:
+        with ctx.progress(
+            math.ceil(len(y) / bs) * runs, f"{attack.name} over {len(epsilons)} eps" if attack.kind == "budgeted" else f"{attack.name} (minimal)"
+        ) as advance:
             return ev.accuracy_curve(fast, attack, x, y, epsilons if attack.kind == "budgeted" else [math.inf], clean_pred, target, bs, device, advance, plan)
 
     def halved(size):
@@ -123,10 +126,12 @@ def run(cfg, ctx):
             examples += ev.example_rows(o.eps, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by, names, index_offset=start)
         # each step after the curve is a stage of the plan: kept when done, read back by a resume
         if names and getattr(attack, "report_each", False):  # every member alone on every example
-            rows += plan.stage("report_each", lambda: [r for member in attack.members
-                                                       for r in ev.curve_rows(fast, member, x, y, clean_pred, epsilons, bs, device)])
+            rows += plan.stage(
+                "report_each", lambda: [r for member in attack.members for r in ev.curve_rows(fast, member, x, y, clean_pred, epsilons, bs, device)]
+            )
         shown = outcomes[-1]
         if cfg.search.mode == "binary":
+
             def search():
                 with ctx.progress(n_batches * 12, f"binary eps search ({attack.norm})") as advance:
                     return list(ev.binary_search_eps(fast, attack, x, y, target, float(cfg.search.tol), float(cfg.search.max_eps), bs, device, advance))
@@ -151,8 +156,7 @@ def run(cfg, ctx):
         rows = ev.curve_from_distances(attack, dist[key], y, clean_pred, epsilons, sizes, o.seconds, o.precision)
         rows.append(ev.curve_row(attack, math.inf, y, clean_pred, o.pred, o.success, sizes, o.seconds, o.precision, o.fp32_rejected))
         names = getattr(attack, "member_names", None)  # minimal_ensemble: broken_by is the member whose result was kept
-        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by if names else None, names,
-                                   index_offset=start)
+        examples = ev.example_rows(math.inf, y, clean_pred, o.pred, target, o.success, sizes, o.broken_by if names else None, names, index_offset=start)
         distances_rows = _distance_rows(y, dist[key], sizes, clean_pred, dist)
         summary = ev.distance_summary(dist[key], y, clean_pred)
         shown = o
@@ -164,21 +168,25 @@ def run(cfg, ctx):
     if distances_rows is not None:
         ctx.write_csv("distances.csv", distances_rows)
     if cfg.save_adversarial:
-        ctx.save_torch("adversarial.pt", {
-            "x": x, "y": y, "clean_pred": clean_pred,
-            "target": target if target is not None else torch.full_like(y, -1),
-            "eps": torch.tensor([o.eps for o in outcomes], dtype=torch.float64),
-            "x_adv": torch.stack([o.x_adv for o in outcomes]),
-            "pred": torch.stack([o.pred for o in outcomes]),
-            **tensors,
-        })
+        ctx.save_torch(
+            "adversarial.pt",
+            {
+                "x": x,
+                "y": y,
+                "clean_pred": clean_pred,
+                "target": target if target is not None else torch.full_like(y, -1),
+                "eps": torch.tensor([o.eps for o in outcomes], dtype=torch.float64),
+                "x_adv": torch.stack([o.x_adv for o in outcomes]),
+                "pred": torch.stack([o.pred for o in outcomes]),
+                **tensors,
+            },
+        )
     _curve_figure(ctx, attack, rows, distances_rows, summary)
     if len(data.meta.shape) == 3:
         _examples_figure(ctx, data.meta, x, y, clean_pred, shown, target, int(cfg.n_figure), cfg.amplify)
 
     last = rows[-1]
-    headline = {"attack": attack.name, "norm": attack.norm, "targeted": attack.targeted or "false", "n": len(y),
-                "clean_accuracy": rows[0]["clean_accuracy"]}
+    headline = {"attack": attack.name, "norm": attack.norm, "targeted": attack.targeted or "false", "n": len(y), "clean_accuracy": rows[0]["clean_accuracy"]}
     if attack.kind == "budgeted":
         headline.update({f"robust_accuracy@{r['eps']:g}": r["robust_accuracy"] for r in rows})
     else:
@@ -203,7 +211,9 @@ def shard_range(cfg, n: int, batch_size: int) -> tuple[int, int, int]:
     index, parts = parse_shard(cfg.data.shard)
     n_batches = math.ceil(n / batch_size)
     if parts > n_batches:
-        raise UserError(f"data.shard={cfg.data.shard}: the {n} test examples make only {n_batches} batches of batch_size={batch_size}; use at most {n_batches} shards or a smaller batch_size")
+        raise UserError(
+            f"data.shard={cfg.data.shard}: the {n} test examples make only {n_batches} batches of batch_size={batch_size}; use at most {n_batches} shards or a smaller batch_size"
+        )
     first, last = index * n_batches // parts, (index + 1) * n_batches // parts
     return first * batch_size, min(last * batch_size, n), first
 
@@ -212,9 +222,16 @@ def evaluation_key(cfg, checkpoint) -> str:
     """Names everything that decides the per-batch results: checkpoint (path and file), data, attack, seed, batches."""
     path = Path(checkpoint)
     stat = path.stat()
-    identity = {"checkpoint": [str(path.resolve()), stat.st_size, stat.st_mtime_ns], "attack": OmegaConf.to_container(cfg.attack, resolve=True),
-                "model": OmegaConf.to_container(cfg.model, resolve=True), "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-                "n_test": cfg.data.n_test, "seed": int(cfg.seed), "batch_size": cfg.batch_size, "precision": cfg.get("precision", "fp32")}
+    identity = {
+        "checkpoint": [str(path.resolve()), stat.st_size, stat.st_mtime_ns],
+        "attack": OmegaConf.to_container(cfg.attack, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "n_test": cfg.data.n_test,
+        "seed": int(cfg.seed),
+        "batch_size": cfg.batch_size,
+        "precision": cfg.get("precision", "fp32"),
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{build.choice(cfg, 'attack')}-{build.choice(cfg, 'model')}-{build.choice(cfg, 'dataset')}-{build.choice(cfg, 'defense')}-s{cfg.seed}-{digest}"
 

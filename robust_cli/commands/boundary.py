@@ -9,6 +9,7 @@ singular_values.png, dimension_hist.png and, for image data, boundary_points.png
 Samples are not clipped to [0, 1]: the geometry studied is the classifier's on R^n, and clipping would flatten the
 sample cloud against the box faces, i.e. fake degenerate directions.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,7 @@ def _model_and_data(cfg, ctx):
 
 def _predict(model, x, batch_size=1000):
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 def _natural_natural(cfg, model, data, device, gen):
@@ -114,7 +115,7 @@ def _natural_adversarial(cfg, model, data, device, gen, ctx):
     found_x, found_adv, found_idx, tried = [], [], [], 0
     chunk = max(2 * cfg.n_points, 100)
     for start in range(0, len(order), chunk):
-        idx = order[start:start + chunk]
+        idx = order[start : start + chunk]
         x, y = data.test_x[idx].to(device), data.test_y[idx].to(device)
         correct = _predict(model, x) == y
         x, y, idx = x[correct], y[correct], idx[correct.cpu()]
@@ -152,13 +153,13 @@ def _margin_gradient(model, x, a, b):
     x = x.detach().requires_grad_(True)
     logits = model(x)
     rows = torch.arange(len(x), device=x.device)
-    grad, = torch.autograd.grad((logits[rows, a] - logits[rows, b]).sum(), x)
+    (grad,) = torch.autograd.grad((logits[rows, a] - logits[rows, b]).sum(), x)
     return grad
 
 
 def _attack_gradient(model, x, y):
     x = x.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
     return grad
 
 
@@ -194,9 +195,11 @@ def run(cfg, ctx):
         ctx.warn(f"only {len(x1)} of n_points={cfg.n_points} pairs found for pairs={pairs}")
     n_inputs = x1[0].numel()
     if cfg.n_samples - 1 < n_inputs:
-        ctx.warn(f"n_samples={cfg.n_samples} is not above the input dimension {n_inputs}: a flat boundary then lowers one "
-                 f"singular value only to about sqrt(1 - n_samples/{n_inputs}) of the rest, not to 0, and the normal is "
-                 f"estimated within the samples' span; use n_samples > {n_inputs} or method=descent for clean answers")
+        ctx.warn(
+            f"n_samples={cfg.n_samples} is not above the input dimension {n_inputs}: a flat boundary then lowers one "
+            f"singular value only to about sqrt(1 - n_samples/{n_inputs}) of the rest, not to 0, and the normal is "
+            f"estimated within the samples' span; use n_samples > {n_inputs} or method=descent for clean answers"
+        )
 
     found = boundary_point(model, x1, x2, cfg.tol)
     a, b = found.class_a, found.class_b
@@ -213,15 +216,22 @@ def run(cfg, ctx):
         for i in range(len(x1)):
             for dist in distributions:
                 samples = sample_around(found.points[i], cfg.n_samples, cfg.sigma, dist, gen)
-                proj = project_to_boundary(model, samples, x1[i], x2[i], method, cfg.tol, cfg.max_steps,
-                                           classes=(a[i], b[i]))
+                proj = project_to_boundary(model, samples, x1[i], x2[i], method, cfg.tol, cfg.max_steps, classes=(a[i], b[i]))
                 ok = proj.converged
                 row = {
-                    "index": i, "pair": pairs, "distribution": dist, "x1_index": int(idx1[i]), "x2_index": int(idx2[i]),
-                    "class_a": int(a[i]), "class_b": int(b[i]), "class_a_name": names[int(a[i])] if int(a[i]) < len(names) else str(int(a[i])),
+                    "index": i,
+                    "pair": pairs,
+                    "distribution": dist,
+                    "x1_index": int(idx1[i]),
+                    "x2_index": int(idx2[i]),
+                    "class_a": int(a[i]),
+                    "class_b": int(b[i]),
+                    "class_a_name": names[int(a[i])] if int(a[i]) < len(names) else str(int(a[i])),
                     "class_b_name": names[int(b[i])] if int(b[i]) < len(names) else str(int(b[i])),
-                    "distance_from_x1": float(found.distance_from_x1[i]), "segment_length": float((x2[i] - x1[i]).norm()),
-                    "incidence_angle_deg": float(incidence[i]), "n_projected": int(ok.sum()),
+                    "distance_from_x1": float(found.distance_from_x1[i]),
+                    "segment_length": float((x2[i] - x1[i]).norm()),
+                    "incidence_angle_deg": float(incidence[i]),
+                    "n_projected": int(ok.sum()),
                 }
                 if int(ok.sum()) >= 3:
                     dim = boundary_dimension(samples[ok], proj.points[ok], {k: v[i] for k, v in references.items()}, cfg.min_gap)
@@ -235,12 +245,19 @@ def run(cfg, ctx):
                         normal_vs_direction_cos=dim.cosines["direction"],
                         mean_projection_distance=float((samples[ok] - proj.points[ok]).flatten(1).norm(dim=1).mean()),
                     )
-                    spectra += [{"index": i, "distribution": dist, "rank": r + 1, "singular_value": float(v), "relative": float(v) / median}
-                                for r, v in enumerate(s.tolist())]
+                    spectra += [
+                        {"index": i, "distribution": dist, "rank": r + 1, "singular_value": float(v), "relative": float(v) / median}
+                        for r, v in enumerate(s.tolist())
+                    ]
                 else:
-                    row.update(n_degenerate=-1, smallest_sv_ratio=math.nan, normal_vs_gradient_cos=math.nan,
-                               normal_vs_attack_gradient_cos=math.nan, normal_vs_direction_cos=math.nan,
-                               mean_projection_distance=math.nan)
+                    row.update(
+                        n_degenerate=-1,
+                        smallest_sv_ratio=math.nan,
+                        normal_vs_gradient_cos=math.nan,
+                        normal_vs_attack_gradient_cos=math.nan,
+                        normal_vs_direction_cos=math.nan,
+                        mean_projection_distance=math.nan,
+                    )
                 rows.append(row)
                 advance()
 

@@ -57,8 +57,11 @@ def weights_sizes(cfg) -> tuple[dict, list[str]]:
         return {}, []
     given = _command_line_keys()
     applied = {k: v for k, v in sizes.items() if f"dataset.{k}" not in given}
-    kept = [f"dataset.{k}={cfg.dataset[k]} as given; model.weights={cfg.model.weights} was evaluated with {k} {v}"
-            for k, v in sizes.items() if k not in applied and int(cfg.dataset[k]) != v]
+    kept = [
+        f"dataset.{k}={cfg.dataset[k]} as given; model.weights={cfg.model.weights} was evaluated with {k} {v}"
+        for k, v in sizes.items()
+        if k not in applied and int(cfg.dataset[k]) != v
+    ]
     return applied, kept
 
 
@@ -74,8 +77,16 @@ def _command_line_keys() -> set[str]:
 def make_data(cfg, dataset: Dataset | None = None) -> DataBundle:
     """The dataset of the config with the `data.n_train/n_test/val_fraction` subsets applied."""
     d = cfg.data
-    return load_data(dataset or make_dataset(cfg), str(d.root), bool(d.download), int(cfg.seed), d.n_train, d.n_test,
-                     float(d.val_fraction or 0.0), float(d.get("memory_gb", 8)))
+    return load_data(
+        dataset or make_dataset(cfg),
+        str(d.root),
+        bool(d.download),
+        int(cfg.seed),
+        d.n_train,
+        d.n_test,
+        float(d.val_fraction or 0.0),
+        float(d.get("memory_gb", 8)),
+    )
 
 
 def augment(cfg, dataset: Dataset | None = None) -> str:
@@ -100,8 +111,16 @@ def make_engine(cfg, device: torch.device, warn=None) -> Engine:
 # ----------------------------------------------------------------------------------------------- checkpoints
 def identity(cfg) -> dict:
     """registry.training_identity of the config: what decides the trained weights."""
-    return registry.training_identity(resolved(cfg.model), resolved(cfg.dataset), resolved(cfg.defense), resolved(cfg.train), cfg.seed,
-                                      cfg.data.n_train, cfg.data.val_fraction, augment(cfg) if "dataset" in cfg else "none")
+    return registry.training_identity(
+        resolved(cfg.model),
+        resolved(cfg.dataset),
+        resolved(cfg.defense),
+        resolved(cfg.train),
+        cfg.seed,
+        cfg.data.n_train,
+        cfg.data.val_fraction,
+        augment(cfg) if "dataset" in cfg else "none",
+    )
 
 
 def checkpoint_key(cfg) -> str:
@@ -133,11 +152,23 @@ def check_training(cfg) -> dict:
 def make_training_plan(cfg, device: torch.device, warn=None) -> TrainingPlan:
     dataset = make_dataset(cfg)
     return TrainingPlan(
-        entry=checkpoint_dir(cfg), identity=identity(cfg), config=resolved(cfg), seed=int(cfg.seed), train=train_settings(cfg),
-        validation=check_training(cfg), model=resolved(cfg.model), defense=instantiate(cfg.defense), engine=make_engine(cfg, device, warn),
-        augment=augment(cfg, dataset), eval_batch_size=int(cfg.data.get("eval_batch_size", 256) or 256), resume=bool(cfg.get("resume")),
-        retrain=bool(cfg.get("retrain")), sync_batchnorm=bool(cfg.get("sync_batchnorm")), dataset=choice(cfg, "dataset"),
-        n_train=cfg.data.n_train, val_fraction=cfg.data.val_fraction,
+        entry=checkpoint_dir(cfg),
+        identity=identity(cfg),
+        config=resolved(cfg),
+        seed=int(cfg.seed),
+        train=train_settings(cfg),
+        validation=check_training(cfg),
+        model=resolved(cfg.model),
+        defense=instantiate(cfg.defense),
+        engine=make_engine(cfg, device, warn),
+        augment=augment(cfg, dataset),
+        eval_batch_size=int(cfg.data.get("eval_batch_size", 256) or 256),
+        resume=bool(cfg.get("resume")),
+        retrain=bool(cfg.get("retrain")),
+        sync_batchnorm=bool(cfg.get("sync_batchnorm")),
+        dataset=choice(cfg, "dataset"),
+        n_train=cfg.data.n_train,
+        val_fraction=cfg.data.val_fraction,
     )
 
 

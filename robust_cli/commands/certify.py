@@ -1,6 +1,7 @@
 """`robust certify`: randomized smoothing certificates (Cohen et al. 2019) of this config's model, per sigma, and
 with an attack the per-point sandwich: certified L2 radius of the smoothed classifier <= L2 distance the attack needs
 to change the base classifier (and, with persistence=true, Bell's gamma-persistence of the same point)."""
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,9 @@ def validate(cfg):
     if "attack" in cfg:
         attack = _attack(cfg)
         if attack.kind != "minimal" or attack.norm != "l2":
-            raise UserError(f"the sandwich needs a minimal L2 attack (deepfool, cw, lbfgs, or fab_t with attack.norm=l2 attack.minimal=true), got {attack.name} ({attack.kind}, {attack.norm})")
+            raise UserError(
+                f"the sandwich needs a minimal L2 attack (deepfool, cw, lbfgs, or fab_t with attack.norm=l2 attack.minimal=true), got {attack.name} ({attack.kind}, {attack.norm})"
+            )
 
 
 def _attack(cfg):
@@ -94,9 +97,18 @@ def run(cfg, ctx):
         smoothed = torch.cat([s for _, s in parts]) if cfg.predict else None
         results[sigma] = {"predicted": predicted, "radius": radius, "draws": torch.cat([c.draws for c, _ in parts]) if keep else None}
         for i in range(len(y)):
-            row = {"index": i, "label": int(y[i]), "sigma": sigma, "predicted": "abstain" if predicted[i] == ABSTAIN else int(predicted[i]),
-                   "base_pred": int(base_pred[i]), "p_a_lower": float(p_low[i]), "radius": float(radius[i]),
-                   "correct": bool(predicted[i] == y[i]), "evaluations": int(evaluations[i]), "seconds": seconds[i]}
+            row = {
+                "index": i,
+                "label": int(y[i]),
+                "sigma": sigma,
+                "predicted": "abstain" if predicted[i] == ABSTAIN else int(predicted[i]),
+                "base_pred": int(base_pred[i]),
+                "p_a_lower": float(p_low[i]),
+                "radius": float(radius[i]),
+                "correct": bool(predicted[i] == y[i]),
+                "evaluations": int(evaluations[i]),
+                "seconds": seconds[i],
+            }
             if smoothed is not None:
                 row["predict"] = "abstain" if smoothed[i] == ABSTAIN else int(smoothed[i])
             rows.append(row)
@@ -109,8 +121,9 @@ def run(cfg, ctx):
     for sigma, r in results.items():
         correct = r["predicted"] == y
         for level, acc in zip(radii, certified_accuracy(r["radius"], correct, radii)):
-            curve.append({"sigma": sigma, "radius": level, "certified_accuracy": acc, "n": len(y),
-                          "abstain_rate": float((r["predicted"] == ABSTAIN).double().mean())})
+            curve.append(
+                {"sigma": sigma, "radius": level, "certified_accuracy": acc, "n": len(y), "abstain_rate": float((r["predicted"] == ABSTAIN).double().mean())}
+            )
     ctx.write_csv("certified_accuracy.csv", curve)
     _accuracy_figure(ctx, results, y, top)
 
@@ -143,8 +156,19 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
         found = []
         for s in range(0, len(x), CHUNK):
             shared = [[(sigma, r["draws"][i]) for sigma, r in results.items()] for i in range(s, min(s + CHUNK, len(x)))]
-            found.append(persistence(model, x[s : s + CHUNK].to(device), float(cfg.gamma), method="fast", seed=int(cfg.seed),
-                                     index_offset=s, batch_size=sample_batch, n_samples=PERSISTENCE_POOL, shared=shared))
+            found.append(
+                persistence(
+                    model,
+                    x[s : s + CHUNK].to(device),
+                    float(cfg.gamma),
+                    method="fast",
+                    seed=int(cfg.seed),
+                    index_offset=s,
+                    batch_size=sample_batch,
+                    n_samples=PERSISTENCE_POOL,
+                    shared=shared,
+                )
+            )
         sigma_star = torch.cat([f.sigma for f in found]).double()
         persistence_evaluations = torch.cat([f.evaluations for f in found])
     rows, violations = [], []
@@ -152,9 +176,16 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
         for i in range(len(y)):
             agree = bool(r["predicted"][i] != ABSTAIN and r["predicted"][i] == base_pred[i])
             holds = bool(r["radius"][i] <= distance[i] * (1 + 1e-6)) if agree else None
-            row = {"index": i, "label": int(y[i]), "base_pred": int(base_pred[i]), "sigma": sigma,
-                   "smoothed_pred": "abstain" if r["predicted"][i] == ABSTAIN else int(r["predicted"][i]),
-                   "certified_radius": float(r["radius"][i]), "attacked_distance": float(distance[i]), "holds": holds}
+            row = {
+                "index": i,
+                "label": int(y[i]),
+                "base_pred": int(base_pred[i]),
+                "sigma": sigma,
+                "smoothed_pred": "abstain" if r["predicted"][i] == ABSTAIN else int(r["predicted"][i]),
+                "certified_radius": float(r["radius"][i]),
+                "attacked_distance": float(distance[i]),
+                "holds": holds,
+            }
             if sigma_star is not None:  # at sigma = sigma*, p_A = gamma, so Cohen's formula gives sigma* Phi^-1(gamma)
                 row["persistence"] = float(sigma_star[i])
                 row["persistence_radius"] = float(sigma_star[i] * norm.ppf(float(cfg.gamma)))
@@ -167,8 +198,9 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
     for sigma in {v["sigma"] for v in violations}:
         mine = [v for v in violations if v["sigma"] == sigma]
         idx = [v["index"] for v in mine]
-        at_adv = certify(model, x_adv[idx].to(device), sigma, int(cfg.n0), int(cfg.n), float(cfg.alpha), seed=int(cfg.seed) + 1,
-                         index_offset=idx, batch_size=sample_batch)
+        at_adv = certify(
+            model, x_adv[idx].to(device), sigma, int(cfg.n0), int(cfg.n), float(cfg.alpha), seed=int(cfg.seed) + 1, index_offset=idx, batch_size=sample_batch
+        )
         for v, pred, p_low in zip(mine, at_adv.predicted.tolist(), at_adv.p_a_lower.tolist()):
             v["explained"] = pred == v["smoothed_pred"]
             v["p_a_lower_at_attack"] = p_low
@@ -177,16 +209,22 @@ def _sandwich(cfg, ctx, model, x, y, base_pred, results, sample_batch=None) -> i
     unexplained = [v for v in violations if not v["explained"]]
     ctx.write_csv("sandwich.csv", rows)
     for v in unexplained[:5]:
-        ctx.warn(f"sandwich check failed at point {v['index']} (sigma={v['sigma']:g}): certified radius {v['certified_radius']:.4f} > "
-                 f"{attack.name} distance {v['attacked_distance']:.4f}, and the smoothed classifier does not keep its class at the "
-                 "attacked point: the certificate or the attack is wrong there, inspect it")
+        ctx.warn(
+            f"sandwich check failed at point {v['index']} (sigma={v['sigma']:g}): certified radius {v['certified_radius']:.4f} > "
+            f"{attack.name} distance {v['attacked_distance']:.4f}, and the smoothed classifier does not keep its class at the "
+            "attacked point: the certificate or the attack is wrong there, inspect it"
+        )
     if len(unexplained) > 5:
         ctx.warn(f"sandwich check failed at {len(unexplained)} points in all (see sandwich.csv: holds false, explained false)")
     explained = len(violations) - len(unexplained)
-    ctx.record.setdefault("checks", []).append({
-        "check": "sandwich", "status": "fail" if unexplained else "ok",
-        "detail": f"{len(violations)} of {sum(r['holds'] is not None for r in rows)} comparable points have a certified radius beyond the "
-                  f"attacked distance; {explained} explained (the smoothed classifier keeps its class at the attacked point)"})
+    ctx.record.setdefault("checks", []).append(
+        {
+            "check": "sandwich",
+            "status": "fail" if unexplained else "ok",
+            "detail": f"{len(violations)} of {sum(r['holds'] is not None for r in rows)} comparable points have a certified radius beyond the "
+            f"attacked distance; {explained} explained (the smoothed classifier keeps its class at the attacked point)",
+        }
+    )
     _sandwich_figure(ctx, rows, attack.name)
     ctx.headline(sandwich_explained=explained)
     return len(unexplained)
@@ -214,6 +252,10 @@ def _sandwich_figure(ctx, rows, attack_name):
         ax.scatter([r["certified_radius"] for r in pts], [r["attacked_distance"] for r in pts], s=8, label=f"sigma = {sigma:g}")
     top = max([r["attacked_distance"] for r in shown] + [r["certified_radius"] for r in shown] + [1e-3])
     ax.plot([0, top], [0, top], color="0.3", lw=0.8, ls="--", label="certified = attacked")
-    ax.set(xlabel="certified L2 radius (smoothed)", ylabel=f"{attack_name} L2 distance (base)", title="certified radius vs attacked distance (below the diagonal: see explained)")
+    ax.set(
+        xlabel="certified L2 radius (smoothed)",
+        ylabel=f"{attack_name} L2 distance (base)",
+        title="certified radius vs attacked distance (below the diagonal: see explained)",
+    )
     ax.legend(fontsize=8)
     ctx.save_figure("sandwich.png", fig)

@@ -1,4 +1,5 @@
 """`robust collect DIR [DIR ...]`: one tidy table per CSV kind across many runs (plain argparse, not Hydra)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories, searched recursively")
     p.add_argument("--out", "-o", default=None, help="where to write (default: DIR/collected for one DIR, else ./collected)")
-    p.add_argument("--format", "-f", default="csv", choices=FORMATS, help="file format of the tables (default csv); latex: booktabs .tex per table; robustbench: one model_info JSON per autoattack run and eps")
-    p.add_argument("--table", default="auto", help="paper table: auto (from the runs' experiment=), none, szegedy_table, oberman_table, ibp_comparison, bell_table2")
+    p.add_argument(
+        "--format",
+        "-f",
+        default="csv",
+        choices=FORMATS,
+        help="file format of the tables (default csv); latex: booktabs .tex per table; robustbench: one model_info JSON per autoattack run and eps",
+    )
+    p.add_argument(
+        "--table", default="auto", help="paper table: auto (from the runs' experiment=), none, szegedy_table, oberman_table, ibp_comparison, bell_table2"
+    )
     p.add_argument("--no-figures", action="store_true", help="skip curves.png / persistence.png / train_log.png")
     return p
 

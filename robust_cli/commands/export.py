@@ -2,6 +2,7 @@
 
 Exports are new files: an existing output is never replaced (one line says so). The weights load back with
 `checkpoint=OUT.safetensors` in any robust command, with safetensors.torch.load_file elsewhere."""
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,24 @@ def run(cfg, ctx):
         publish()
     except FileExistsError:
         raise UserError(f"'{weights}' was written by another process meanwhile; robust export never replaces a file: give out=OTHER_PATH") from None
-    info = {"source": str(source), "weights": str(weights), "format": cfg.format, "config": state.get("config"), "identity": state.get("identity"),
-            "epoch": state.get("epoch"), "versions": state.get("versions"), "environment": state.get("environment"),
-            "tensors": {k: list(v.shape) for k, v in tensors.items()}, "dtype": sorted({str(v.dtype) for v in tensors.values()})}
+    info = {
+        "source": str(source),
+        "weights": str(weights),
+        "format": cfg.format,
+        "config": state.get("config"),
+        "identity": state.get("identity"),
+        "epoch": state.get("epoch"),
+        "versions": state.get("versions"),
+        "environment": state.get("environment"),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "dtype": sorted({str(v.dtype) for v in tensors.values()}),
+    }
     try:
         store.write_text(meta, json.dumps(info, indent=1, default=str) + "\n", replace=False)
     except FileExistsError:
-        raise UserError(f"'{meta}' was written by another process meanwhile; the weights are in '{weights}', their description is not: give out=OTHER_PATH") from None
-    store.results.print(f"wrote {weights} ({len(tensors)} tensors, {sum(v.numel() for v in tensors.values()):,} numbers) and {meta}", soft_wrap=True, highlight=False)
-
+        raise UserError(
+            f"'{meta}' was written by another process meanwhile; the weights are in '{weights}', their description is not: give out=OTHER_PATH"
+        ) from None
+    store.results.print(
+        f"wrote {weights} ({len(tensors)} tensors, {sum(v.numel() for v in tensors.values()):,} numbers) and {meta}", soft_wrap=True, highlight=False
+    )

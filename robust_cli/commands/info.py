@@ -1,4 +1,5 @@
 """`robust info`: the composed config and the checkpoint this config resolves to. Writes nothing."""
+
 from omegaconf import OmegaConf
 from rich.console import Console
 

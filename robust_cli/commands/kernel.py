@@ -15,6 +15,7 @@ instead of all K is K times cheaper on MNIST). A training point's contribution t
 sum_s sum_c K_s[k, c] a_{i,s,c}; these sum over i to yhat_k(x) - b_k. Kernel-space distance (neighbours.png):
 K(x,x) + K(x_i,x_i) - 2 K(x,x_i) with the same scalar kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,7 @@ def validate(cfg):
             raise UserError(f"kernel.ood_points must be a list of points like [[4.0, 15.0]], got {k.ood_points!r}")
         shape = list(cfg.dataset.get("shape") or [])
         if len(shape) == 1 and len(points) and points.shape[1] != shape[0]:
-            raise UserError(f"kernel.ood_points must have {shape[0]} coordinates each for dataset {cfg.dataset.name}, "
-                            f"got {points.shape[1]}")
+            raise UserError(f"kernel.ood_points must have {shape[0]} coordinates each for dataset {cfg.dataset.name}, got {points.shape[1]}")
 
 
 def _ood_points(cfg, data, dtype, gen):
@@ -93,16 +93,23 @@ def run(cfg, ctx):
         ctx.warn(f"the recorded path needs {path_mb:.0f} MiB in memory; lower kernel.steps, data.n_train or the model size")
 
     with ctx.progress(k.steps, "gradient descent (recording every step)") as advance:
-        path = train_path(model, train_x, train_y, k.steps, float(k.step_size), output=k.output,
-                          batch_size=k.batch_size, seed=int(cfg.seed), progress=advance)
+        path = train_path(model, train_x, train_y, k.steps, float(k.step_size), output=k.output, batch_size=k.batch_size, seed=int(cfg.seed), progress=advance)
     if path.initial_spread > 0:
         ctx.warn(f"the initial output is not constant (spread {path.initial_spread:.3g}): the representation is approximate (Remark 2)")
-    ctx.write_csv("path_log.csv", pd.DataFrame({"step": range(k.steps + 1), "loss": path.losses.tolist(),
-                                                "train_accuracy": path.accuracies.tolist()}))
+    ctx.write_csv("path_log.csv", pd.DataFrame({"step": range(k.steps + 1), "loss": path.losses.tolist(), "train_accuracy": path.accuracies.tolist()}))
     if k.save_path:
-        ctx.save_torch("path.pt", {"weights": path.weights.cpu(), "coefficients": path.coefficients.cpu(),
-                                   "bias": path.bias.cpu(), "step_size": path.step_size, "names": path.flat.names,
-                                   "shapes": [list(s) for s in path.flat.shapes], "output": k.output})
+        ctx.save_torch(
+            "path.pt",
+            {
+                "weights": path.weights.cpu(),
+                "coefficients": path.coefficients.cpu(),
+                "bias": path.bias.cpu(),
+                "step_size": path.step_size,
+                "names": path.flat.names,
+                "shapes": [list(s) for s in path.flat.shapes],
+                "output": k.output,
+            },
+        )
     kernel = DiscretePathKernel(path, k.quadrature_points, k.variant, k.tolerance)
 
     # ---- agreement of the network with its kernel machine (Figure 23)
@@ -115,11 +122,18 @@ def run(cfg, ctx):
         advance()
     err = (net_out - ker_out).abs()
     n_classes = net_out.shape[1]
-    ctx.write_csv("kernel_agreement.csv", pd.DataFrame({
-        "index": agree_idx.repeat_interleave(n_classes).tolist(),
-        "class": torch.arange(n_classes).repeat(len(agree_idx)).tolist(),
-        "network_output": net_out.flatten().tolist(), "kernel_output": ker_out.flatten().tolist(),
-        "abs_error": err.flatten().tolist()}))
+    ctx.write_csv(
+        "kernel_agreement.csv",
+        pd.DataFrame(
+            {
+                "index": agree_idx.repeat_interleave(n_classes).tolist(),
+                "class": torch.arange(n_classes).repeat(len(agree_idx)).tolist(),
+                "network_output": net_out.flatten().tolist(),
+                "kernel_output": ker_out.flatten().tolist(),
+                "abs_error": err.flatten().tolist(),
+            }
+        ),
+    )
     _plot_agreement(ctx, net_out.cpu(), ker_out.cpu(), k.output)
 
     # ---- kernel values for in-distribution and out-of-distribution points (Figure 21, Figure 22)
@@ -138,11 +152,14 @@ def run(cfg, ctx):
     max_err = float(err.max()) if err.numel() else math.nan
     scale = float(net_out.abs().max()) if net_out.numel() else math.nan
     headline = {
-        "steps": k.steps, "step_size": float(k.step_size), "output": k.output,
+        "steps": k.steps,
+        "step_size": float(k.step_size),
+        "output": k.output,
         "train_accuracy": round(float(path.accuracies[-1]), 4),
         "test_accuracy": round(float((net_out.argmax(1) == test_y).double().mean()), 4) if len(test_y) else math.nan,
         "kernel_test_accuracy": round(float((ker_out.argmax(1) == test_y).double().mean()), 4) if len(test_y) else math.nan,
-        "max_abs_error": max_err, "relative_error": max_err / scale if scale else math.nan,
+        "max_abs_error": max_err,
+        "relative_error": max_err / scale if scale else math.nan,
         "path_mb": round(path.nbytes / 2**20, 1),
     }
     ctx.headline(**headline, **ood_summary, seconds=round(time.perf_counter() - started, 1))
@@ -154,8 +171,8 @@ def _explain(cfg, ctx, kernel, data, probes, names, kinds, values, explain_idx):
     path = kernel.path
     out = kernel.network_output(probes).cpu()
     predicted = out.argmax(1)
-    trace = values.diagonal[:, :, 0].cpu()                          # (P, M): K(x, x_i)[k, k], k predicted at x
-    contrib = values.contributions[:, :, 0].cpu()                   # (P, M): contributions to yhat_k(x)
+    trace = values.diagonal[:, :, 0].cpu()  # (P, M): K(x, x_i)[k, k], k predicted at x
+    contrib = values.contributions[:, :, 0].cpu()  # (P, M): contributions to yhat_k(x)
     train_y = path.train_y.cpu()
     n_train = len(train_y)
 
@@ -174,10 +191,19 @@ def _explain(cfg, ctx, kernel, data, probes, names, kinds, values, explain_idx):
     for j, name in enumerate(names):
         total = float(out[j, predicted[j]] - bias[predicted[j]])
         for rank, i in enumerate(contrib[j].abs().argsort(descending=True)[: k.top_k].tolist()):
-            top.append({"probe": name, "kind": kinds[j], "predicted": int(predicted[j]), "rank": rank + 1,
-                        "train_index": i, "train_label": int(train_y[i]), "contribution": float(contrib[j, i]),
-                        "share_of_output_change": float(contrib[j, i]) / total if total else math.nan,
-                        "kernel_value": float(trace[j, i])})
+            top.append(
+                {
+                    "probe": name,
+                    "kind": kinds[j],
+                    "predicted": int(predicted[j]),
+                    "rank": rank + 1,
+                    "train_index": i,
+                    "train_label": int(train_y[i]),
+                    "contribution": float(contrib[j, i]),
+                    "share_of_output_change": float(contrib[j, i]) / total if total else math.nan,
+                    "kernel_value": float(trace[j, i]),
+                }
+            )
     ctx.write_csv("top_influences.csv", top)
 
     _plot_kernel_map(ctx, data, path, probes.cpu(), names, trace)
@@ -193,8 +219,7 @@ def _explain(cfg, ctx, kernel, data, probes, names, kinds, values, explain_idx):
         self_probe = torch.stack([gram[j, c, j, c] for j, c in enumerate(classes)]).cpu()
         kernel_dist = self_probe[:, None] + self_train - 2 * trace[:n_in]
         pixel_dist = torch.cdist(probes[:n_in].flatten(1).cpu(), path.train_x.flatten(1).cpu())
-        _plot_neighbours(ctx, probes[:n_in].cpu(), path.train_x.cpu(), train_y, kernel_dist.argmin(1), pixel_dist.argmin(1),
-                         data.meta.class_names)
+        _plot_neighbours(ctx, probes[:n_in].cpu(), path.train_x.cpu(), train_y, kernel_dist.argmin(1), pixel_dist.argmin(1), data.meta.class_names)
 
 
 def _ood(ctx, kernel, test_x, test_idx, test_out, ood_x, ood_names) -> dict:
@@ -207,8 +232,9 @@ def _ood(ctx, kernel, test_x, test_idx, test_out, ood_x, ood_names) -> dict:
         out_ood = out_ood.cpu()
         advance()
     rows = []
-    for name, kind, x, s, o in ([(f"test_{int(i)}", "in", x, s, o) for i, x, s, o in zip(test_idx, test_x.cpu(), sums_in, test_out.cpu())]
-                                + [(n, "ood", x, s, o) for n, x, s, o in zip(ood_names, ood_x.cpu(), sums_ood, out_ood)]):
+    for name, kind, x, s, o in [(f"test_{int(i)}", "in", x, s, o) for i, x, s, o in zip(test_idx, test_x.cpu(), sums_in, test_out.cpu())] + [
+        (n, "ood", x, s, o) for n, x, s, o in zip(ood_names, ood_x.cpu(), sums_ood, out_ood)
+    ]:
         row = {"probe": name, "kind": kind, "kernel_sum": float(s), "predicted": int(o.argmax()), "output_predicted": float(o.max())}
         if x.shape == (2,):
             row["x0"], row["x1"] = float(x[0]), float(x[1])
@@ -279,10 +305,13 @@ def _plot_neighbours(ctx, probes, train_x, train_y, by_kernel, by_pixel, class_n
     plt = _plt()
     n = len(probes)
     fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.9 * n), squeeze=False)
-    label = (lambda c: class_names[c] if c < len(class_names) else str(c))
+    label = lambda c: class_names[c] if c < len(class_names) else str(c)
     for j in range(n):
-        images = [(probes[j], "test point"), (train_x[by_kernel[j]], f"kernel: {label(int(train_y[by_kernel[j]]))}"),
-                  (train_x[by_pixel[j]], f"pixel: {label(int(train_y[by_pixel[j]]))}")]
+        images = [
+            (probes[j], "test point"),
+            (train_x[by_kernel[j]], f"kernel: {label(int(train_y[by_kernel[j]]))}"),
+            (train_x[by_pixel[j]], f"pixel: {label(int(train_y[by_pixel[j]]))}"),
+        ]
         for ax, (img, title) in zip(axes[j], images):
             img = img.clamp(0, 1)
             ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)

@@ -5,6 +5,7 @@ means nothing), each attacked once with the configured attack (Bell's Table 1: L
 point i and its adversarial example share their Gaussian draws (common random numbers across the pair).
 Mean persistence is over finite values; +inf values (past persistence.sigma_cap) are counted in n_inf_*.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,10 @@ def validate(cfg):
         (p.interval in INTERVALS, f"persistence.interval must be one of {', '.join(INTERVALS)}, got {p.interval!r}"),
         (p.distribution in DISTRIBUTIONS, f"persistence.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {p.distribution!r}"),
         (isinstance(p.rtol, (int, float)) and p.rtol > 0, f"persistence.rtol must be > 0, got {p.rtol!r}"),
-        (isinstance(p.sigma_floor, (int, float)) and isinstance(p.sigma_cap, (int, float)) and 0 < p.sigma_floor < p.sigma_cap,
-         f"need 0 < persistence.sigma_floor < persistence.sigma_cap, got {p.sigma_floor!r}, {p.sigma_cap!r}"),
+        (
+            isinstance(p.sigma_floor, (int, float)) and isinstance(p.sigma_cap, (int, float)) and 0 < p.sigma_floor < p.sigma_cap,
+            f"need 0 < persistence.sigma_floor < persistence.sigma_cap, got {p.sigma_floor!r}, {p.sigma_cap!r}",
+        ),
         (isinstance(cfg.sigma_grid.max, (int, float)) and cfg.sigma_grid.max > 0, f"sigma_grid.max must be > 0, got {cfg.sigma_grid.max!r}"),
     ]
     for ok, message in checks:
@@ -79,8 +82,9 @@ def validate(cfg):
     attack = build_attack(cfg)
     _positive_int(cfg.targets_per_point, "targets_per_point")
     if cfg.targets_per_point > 1 and attack.targeted != "random":
-        raise UserError(f"targets_per_point={cfg.targets_per_point} draws distinct random targets: add attack.targeted=random "
-                        f"(it is {attack.targeted or 'untargeted'} now)")
+        raise UserError(
+            f"targets_per_point={cfg.targets_per_point} draws distinct random targets: add attack.targeted=random (it is {attack.targeted or 'untargeted'} now)"
+        )
     classes = cfg.dataset.get("num_classes")  # known before any data is read, except for an image folder
     if isinstance(classes, int):
         _check_targets_per_point(cfg.targets_per_point, classes)
@@ -99,8 +103,14 @@ def _persist(model, x, indices, cfg, ctx, description, sample_batch=None):
     options, parts = persistence_options(cfg, sample_batch), []
     with ctx.progress(len(x), description) as advance:
         for start in range(0, len(x), CHUNK):
-            part = persistence(model, x[start : start + CHUNK].to(ctx.device), float(cfg.gamma), method=cfg.persistence.method,
-                               index_offset=indices[start : start + CHUNK], **options)
+            part = persistence(
+                model,
+                x[start : start + CHUNK].to(ctx.device),
+                float(cfg.gamma),
+                method=cfg.persistence.method,
+                index_offset=indices[start : start + CHUNK],
+                **options,
+            )
             parts.append(part)
             advance(len(part.sigma))
     cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if parts else torch.zeros(0)
@@ -125,8 +135,10 @@ def run(cfg, ctx):
     correct = (test_pred == data.test_y).nonzero().squeeze(1)
     chosen = correct[torch.randperm(len(correct), generator=gen)[: int(cfg.n_points)]].sort().values
     if len(chosen) == 0:
-        raise UserError(f"the model classifies none of the {len(data.test_y)} test points correctly: persistence compares correctly classified "
-                        "points with their adversarial examples; check the model's weights, its normalisation and the dataset's labels")
+        raise UserError(
+            f"the model classifies none of the {len(data.test_y)} test points correctly: persistence compares correctly classified "
+            "points with their adversarial examples; check the model's weights, its normalisation and the dataset's labels"
+        )
     if len(chosen) < cfg.n_points:
         ctx.warn(f"only {len(chosen)} correctly classified test points (n_points={cfg.n_points}): using them all")
     x, y = data.test_x[chosen], data.test_y[chosen]
@@ -156,7 +168,9 @@ def run(cfg, ctx):
     success = ev.success_mask(adv_pred, y_pair, target)
     sizes = ev.perturbation_sizes(x_nat, x_adv)
     if not success.any():
-        raise UserError(f"{attack.name} found no adversarial example among {len(x_nat)} points: strengthen the attack (see conf/attack/{build.choice(cfg, 'attack')}.yaml)")
+        raise UserError(
+            f"{attack.name} found no adversarial example among {len(x_nat)} points: strengthen the attack (see conf/attack/{build.choice(cfg, 'attack')}.yaml)"
+        )
     if not success.all():
         ctx.warn(f"{attack.name} failed on {int((~success).sum())} of {len(x_nat)} points: their adversarial rows have persistence NaN")
 
@@ -179,43 +193,87 @@ def run(cfg, ctx):
         for i in range(len(x_nat) if perturbed else len(x)):
             point = int(point_of[i]) if perturbed else i
             aimed = target is not None and (perturbed or per_point == 1)
-            rows.append({
-                "index": int(chosen[point]), "kind": kind, "label": int(y[point]), "pred": int(pred[i]),
-                "target": int(target[i]) if aimed else -1, "attack": attack_name,
-                "success": bool(success[i]) if perturbed else math.nan,
-                "distortion": (sizes["distortion"][i].item() if success[i] else math.inf) if perturbed else math.nan,
-                "l2": sizes["l2"][i].item() if perturbed else math.nan, "linf": sizes["linf"][i].item() if perturbed else math.nan,
-                "gamma": gamma, "persistence": res["sigma"][i].item(), "ci_low": res["ci_low"][i].item(),
-                "ci_high": res["ci_high"][i].item(), "evaluations": int(res["evaluations"][i]), "method": method,
-            })
+            rows.append(
+                {
+                    "index": int(chosen[point]),
+                    "kind": kind,
+                    "label": int(y[point]),
+                    "pred": int(pred[i]),
+                    "target": int(target[i]) if aimed else -1,
+                    "attack": attack_name,
+                    "success": bool(success[i]) if perturbed else math.nan,
+                    "distortion": (sizes["distortion"][i].item() if success[i] else math.inf) if perturbed else math.nan,
+                    "l2": sizes["l2"][i].item() if perturbed else math.nan,
+                    "linf": sizes["linf"][i].item() if perturbed else math.nan,
+                    "gamma": gamma,
+                    "persistence": res["sigma"][i].item(),
+                    "ci_low": res["ci_low"][i].item(),
+                    "ci_high": res["ci_high"][i].item(),
+                    "evaluations": int(res["evaluations"][i]),
+                    "method": method,
+                }
+            )
     ctx.write_csv("persistence.csv", rows)
 
     # ---- summary.csv: one row with Bell's Table 1 columns first
     def stats(values):
         finite = values[torch.isfinite(values)]
-        return (finite.mean().item() if len(finite) else math.nan, values[~values.isnan()].median().item() if (~values.isnan()).any() else math.nan,
-                int((~values.isnan()).sum()), int(torch.isinf(values).sum()))
+        return (
+            finite.mean().item() if len(finite) else math.nan,
+            values[~values.isnan()].median().item() if (~values.isnan()).any() else math.nan,
+            int((~values.isnan()).sum()),
+            int(torch.isinf(values).sum()),
+        )
 
     mean_nat, median_nat, n_nat, inf_nat = stats(nat["sigma"])
     mean_adv, median_adv, n_adv, inf_adv = stats(adv["sigma"][ok])
     evaluations = torch.cat([nat["evaluations"], adv["evaluations"][ok]]).double().mean().item()
     summary = {
-        "network": build.choice(cfg, "model"), "test_acc": 100.0 * test_acc, "avg_distortion": sizes["distortion"][success].mean().item(),
-        "persistence_nat": mean_nat, "persistence_adv": mean_adv, "median_nat": median_nat, "median_adv": median_adv,
-        "n_nat": n_nat, "n_adv": n_adv, "n_inf_nat": inf_nat, "n_inf_adv": inf_adv, "attack_success": success.double().mean().item(),
-        "dataset": build.choice(cfg, "dataset"), "defense": build.choice(cfg, "defense"), "attack": attack_name, "gamma": gamma,
-        "method": method, "n_samples": int(cfg.persistence.max_samples if method == "fast" else cfg.persistence.n_samples), "evaluations_per_point": evaluations,
-        "attack_seconds": attack_seconds, "persistence_seconds": persistence_seconds, "seed": int(cfg.seed),
+        "network": build.choice(cfg, "model"),
+        "test_acc": 100.0 * test_acc,
+        "avg_distortion": sizes["distortion"][success].mean().item(),
+        "persistence_nat": mean_nat,
+        "persistence_adv": mean_adv,
+        "median_nat": median_nat,
+        "median_adv": median_adv,
+        "n_nat": n_nat,
+        "n_adv": n_adv,
+        "n_inf_nat": inf_nat,
+        "n_inf_adv": inf_adv,
+        "attack_success": success.double().mean().item(),
+        "dataset": build.choice(cfg, "dataset"),
+        "defense": build.choice(cfg, "defense"),
+        "attack": attack_name,
+        "gamma": gamma,
+        "method": method,
+        "n_samples": int(cfg.persistence.max_samples if method == "fast" else cfg.persistence.n_samples),
+        "evaluations_per_point": evaluations,
+        "attack_seconds": attack_seconds,
+        "persistence_seconds": persistence_seconds,
+        "seed": int(cfg.seed),
     }
     ctx.write_csv("summary.csv", [summary])
 
     pairs = ok[: max(int(cfg.stability.points), int(cfg.line.points))]
-    _stability_outputs(cfg, ctx, fast, x_nat, x_adv, y_pair, adv_pred, target, chosen[point_of], pairs[: int(cfg.stability.points)], data.meta.num_classes, sample_batch)
+    _stability_outputs(
+        cfg, ctx, fast, x_nat, x_adv, y_pair, adv_pred, target, chosen[point_of], pairs[: int(cfg.stability.points)], data.meta.num_classes, sample_batch
+    )
     _line_outputs(cfg, ctx, fast, x_nat, x_adv, chosen[point_of], pairs[: int(cfg.line.points)])
     _histogram(ctx, nat["sigma"], adv["sigma"][ok], cfg)
-    ctx.headline(network=summary["network"], test_acc=summary["test_acc"], avg_distortion=summary["avg_distortion"],
-                 persistence_nat=mean_nat, persistence_adv=mean_adv, median_nat=median_nat, median_adv=median_adv,
-                 n_points=len(x), n_adversarial=len(x_nat), method=method, evaluations_per_point=evaluations, seconds=attack_seconds + persistence_seconds)
+    ctx.headline(
+        network=summary["network"],
+        test_acc=summary["test_acc"],
+        avg_distortion=summary["avg_distortion"],
+        persistence_nat=mean_nat,
+        persistence_adv=mean_adv,
+        median_nat=median_nat,
+        median_adv=median_adv,
+        n_points=len(x),
+        n_adversarial=len(x_nat),
+        method=method,
+        evaluations_per_point=evaluations,
+        seconds=attack_seconds + persistence_seconds,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -234,13 +292,26 @@ def _stability_outputs(cfg, ctx, model, x, x_adv, y, adv_pred, target, chosen, p
             freq, _, labels = stability_curve(model, point[None].to(ctx.device), sigmas, int(cfg.stability.n_samples), index_offset=[i], **options)
             for s, sigma in enumerate(sigmas):
                 for c in range(freq.shape[2]):
-                    rows.append({"pair": row, "index": int(chosen[i]), "kind": kind, "label": int(y[i]), "pred": int(labels[0]),
-                                 "target": int(target[i]) if target is not None else -1, "sigma": sigma, "class": c,
-                                 "frequency": freq[0, s, c].item()})
+                    rows.append(
+                        {
+                            "pair": row,
+                            "index": int(chosen[i]),
+                            "kind": kind,
+                            "label": int(y[i]),
+                            "pred": int(labels[0]),
+                            "target": int(target[i]) if target is not None else -1,
+                            "sigma": sigma,
+                            "class": c,
+                            "frequency": freq[0, s, c].item(),
+                        }
+                    )
             ax = axes[row, col]
             other_labelled = False
             for c in range(freq.shape[2]):  # each panel's own legend: every row is a different pair of points
-                special = {int(y[i]): ("black", f"class {int(y[i])} (true label)"), int(adv_pred[i]): ("red", f"class {int(adv_pred[i])} (adversarial prediction)")}
+                special = {
+                    int(y[i]): ("black", f"class {int(y[i])} (true label)"),
+                    int(adv_pred[i]): ("red", f"class {int(adv_pred[i])} (adversarial prediction)"),
+                }
                 color, name = special.get(c, (None, None))
                 if color is None and not other_labelled:
                     name, other_labelled = "other classes", True
@@ -271,9 +342,19 @@ def _line_outputs(cfg, ctx, model, x, x_adv, chosen, pairs):
         sl = slice(p * len(t), (p + 1) * len(t))
         crossed = pred[sl] != pred[sl][0]
         for j in range(len(t)):
-            rows.append({"pair": p, "index": int(chosen[i]), "t": t[j].item(), "pred": int(pred[sl][j]), "crossed": bool(crossed[:j + 1].any()),
-                         "persistence": res["sigma"][sl][j].item(), "ci_low": res["ci_low"][sl][j].item(),
-                         "ci_high": res["ci_high"][sl][j].item(), "evaluations": int(res["evaluations"][sl][j])})
+            rows.append(
+                {
+                    "pair": p,
+                    "index": int(chosen[i]),
+                    "t": t[j].item(),
+                    "pred": int(pred[sl][j]),
+                    "crossed": bool(crossed[: j + 1].any()),
+                    "persistence": res["sigma"][sl][j].item(),
+                    "ci_low": res["ci_low"][sl][j].item(),
+                    "ci_high": res["ci_high"][sl][j].item(),
+                    "evaluations": int(res["evaluations"][sl][j]),
+                }
+            )
         line = ax.plot(t.numpy(), res["sigma"][sl].numpy(), marker="o", ms=3, label=f"#{int(chosen[i])}")[0]
         if crossed.any():
             ax.axvline(t[crossed.nonzero()[0, 0]].item(), color=line.get_color(), ls="--", lw=0.8)
@@ -296,4 +377,3 @@ def _histogram(ctx, nat, adv, cfg):
     ax.set(xlabel=f"{cfg.gamma}-persistence", ylabel="count", title=f"{build.choice(cfg, 'model')}, {build.choice(cfg, 'attack')}")
     ax.legend()
     ctx.save_figure("persistence_hist.png", fig)
-

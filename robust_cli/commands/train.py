@@ -1,4 +1,5 @@
 """`robust train`: train the configured model under the configured defense."""
+
 from hydra.utils import instantiate
 
 from robust_cli.commands import build
@@ -13,8 +14,10 @@ BATCH_SETTINGS = "train.batch_size"
 def validate(cfg):
     # the training settings themselves are checked for every command by cli.validate_common (any command may train)
     if cfg.get("checkpoint"):
-        raise UserError(f"robust train does not read checkpoint= (got '{cfg.checkpoint}'): it trains this config's registry entry, "
-                        "and resume=true continues that entry's interrupted run; drop checkpoint=")
+        raise UserError(
+            f"robust train does not read checkpoint= (got '{cfg.checkpoint}'): it trains this config's registry entry, "
+            "and resume=true continues that entry's interrupted run; drop checkpoint="
+        )
     if cfg.get("resume") and cfg.get("retrain"):
         raise UserError("resume=true and retrain=true contradict each other: resume continues the interrupted training, retrain starts again")
     try:
@@ -33,7 +36,9 @@ def run(cfg, ctx):
             raise UserError(f"train.batch_size={cfg.train.batch_size} is split over {ranks.world} processes: it must be at least {ranks.world}")
         ctx.record["processes"] = ranks.world
     try:
-        summary = train_or_reuse(build.make_training_plan(cfg, ctx.device, ctx.warn), data, ctx.device, run_dir=ctx.dir if ranks.main else None, ctx=ctx, ranks=ranks)
+        summary = train_or_reuse(
+            build.make_training_plan(cfg, ctx.device, ctx.warn), data, ctx.device, run_dir=ctx.dir if ranks.main else None, ctx=ctx, ranks=ranks
+        )
         if ranks.distributed:
             import torch.distributed as dist
 

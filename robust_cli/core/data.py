@@ -3,6 +3,7 @@
 Every dataset is a small class with `available(root)` and `load(root, download) -> DataBundle`; the YAML in
 conf/dataset/ names the class (`_target_`) and its metadata. Data stay on the CPU; batches move to the device.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -242,10 +243,15 @@ class ImageFiles:
         return ImageFiles([self.paths[i] for i in idx], self.labels[idx], self.resize, self.size, self.workers)
 
     def loader(self, batch_size, order=None, pin_memory=False):
-        return torch.utils.data.DataLoader(_Decode(self.paths, self.resize, self.size), batch_size=batch_size,
-                                           sampler=order.tolist() if order is not None else None, num_workers=self.workers,
-                                           pin_memory=pin_memory, prefetch_factor=4 if self.workers > 0 else None,
-                                           persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            _Decode(self.paths, self.resize, self.size),
+            batch_size=batch_size,
+            sampler=order.tolist() if order is not None else None,
+            num_workers=self.workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if self.workers > 0 else None,
+            persistent_workers=False,
+        )
 
     def decode(self) -> torch.Tensor:
         if not self.paths:
@@ -265,8 +271,21 @@ class ImageFolder(Dataset):
     folder order (their index is the label). Images are resized (shorter side to `resize`) and centre-cropped to
     `image_size`. `classes`: keep only these classes' images (names or indices); labels keep their indices."""
 
-    def __init__(self, root, train_folder="train", test_folder="val", image_size=224, resize=256, classes=None, workers=4,
-                 name="imagefolder", num_classes=None, class_names=None, shape=None, **meta):
+    def __init__(
+        self,
+        root,
+        train_folder="train",
+        test_folder="val",
+        image_size=224,
+        resize=256,
+        classes=None,
+        workers=4,
+        name="imagefolder",
+        num_classes=None,
+        class_names=None,
+        shape=None,
+        **meta,
+    ):
         self.root, self.train_folder, self.test_folder = Path(str(root)), str(train_folder), str(test_folder)
         self.image_size, self.resize, self.workers = int(image_size), int(resize), int(workers)
         if self.resize < self.image_size:
@@ -290,8 +309,10 @@ class ImageFolder(Dataset):
     def check_available(self, root, download):
         test = self._split_dir("test")
         if not test.is_dir():
-            raise UserError(f"{self.meta.name}: '{test}' not found; data.root must hold {self.test_folder}/<class>/<image> "
-                            f"(and {self.train_folder}/ to train), or set dataset.test_folder / dataset.train_folder")
+            raise UserError(
+                f"{self.meta.name}: '{test}' not found; data.root must hold {self.test_folder}/<class>/<image> "
+                f"(and {self.train_folder}/ to train), or set dataset.test_folder / dataset.train_folder"
+            )
 
     def _keep_indices(self):
         if self.keep is None:
@@ -331,7 +352,9 @@ class ImageFolder(Dataset):
         self.check_available(root, download)
         test = self._restricted(*self._files("test"))
         if not test[0]:
-            raise UserError(f"{self.meta.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{self._split_dir('test')}'" + (" of the chosen classes" if self.keep else ""))
+            raise UserError(
+                f"{self.meta.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{self._split_dir('test')}'" + (" of the chosen classes" if self.keep else "")
+            )
         train = ImageFiles(*self._restricted(*self._files("train")), self.resize, self.image_size, self.workers)
         test = ImageFiles(*test, self.resize, self.image_size, self.workers)
         return DataBundle(train, train.labels, test, test.labels, self.meta)
@@ -374,8 +397,10 @@ class ImageNetVal(ImageFolder):
         if subdirs:  # class folders named by wnid
             wnids = self._wnids()
             if wnids is None:
-                raise UserError(f"{folder}: class folders, but no LOC_synset_mapping.txt in '{self._root}' and not all 1000 folders: "
-                                "the wnid order (which index each class has) is unknown; copy LOC_synset_mapping.txt there")
+                raise UserError(
+                    f"{folder}: class folders, but no LOC_synset_mapping.txt in '{self._root}' and not all 1000 folders: "
+                    "the wnid order (which index each class has) is unknown; copy LOC_synset_mapping.txt there"
+                )
             index = {w: i for i, w in enumerate(wnids)}
             unknown = [d.name for d in subdirs if d.name not in index]
             if unknown:
@@ -411,8 +436,10 @@ class ImageNetVal(ImageFolder):
                     if len(parts) >= 2:
                         out[parts[0]] = int(parts[1])
                 return out
-        raise UserError(f"{folder}: flat validation images need labels: LOC_val_solution.csv (+ LOC_synset_mapping.txt) or val_labels.txt "
-                        f"('<file> <class index>' lines) in '{self._root}'")
+        raise UserError(
+            f"{folder}: flat validation images need labels: LOC_val_solution.csv (+ LOC_synset_mapping.txt) or val_labels.txt "
+            f"('<file> <class index>' lines) in '{self._root}'"
+        )
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -431,8 +458,16 @@ def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.sort(torch.cat(picked)).values
 
 
-def load_data(dataset: Dataset, root: str, download: bool, seed: int, n_train: int | None = None, n_test: int | None = None,
-              val_fraction: float = 0.0, memory_gb: float = 8.0) -> DataBundle:
+def load_data(
+    dataset: Dataset,
+    root: str,
+    download: bool,
+    seed: int,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    val_fraction: float = 0.0,
+    memory_gb: float = 8.0,
+) -> DataBundle:
     """The dataset's train/test split with the stratified, seeded subsets `n_train`, `n_test` and the held-out
     validation split `val_fraction` of the training set applied (seeds seed, seed + 1, seed + 2)."""
     bundle = dataset.load(str(root), bool(download))

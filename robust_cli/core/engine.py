@@ -12,6 +12,7 @@ and pass it down; nothing below reads `cfg`.
 - `channels_last`: NHWC layout for conv nets on CUDA (`auto`), where cuDNN's fast kernels want it.
 - `BatchSize`: an integer, or `auto`: start large and halve on a CUDA out-of-memory error, remembering the size.
 """
+
 from __future__ import annotations
 
 import re
@@ -185,7 +186,6 @@ def parse_shard(spec) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-
 # ----------------------------------------------------------------------------------------------- batch sizes
 class BatchSize:
     """A batch size setting: an integer, or `auto` (start at AUTO_BATCH_START and halve on out-of-memory errors).
@@ -214,7 +214,11 @@ class BatchSize:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if not self.auto or self.size == 1:
-            hint = f"lower {self.setting} (now {self.size}) or set {self.setting}=auto" if not self.auto else "even one example does not fit: use a smaller model or precision=bf16"
+            hint = (
+                f"lower {self.setting} (now {self.size}) or set {self.setting}=auto"
+                if not self.auto
+                else "even one example does not fit: use a smaller model or precision=bf16"
+            )
             raise UserError(f"out of memory on {self.device} at {self.setting}={self.size}: {hint}") from None
         self.size = max(1, self.size // 2)
         self.halvings += 1

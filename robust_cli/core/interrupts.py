@@ -2,6 +2,7 @@
 so the same clean-up runs; and `received` keeps which one came, because a library may turn the exception raised
 inside it into another error (seen: OmegaConf's clean-up, Hydra's `_locate` reporting a RecursionError). Whoever
 reports an error asks `received` first: an interrupted run says so, not that a setting is wrong."""
+
 import signal
 
 received = None  # "Ctrl-C" or "SIGTERM" once one came; set for good

@@ -3,6 +3,7 @@
 `build_model` wraps the network in a `Classifier` that holds the dataset's normalisation (so attacks see
 [0, 1] inputs) and the optional tanh head of tulip. Shapes come from the dataset metadata, never hard-coded.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,7 @@ class ConvNet(nn.Module):
             convs += [nn.Conv2d(in_ch, channels, kernel_size, padding=padding), nn.ReLU()]
             in_ch = channels
         self.features = nn.Sequential(*convs, nn.MaxPool2d(2))
-        side = (lambda s: (s - shrink if padding == "valid" else s) // 2)
+        side = lambda s: (s - shrink if padding == "valid" else s) // 2
         if side(h) < 1 or side(w) < 1:
             raise UserError(f"model cnn with padding=valid does not fit images of size {h}x{w}; use model.padding=same")
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * side(h) * side(w), fc), nn.ReLU(), nn.Linear(fc, num_classes))
@@ -93,8 +94,12 @@ class LeNet(nn.Module):
         _needs_image("lenet", input_shape)
         c, h, w = input_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * (h // 4) * (w // 4), 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
@@ -111,14 +116,22 @@ class _Block(nn.Module):
         super().__init__()
         if width is None:  # ResNet basic block: two 3x3 convs
             self.body = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(),
-                nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch),
+                nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(),
+                nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(out_ch),
             )
         else:  # ResNeXt bottleneck: 1x1 reduce, grouped 3x3, 1x1 expand
             self.body = nn.Sequential(
-                nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch),
+                nn.Conv2d(in_ch, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, out_ch, 1, bias=False),
+                nn.BatchNorm2d(out_ch),
             )
         self.shortcut = nn.Identity()
         if stride != 1 or in_ch != out_ch:
@@ -252,7 +265,9 @@ def torchvision_model(input_shape, num_classes, arch: str):
 
     _needs_image(f"torchvision {arch}", input_shape)
     if int(input_shape[0]) != 3:
-        raise UserError(f"torchvision's {arch} takes RGB images (3 channels); this dataset's images have {input_shape[0]}: use model=timm (in_chans) or a zoo model")
+        raise UserError(
+            f"torchvision's {arch} takes RGB images (3 channels); this dataset's images have {input_shape[0]}: use model=timm (in_chans) or a zoo model"
+        )
     builders = set(torchvision.models.list_models(module=torchvision.models))
     if arch not in builders:
         import difflib
@@ -316,12 +331,16 @@ def robustbench_model(input_shape, num_classes, name: str, threat_model: str = "
     if dataset not in ROBUSTBENCH_CLASSES:
         raise UserError(f"model.dataset must be one of {', '.join(ROBUSTBENCH_CLASSES)} (RobustBench's datasets), got {dataset!r}")
     if ROBUSTBENCH_CLASSES[dataset] != int(num_classes):
-        raise UserError(f"model=robustbench model.dataset={dataset} has {ROBUSTBENCH_CLASSES[dataset]} classes, the dataset here has {num_classes}; "
-                        f"use the dataset the model was trained on")
+        raise UserError(
+            f"model=robustbench model.dataset={dataset} has {ROBUSTBENCH_CLASSES[dataset]} classes, the dataset here has {num_classes}; "
+            f"use the dataset the model was trained on"
+        )
     wanted = (3, 32, 32) if dataset != "imagenet" else (3,)
     if tuple(input_shape)[: len(wanted)] != wanted:
-        raise UserError(f"model=robustbench model.dataset={dataset} takes images of shape {'x'.join(map(str, wanted))}{' x H x W' if dataset == 'imagenet' else ''}, "
-                        f"the dataset here gives {'x'.join(map(str, input_shape))}; use dataset={dataset}")
+        raise UserError(
+            f"model=robustbench model.dataset={dataset} takes images of shape {'x'.join(map(str, wanted))}{' x H x W' if dataset == 'imagenet' else ''}, "
+            f"the dataset here gives {'x'.join(map(str, input_shape))}; use dataset={dataset}"
+        )
     tables, benchmark, threat = _robustbench_zoo()
     threats = [t.value for t in threat]
     if threat_model not in threats:
@@ -329,8 +348,10 @@ def robustbench_model(input_shape, num_classes, name: str, threat_model: str = "
     models = tables[benchmark(dataset)].get(threat(threat_model), {})
     if name not in models:
         close = difflib.get_close_matches(str(name), list(models), n=3)
-        raise UserError(f"model.name={name!r} is not a RobustBench {dataset} {threat_model} model" +
-                        (f"; did you mean {', '.join(close)}?" if close else f" ({len(models)} are: {', '.join(list(models)[:4])}, ...)"))
+        raise UserError(
+            f"model.name={name!r} is not a RobustBench {dataset} {threat_model} model"
+            + (f"; did you mean {', '.join(close)}?" if close else f" ({len(models)} are: {', '.join(list(models)[:4])}, ...)")
+        )
     if isinstance(models[name].get("gdrive_id"), list):
         raise UserError(f"model.name={name} is an ensemble of several checkpoints in RobustBench; robust loads single-checkpoint models only")
     return models[name]["model"]()
@@ -362,11 +383,15 @@ def torchvision_weights(arch: str, name: str):
             names = [w.name for w in torchvision.models.get_model_weights(arch)]
         except (KeyError, ValueError):
             pass
-        raise UserError(f"model.weights={name!r}: not a file, and not a weights name of torchvision {arch}" + (f" ({', '.join(names)})" if names else "")) from None
+        raise UserError(
+            f"model.weights={name!r}: not a file, and not a weights name of torchvision {arch}" + (f" ({', '.join(names)})" if names else "")
+        ) from None
     cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cache):
-        raise UserError(f"model.weights={name}: {os.path.basename(weights.url)} is not in the torch hub cache; robust does not download: "
-                        f"fetch {weights.url} and put it at {cache} (or give model.weights=PATH)")
+        raise UserError(
+            f"model.weights={name}: {os.path.basename(weights.url)} is not in the torch hub cache; robust does not download: "
+            f"fetch {weights.url} and put it at {cache} (or give model.weights=PATH)"
+        )
     return cache, weights
 
 
@@ -375,8 +400,8 @@ def _fit_model_prefix(state: dict, own: dict) -> dict:
     or add a `model.` prefix on every key, but only when that makes the keys exactly the model's."""
     if set(state) == set(own):
         return state
-    if all(k.startswith("model.") for k in state) and {k[len("model."):] for k in state} == set(own):
-        return {k[len("model."):]: v for k, v in state.items()}
+    if all(k.startswith("model.") for k in state) and {k[len("model.") :] for k in state} == set(own):
+        return {k[len("model.") :]: v for k, v in state.items()}
     if {f"model.{k}" for k in state} == set(own):
         return {f"model.{k}": v for k, v in state.items()}
     return state
@@ -393,13 +418,27 @@ def load_weights(net: nn.Module, path, what: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if reshaped and not missing and not unexpected and all(state[k].dim() >= 1 and own[k].dim() >= 1 and state[k].shape[1:] == own[k].shape[1:] for k in reshaped):
+    if (
+        reshaped
+        and not missing
+        and not unexpected
+        and all(state[k].dim() >= 1 and own[k].dim() >= 1 and state[k].shape[1:] == own[k].shape[1:] for k in reshaped)
+    ):
         k = reshaped[0]
-        raise UserError(f"{what}: the weights in '{path}' have a {state[k].shape[0]}-class head ({k} {list(state[k].shape)}), the dataset has "
-                        f"{own[k].shape[0]} classes; use the dataset the weights were trained on (or weights for {own[k].shape[0]} classes)")
+        raise UserError(
+            f"{what}: the weights in '{path}' have a {state[k].shape[0]}-class head ({k} {list(state[k].shape)}), the dataset has "
+            f"{own[k].shape[0]} classes; use the dataset the weights were trained on (or weights for {own[k].shape[0]} classes)"
+        )
     if missing or unexpected or reshaped:
-        found = "; ".join(p for p in (f"missing {missing[:2]}" if missing else "", f"unexpected {unexpected[:2]}" if unexpected else "",
-                                      f"shape {', '.join(f'{k} {list(state[k].shape)} here {list(own[k].shape)}' for k in reshaped[:2])}" if reshaped else "") if p)
+        found = "; ".join(
+            p
+            for p in (
+                f"missing {missing[:2]}" if missing else "",
+                f"unexpected {unexpected[:2]}" if unexpected else "",
+                f"shape {', '.join(f'{k} {list(state[k].shape)} here {list(own[k].shape)}' for k in reshaped[:2])}" if reshaped else "",
+            )
+            if p
+        )
         raise UserError(f"{what}: the weights in '{path}' do not fit the model ({found}); check model.arch / the class and its arguments")
     net.load_state_dict(state)
 
@@ -484,7 +523,9 @@ def build_model(spec: dict, meta) -> Classifier:
         if transforms is not None and hasattr(transforms, "mean"):  # the weights' own preprocessing
             mean, std = tuple(transforms.mean), tuple(transforms.std)
     use_norm = normalize and mean is not None and len(meta.shape) == 3
-    return Classifier(net, meta.num_classes, mean if use_norm else None, std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise)
+    return Classifier(
+        net, meta.num_classes, mean if use_norm else None, std if use_norm else None, head=None if head == "none" else head, test_noise=test_noise
+    )
 
 
 def weights_preprocessing(settings) -> dict | None:

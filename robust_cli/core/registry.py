@@ -6,6 +6,7 @@ there; `checkpoint=PATH` overrides. While training, `last.pt` beside it holds th
 and `lock` keeps two jobs from training the same key at once. A published checkpoint is never replaced silently:
 `retrain=true` first moves it to `model.v1.pt` (then v2, ...) with its log and config.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,10 @@ def load_checkpoint(path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file; all are one line
         if _pickle_imports_code(path):
-            raise UserError(f"checkpoint '{path}' is a pickle that stores Python objects, not only tensors: loading it would run code from the "
-                            "file, so it is refused; where it was made, save the weights alone: torch.save(model.state_dict(), 'weights.pt')") from None
+            raise UserError(
+                f"checkpoint '{path}' is a pickle that stores Python objects, not only tensors: loading it would run code from the "
+                "file, so it is refused; where it was made, save the weights alone: torch.save(model.state_dict(), 'weights.pt')"
+            ) from None
         raise UserError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is corrupt or not a checkpoint: retrain it or copy it again") from None
     return _as_robust_checkpoint(state, path)
 
@@ -87,7 +90,7 @@ def _is_state_dict(obj) -> bool:
 def _strip_prefix(state_dict: dict) -> dict:
     """DataParallel / DistributedDataParallel save every key as `module.<name>`."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -101,8 +104,9 @@ def _as_robust_checkpoint(state, path) -> dict:
             if _is_state_dict(state.get(key)):
                 return {**{k: v for k, v in state.items() if k != key}, "state_dict": _strip_prefix(state[key])}
     found = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
-    raise UserError(f"checkpoint '{path}' holds no state dict (found: {found}); expected tensors by parameter name, or one of them under "
-                    f"{', '.join(WRAPPER_KEYS)}")
+    raise UserError(
+        f"checkpoint '{path}' holds no state dict (found: {found}); expected tensors by parameter name, or one of them under {', '.join(WRAPPER_KEYS)}"
+    )
 
 
 def check_checkpoint_matches(state: dict, model, path, dataset: str | None = None) -> None:
@@ -110,7 +114,9 @@ def check_checkpoint_matches(state: dict, model, path, dataset: str | None = Non
     trained = (state.get("config") or {}).get("choices", {}).get("dataset") if isinstance(state.get("config"), dict) else None
     wanted = dataset
     if trained and wanted and wanted != "custom" and trained != wanted:
-        raise UserError(f"checkpoint '{path}' was trained on dataset={trained}, but this run uses dataset={wanted}; add dataset={trained} (or train one for {wanted})")
+        raise UserError(
+            f"checkpoint '{path}' was trained on dataset={trained}, but this run uses dataset={wanted}; add dataset={trained} (or train one for {wanted})"
+        )
     weights, own = state.get("state_dict", {}), model.state_dict()
     for name in ("mean", "std"):  # normalisation buffers come from the dataset: weights from elsewhere do not carry them
         if name in own and name not in weights:
@@ -121,16 +127,22 @@ def check_checkpoint_matches(state: dict, model, path, dataset: str | None = Non
         missing = [k for k in want if k not in have][:2]
         unexpected = [k for k in have if k not in want][:2]
         shapes = [f"{k} {list(have[k])} here {list(want[k])}" for k in want if k in have and have[k] != want[k]][:2]
-        found = "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
-                                             f"shape {', '.join(shapes)}" if shapes else "") if part)
+        found = "; ".join(
+            part
+            for part in (
+                f"missing {missing}" if missing else "",
+                f"unexpected {unexpected}" if unexpected else "",
+                f"shape {', '.join(shapes)}" if shapes else "",
+            )
+            if part
+        )
         model_name = (state.get("config") or {}).get("choices", {}).get("model") if isinstance(state.get("config"), dict) else None
         hint = f"it was trained with model={model_name}" if model_name else "pick the model= it was trained with"
         raise UserError(f"checkpoint '{path}' does not match the configured model ({found}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
-def training_identity(model: dict, dataset: dict, defense: dict, train: dict, seed: int, n_train: int | None, val_fraction: float,
-                      augment: str) -> dict:
+def training_identity(model: dict, dataset: dict, defense: dict, train: dict, seed: int, n_train: int | None, val_fraction: float, augment: str) -> dict:
     """The settings that decide the trained weights (not the device, paths or evaluation settings), each a resolved
     config node; the checkpoint key hashes them."""
     keep = copy.deepcopy({"model": model, "dataset": dataset, "defense": defense, "train": train, "seed": seed})
@@ -294,8 +306,14 @@ def environment() -> dict:
     import numpy
     import torch
 
-    env = {"threads": torch.get_num_threads(), "python": platform.python_version(), "torch": str(torch.__version__),
-           "numpy": numpy.__version__, "cpu": platform.machine(), "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+    env = {
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": numpy.__version__,
+        "cpu": platform.machine(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()

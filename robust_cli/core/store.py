@@ -2,6 +2,7 @@
 
 The checkpoint registry is `registry.py`; the training loop is `train.py`. This module imports neither.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -109,7 +110,6 @@ def choice(choices, group: str) -> str:
     """The option name chosen for a config group (e.g. 'fc200_200_10') in {group: option} (the CLI records them in
     the config's `choices`); 'custom' when none was chosen."""
     return str((choices or {}).get(group) or "custom")
-
 
 
 # ----------------------------------------------------------------------------------------------- heartbeat

@@ -1,4 +1,5 @@
 """Training objectives: each is a callable `(model, x, y) -> (loss, stats)`. Documented in docs/defenses.md."""
+
 from robust_cli.defenses.adversarial import AdversarialTraining
 from robust_cli.defenses.awp import AdversarialWeightPerturbation
 from robust_cli.defenses.gradient import GradientNormPenalty

@@ -18,6 +18,7 @@ AdversarialTraining (Goodfellow et al. 2015; Madry et al. 2018; Demyanov's fast 
 eps ||grad_x ell||_*] + O(eps^2) is exactly Oberman's J^1 (FGSM) / J^2 (L2 step), and it is Madry's PGD training
 and Demyanov's fast AT (which skips the clean-loss weight gradients); set defense.mix=0.5 for Goodfellow's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -119,8 +120,7 @@ class InnerPGDObjective(AdversarialObjective):
     """An objective whose x' comes from its own PGD on `inner_loss` (TRADES: the KL to p(x); MART: CE), started at
     x + init_std * N(0, I) and crafted in eval mode by default, as the official TRADES and MART code do."""
 
-    def __init__(self, eps, beta=6.0, steps=10, step_size=None, norm="linf", init_std=0.001, attack_bn="eval",
-                 bounds=(0.0, 1.0), awp=None):
+    def __init__(self, eps, beta=6.0, steps=10, step_size=None, norm="linf", init_std=0.001, attack_bn="eval", bounds=(0.0, 1.0), awp=None):
         super().__init__(attack_bn, awp)
         self.eps = check_nonnegative("eps", eps)
         self.beta = check_nonnegative("beta", beta)

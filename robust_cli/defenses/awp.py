@@ -11,6 +11,7 @@ proxy's learning rate. The gradient here is taken in the model's current (train)
 buffers, which is what the proxy's pass is: its running statistics are not the model's, and they are not changed.
 gamma: 5e-3 with TRADES (warmup 10 epochs), 1e-2 with PGD-AT (no warmup), the paper's values.
 """
+
 from __future__ import annotations
 
 import torch

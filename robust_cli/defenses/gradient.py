@@ -10,6 +10,7 @@ g / ||g||_2 (l2), given by robust_cli.attacks.norms.normalize. Both methods belo
 - fd: finite difference along a (Finlay & Oberman's scalable version): penalty = (ell(x + h a) - ell(x)) / h,
   which is g . a + O(h). It needs one extra forward/backward instead of a backward through the backward.
 """
+
 import torch.nn.functional as F
 
 from robust_cli.attacks.norms import normalize

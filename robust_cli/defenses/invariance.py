@@ -7,6 +7,7 @@ and we do the same. Demyanov's three-pass implementation is replaced by autograd
 IBP / Fast TBP, forward-mode AD for Prediction IBP / Tangent BP): the gradients are the same, the bookkeeping
 is PyTorch's.
 """
+
 import torch
 import torch.nn.functional as F
 

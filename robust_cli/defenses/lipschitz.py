@@ -13,6 +13,7 @@ tulip (J^{2-Lip}) = E[ell(x) + eps ||grad_x ell||_2] + lam_lip * max_batch ||gra
 is realised, as in the talk, by L2 adversarial training (ell(x + eps g/||g||) = ell(x) + eps ||g||_2 + O(eps^2)),
 the second on the loss gradient of the clean batch (double backprop).
 """
+
 import torch
 import torch.nn.functional as F
 

@@ -7,6 +7,7 @@ weight 1 - p_y(x) is not detached (as in the official code). The constants keep 
 (log(1.0001 - p + 1e-12), log(p' + 1e-12), 1.0000001 - p_y). beta: 6.0 for WRN-34-10, 5.0 for ResNet-18 (the
 official train_wideresnet.py / train_resnet.py).
 """
+
 import torch
 import torch.nn.functional as F
 

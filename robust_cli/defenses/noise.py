@@ -1,4 +1,5 @@
 """Gaussian-noise augmentation (the noise-robustness baseline of Demyanov et al. §5.3; Bishop 1995)."""
+
 import torch
 import torch.nn.functional as F
 

@@ -11,6 +11,7 @@ shrinking the margin gradient forever, so we cap it at a target gamma (as Large-
 zero for points already gamma away (to first order), the squared distance of the seed otherwise. The
 distance is differentiated through the margin gradient (double backprop).
 """
+
 import torch
 import torch.nn.functional as F
 

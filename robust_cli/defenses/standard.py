@@ -1,4 +1,5 @@
 """Plain empirical risk: the `none` defense."""
+
 import torch.nn.functional as F
 
 

@@ -10,6 +10,7 @@ differences of the smoothed image. Coordinates are centred and scaled to [-1, 1]
 +1 at the right), so a unit of every parameter moves a border pixel by about one half-width: the five
 tangents are on a comparable scale and one weight serves them all. Demyanov et al. use these five.
 """
+
 import math
 
 import torch
@@ -26,7 +27,7 @@ def gaussian_blur(images, sigma):
         return images
     radius = max(1, math.ceil(3 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     channels = images.shape[1]
     rows = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
@@ -42,8 +43,7 @@ def image_tangents(images, sigma=0.9):
     """
     if images.dim() != 4:
         raise UserError(
-            f"tangent vectors need image inputs (B, C, H, W), got shape {tuple(images.shape)}: "
-            "use an image dataset (digits, mnist, ...) with this defense"
+            f"tangent vectors need image inputs (B, C, H, W), got shape {tuple(images.shape)}: use an image dataset (digits, mnist, ...) with this defense"
         )
     height, width = images.shape[-2:]
     smooth = gaussian_blur(images, sigma)

@@ -7,6 +7,7 @@ the official trades.py calls model.eval() to craft). beta = 1/lambda: larger is 
 official script's default is beta 1.0; the released CIFAR-10 WRN-34-10 and the follow-ups (AWP, RobustBench's
 TRADES baselines) use 6.0, which is ours.
 """
+
 import torch
 import torch.nn.functional as F
 

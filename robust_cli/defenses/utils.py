@@ -1,4 +1,5 @@
 """Small pieces shared by the defenses: input gradients, per-example norms, frozen BatchNorm statistics."""
+
 import functools
 from contextlib import contextmanager
 
@@ -118,7 +119,4 @@ def check_nonnegative(name, value, positive=False):
 def check_in_box(x, bounds, fix):
     """A one-line UserError when the data leave the box a defense clips to (e.g. gaussians2d with [0, 1])."""
     if bounds is not None and (x.min() < bounds[0] or x.max() > bounds[1]):
-        raise UserError(
-            f"the training data are not in the box {list(bounds)} this defense clips to: set {fix} "
-            "for unbounded data (e.g. dataset=gaussians2d)"
-        )
+        raise UserError(f"the training data are not in the box {list(bounds)} this defense clips to: set {fix} for unbounded data (e.g. dataset=gaussians2d)")

@@ -15,6 +15,7 @@ they did not test (Athalye et al. 2018; Carlini et al. 2019's checklist; Croce &
   more_effort     the strongest member with 2x steps/queries breaks > 0.5 pp more of the survivors
   box_eps         at the box-sized eps (linf 0.5; l2 0.5 sqrt(n)) robust accuracy must be ~0
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,13 +60,29 @@ def model_checks(model, x, device, bs=256) -> list[dict]:
     with model_mode(model, "eval"):
         a, b = model(xb), model(xb)
     randomised = not torch.equal(a, b)
-    rows.append(row("randomised", "", randomised,
-                    f"two forward passes of one batch differ (max |diff| {float((a - b).abs().max()):.3g}): the model is randomised; "
-                    "attack it with EoT (attack=autoattack attack.version=rand, or attack.eot_iter=K) and judge over draws (attack.eval_draws)"
-                    if randomised else "deterministic"))
+    rows.append(
+        row(
+            "randomised",
+            "",
+            randomised,
+            f"two forward passes of one batch differ (max |diff| {float((a - b).abs().max()):.3g}): the model is randomised; "
+            "attack it with EoT (attack=autoattack attack.version=rand, or attack.eot_iter=K) and judge over draws (attack.eval_draws)"
+            if randomised
+            else "deterministic",
+        )
+    )
     probs = bool((a >= 0).all() and torch.allclose(a.sum(dim=1), torch.ones(len(a), device=a.device), atol=1e-4))
-    rows.append(row("logits", "", probs, "the model's outputs are probabilities (rows >= 0 summing to 1), not logits: CE/DLR/margin "
-                    "attacks on them are weakened; remove the final softmax" if probs else "outputs are logits", status_bad="fail"))
+    rows.append(
+        row(
+            "logits",
+            "",
+            probs,
+            "the model's outputs are probabilities (rows >= 0 summing to 1), not logits: CE/DLR/margin attacks on them are weakened; remove the final softmax"
+            if probs
+            else "outputs are logits",
+            status_bad="fail",
+        )
+    )
     return rows
 
 
@@ -77,7 +94,7 @@ def gradient_check(model, attack, x, y, clean_pred, eps, device, bs) -> dict:
     bad = total = 0
     with model_mode(model, "eval"):
         for s in range(0, len(ok), bs):
-            idx = ok[s:s + bs]
+            idx = ok[s : s + bs]
             xb, yb = x[idx].to(device), y[idx].to(device)
             start = norms.random_start(xb, eps, ball, probe.bounds) if eps > 0 else xb
             with torch.enable_grad():
@@ -85,7 +102,12 @@ def gradient_check(model, attack, x, y, clean_pred, eps, device, bs) -> dict:
             bad += int(((g == 0).all(dim=1) | ~torch.isfinite(g).all(dim=1)).sum())
             total += len(idx)
     frac = bad / max(total, 1)
-    return row("gradients", eps, frac > GRAD_FRACTION, f"{bad} of {total} correctly classified examples ({100 * frac:.1f} %) have a zero or non-finite input gradient at the random start")
+    return row(
+        "gradients",
+        eps,
+        frac > GRAD_FRACTION,
+        f"{bad} of {total} correctly classified examples ({100 * frac:.1f} %) have a zero or non-finite input gradient at the random start",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the audit
@@ -96,7 +118,11 @@ def run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, dev
     ordered = sorted(by_eps.values(), key=lambda r: r["eps"])
     for a, b in zip(ordered, ordered[1:]):
         rises = b["robust_accuracy"] > a["robust_accuracy"] + TOL
-        out.append(row("monotone", b["eps"], rises, f"robust accuracy {a['robust_accuracy']:.3f} at eps={a['eps']:g} -> {b['robust_accuracy']:.3f} at eps={b['eps']:g}"))
+        out.append(
+            row(
+                "monotone", b["eps"], rises, f"robust accuracy {a['robust_accuracy']:.3f} at eps={a['eps']:g} -> {b['robust_accuracy']:.3f} at eps={b['eps']:g}"
+            )
+        )
     positive = [e for e in epsilons if e > 0]
     if not positive:
         return out
@@ -131,8 +157,9 @@ def _ce_comparison(model, attack, x, y, clean_pred, positive, by_eps, outcomes, 
             for i, m in enumerate(members[1:], start=1):
                 k = int((o.broken_by == i).sum())
                 kind = "gradient-free" if m.name == "square" else "targeted" if m.name in ("apgd_t", "fab_t") else "another loss"
-                out.append(row("stronger_than_ce", o.eps, k / n > CE_GAP,
-                               f"{m.name} ({kind}) broke {k} examples ({100 * k / n:.1f} pp) that {first} left robust"))
+                out.append(
+                    row("stronger_than_ce", o.eps, k / n > CE_GAP, f"{m.name} ({kind}) broke {k} examples ({100 * k / n:.1f} pp) that {first} left robust")
+                )
         return out
     if getattr(attack, "loss", None) == "ce" and attack.iterative:
         twin = copy.copy(attack)
@@ -140,8 +167,15 @@ def _ce_comparison(model, attack, x, y, clean_pred, positive, by_eps, outcomes, 
         twin_rows = _curve(model, twin, x, y, clean_pred, positive, bs, device)
         for e in positive:
             mine, theirs = by_eps[e]["robust_accuracy"], twin_rows[e]["robust_accuracy"]
-            out.append(row("stronger_than_ce", e, mine > theirs + CE_GAP, f"{attack.name} with loss=ce {mine:.3f} vs loss=margin {theirs:.3f} "
-                           f"({100 * (mine - theirs):+.1f} pp)" + ("; use attack=autoattack or attack.loss=margin" if mine > theirs + CE_GAP else "")))
+            out.append(
+                row(
+                    "stronger_than_ce",
+                    e,
+                    mine > theirs + CE_GAP,
+                    f"{attack.name} with loss=ce {mine:.3f} vs loss=margin {theirs:.3f} "
+                    f"({100 * (mine - theirs):+.1f} pp)" + ("; use attack=autoattack or attack.loss=margin" if mine > theirs + CE_GAP else ""),
+                )
+            )
     return out
 
 

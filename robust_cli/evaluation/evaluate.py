@@ -6,6 +6,7 @@ returned adversarial batch; robust accuracy counts an already-misclassified inpu
 distance is 0 for an already-misclassified input and +inf where the attack failed; distortion = ||d||_2/sqrt(n).
 Data stay on the CPU and move to the device one batch at a time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,13 @@ def perturbation_sizes(x: torch.Tensor, x_adv: torch.Tensor) -> dict:
     """Per-example l2, linf, l1, distortion (l2 / sqrt(n), Szegedy/Bell) and l0 of x_adv - x."""
     delta = (x_adv - x).flatten(1).double()  # double: tiny perturbations stay exact
     l2 = delta.norm(dim=1)
-    return {"l2": l2, "linf": delta.abs().amax(dim=1), "l1": delta.abs().sum(dim=1), "distortion": l2 / math.sqrt(delta.shape[1]),
-            "l0": (delta != 0).sum(dim=1).double()}
+    return {
+        "l2": l2,
+        "linf": delta.abs().amax(dim=1),
+        "l1": delta.abs().sum(dim=1),
+        "distortion": l2 / math.sqrt(delta.shape[1]),
+        "l0": (delta != 0).sum(dim=1).double(),
+    }
 
 
 def model_device(model) -> torch.device:
@@ -52,8 +58,11 @@ def predict(model, x, batch_size=1000, device=None, y=None, draws=1, vote="major
     device = device or model_device(model)
     rows = torch.arange(len(x))
     with model_mode(model, "eval"):  # chunks halve on out-of-memory: labels do not depend on them
-        return chunked(lambda r: vote_labels(model, x[r].to(device), None if y is None else y[r].to(device), draws, vote).cpu(),
-                       rows, BatchSize.halving(batch_size, "data.eval_batch_size", device))
+        return chunked(
+            lambda r: vote_labels(model, x[r].to(device), None if y is None else y[r].to(device), draws, vote).cpu(),
+            rows,
+            BatchSize.halving(batch_size, "data.eval_batch_size", device),
+        )
 
 
 def judge(model, attack, x, y, device=None) -> torch.Tensor:
@@ -265,8 +274,16 @@ def example_rows(eps, y, clean_pred, pred, target, success, sizes, broken_by=Non
     t = target.tolist() if target is not None else [-1] * len(y)
     cols = {k: sizes[k].tolist() for k in SIZE_COLUMNS}
     rows = [
-        {"index": index_offset + i, "eps": float(eps), "label": int(y[i]), "clean_pred": int(clean_pred[i]), "adv_pred": int(pred[i]),
-         "target": int(t[i]), "success": bool(success[i]), **{k: cols[k][i] for k in SIZE_COLUMNS}}
+        {
+            "index": index_offset + i,
+            "eps": float(eps),
+            "label": int(y[i]),
+            "clean_pred": int(clean_pred[i]),
+            "adv_pred": int(pred[i]),
+            "target": int(t[i]),
+            "success": bool(success[i]),
+            **{k: cols[k][i] for k in SIZE_COLUMNS},
+        }
         for i in range(len(y))
     ]
     if broken_by is not None:  # which member of the ensemble first succeeded; empty when robust or clean-wrong
@@ -299,7 +316,9 @@ def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, 
 def curve_rows(model, attack, x, y, clean_pred, eps_list, batch_size=256, device=None) -> list[dict]:
     """curve.csv rows of a budgeted attack run alone on every example (references, ensemble members)."""
     outcomes = accuracy_curve(model, attack, x, y, eps_list, clean_pred, None, batch_size, device)
-    return [curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, perturbation_sizes(x, o.x_adv), o.seconds, o.precision, o.fp32_rejected) for o in outcomes]
+    return [
+        curve_row(attack, o.eps, y, clean_pred, o.pred, o.success, perturbation_sizes(x, o.x_adv), o.seconds, o.precision, o.fp32_rejected) for o in outcomes
+    ]
 
 
 def minimal_distances(y, clean_pred, success, sizes) -> dict:

@@ -1,4 +1,5 @@
 """Hydra callbacks: `robust collect` on the sweep directory when a --multirun ends (conf/hydra/callbacks/collect.yaml)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -166,7 +167,7 @@ class MLflowTracking(Callback):
 
         uri = self.uri or f"sqlite:///{Path(str(config.get('outputs_root', 'outputs'))).resolve() / 'mlflow.db'}"
         if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found is not None else client.create_experiment(self.experiment)
@@ -191,8 +192,9 @@ class MLflowTracking(Callback):
         def start():
             client, experiment_id, _ = self._client(config)
             sweep = str(config.hydra.sweep.dir)
-            run = client.create_run(experiment_id, run_name=Path(sweep).name, tags={"kind": "multirun", "sweep_dir": sweep,
-                                                                                    "command": str(config.hydra.job.name)})
+            run = client.create_run(
+                experiment_id, run_name=Path(sweep).name, tags={"kind": "multirun", "sweep_dir": sweep, "command": str(config.hydra.job.name)}
+            )
             os.environ[self.PARENT_ENV] = run.info.run_id  # the jobs (also in launcher subprocesses) nest under it
 
         self._guard("starting the sweep's run", start)
@@ -242,7 +244,6 @@ class MLflowTracking(Callback):
                 client.log_artifact(rid, str(path))
         status = tags.get("status")
         client.set_terminated(rid, "FINISHED" if status == "completed" else ("KILLED" if status == "interrupted" else "FAILED"))
-
 
 
 class TensorBoardLogging(Callback):

@@ -11,6 +11,7 @@ Outputs in the collection folder: <kind>.<fmt> for train_log, curve, distances, 
 runs' experiment presets declare in their `table:` block (robust_cli/results/paper_tables.py renders them), with the sources'
 values beside ours; curves.png, persistence.png, train_log.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md", "latex": ".te
 CHOICE_COLUMNS = ("model", "dataset", "defense", "attack", "experiment")
 # columns that identify a run but are never a series of their own in figures
 NOT_SERIES = {"run", "status", "command", "seed", "checkpoint", "job", "scale"}
+
 
 @dataclass
 class Collection:
@@ -124,7 +126,9 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         headline = {k: v for k, v in (record.get("headline") or {}).items() if k not in cols}
         runs.append({**cols, **headline})
         if cols["status"] != "completed":
-            error = record.get("error") or ("the process is gone without a word (killed with SIGKILL, out of memory, or its node lost)" if cols["status"] == "died" else None)
+            error = record.get("error") or (
+                "the process is gone without a word (killed with SIGKILL, out of memory, or its node lost)" if cols["status"] == "died" else None
+            )
             failed.append({**cols, "error": error, "overrides": " ".join(record.get("overrides") or [])})
             continue
         if record.get("shard"):
@@ -151,9 +155,14 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         parts = [m[name] for m in merged if m is not None]
         if parts:
             frames[name] = pd.concat(parts, ignore_index=True)
-    collection = Collection(out=out, frames=frames, runs=pd.DataFrame(runs),
-                            failed=pd.DataFrame(failed) if failed else pd.DataFrame(columns=["run", "status", "error"]), swept=list(swept),
-                            blocks=blocks)
+    collection = Collection(
+        out=out,
+        frames=frames,
+        runs=pd.DataFrame(runs),
+        failed=pd.DataFrame(failed) if failed else pd.DataFrame(columns=["run", "status", "error"]),
+        swept=list(swept),
+        blocks=blocks,
+    )
     collection.tables = build_paper_tables(collection, table)
     if write:
         _write(collection, fmt)
@@ -233,8 +242,18 @@ def _write(c: Collection, fmt: str) -> None:
             c.files.append(store.atomic_write(path, lambda f, data=buf.getvalue(): f.write(data)))
 
 
-LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def _latex_escape(text: str) -> str:
@@ -245,8 +264,13 @@ def to_latex(frame: pd.DataFrame, name: str) -> str:
     """A booktabs table (\\usepackage{booktabs}), numbers formatted as in the console table; numeric columns right-aligned."""
     numeric = [pd.api.types.is_numeric_dtype(frame[col]) and not pd.api.types.is_bool_dtype(frame[col]) for col in frame.columns]
     spec = "".join("r" if n else "l" for n in numeric) or "l"
-    lines = [f"% robust collect: {_latex_escape(name)} ({len(frame)} rows)", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-             " & ".join(_latex_escape(col) for col in frame.columns) + r" \\", "\\midrule"]
+    lines = [
+        f"% robust collect: {_latex_escape(name)} ({len(frame)} rows)",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(_latex_escape(col) for col in frame.columns) + r" \\",
+        "\\midrule",
+    ]
     lines += [" & ".join(_latex_escape(format_value(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines)
@@ -380,8 +404,11 @@ def _band_plot(ax, frame, x, y, series, c: Collection):
     keys = [k for k in series_columns(frame, c) if k not in ("attack", "eps") and frame[k].astype(str).nunique() > 1]
     groups = list(frame.groupby(keys, sort=False)) if keys else [((), frame)]
     known = {d: i for i, d in enumerate(paper_tables.orders(c.table_specs).get("defense", []))}  # the paper table's row order
-    groups.sort(key=lambda g: [(known.get(v, len(known)), str(v)) if k == "defense" else (0, _sortable(v))
-                               for k, v in zip(keys, g[0] if isinstance(g[0], tuple) else (g[0],))])
+    groups.sort(
+        key=lambda g: [
+            (known.get(v, len(known)), str(v)) if k == "defense" else (0, _sortable(v)) for k, v in zip(keys, g[0] if isinstance(g[0], tuple) else (g[0],))
+        ]
+    )
     first = list(dict.fromkeys(str((k if isinstance(k, tuple) else (k,))[0]) for k, _ in groups)) if keys else [""]
     rest = list(dict.fromkeys(str((k if isinstance(k, tuple) else (k,))[1:]) for k, _ in groups))
     palette = plt.get_cmap("tab10" if len(first) <= 10 else "tab20").colors

@@ -27,6 +27,7 @@ keys). Spec keys besides those in the example: `where` (rows), `split_by` (frame
 where they vary), `totals` ({key: label}: first, per other keys, a row pooling every value of key) and `flags`
 ({name: {key: [columns], where: filter}}: a column true on rows whose `key` values match some row of the filter).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,12 @@ import pandas as pd
 from robust_cli.core.errors import UserError
 
 AGGREGATIONS = {
-    "mean": lambda v: v.mean(), "median": lambda v: v.median(), "sum": lambda v: v.sum(), "first": lambda v: v.iloc[0] if len(v) else math.nan,
-    "count": len, "finite_mean": lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else math.nan,
+    "mean": lambda v: v.mean(),
+    "median": lambda v: v.median(),
+    "sum": lambda v: v.sum(),
+    "first": lambda v: v.iloc[0] if len(v) else math.nan,
+    "count": len,
+    "finite_mean": lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else math.nan,
     "not_finite": lambda v: int((~np.isfinite(v.astype(float))).sum()),
 }
 ROW_AGGREGATIONS = ("runs",)  # computed from the rows themselves, not from a value column
@@ -100,7 +105,9 @@ def _validate_spec(spec, at: str) -> None:
                     fail(f"source row {'/'.join(map(str, [*path, key]))}: rows nest by {', '.join(source_key)}")
                 check_rows(values, depth + 1, [*path, key])
             elif not isinstance(values, list) or len(values) != len(fields):
-                fail(f"source row {'/'.join(map(str, [*path, key]))} has {len(values) if isinstance(values, list) else 'no list of'} values for the {len(fields)} source columns")
+                fail(
+                    f"source row {'/'.join(map(str, [*path, key]))} has {len(values) if isinstance(values, list) else 'no list of'} values for the {len(fields)} source columns"
+                )
 
     check_rows(source.get("rows"), 0, [])
     names = list(rows)
@@ -218,7 +225,7 @@ def _row_groups(table_rows: pd.DataFrame, rows: dict, totals: dict) -> list[tupl
     outer = [k for k in keys if k not in totals]
     inner = [k for k in keys if k in totals]
     groups = []
-    for outer_values, part in (table_rows.groupby([rows[k] for k in outer], sort=False) if outer else [((), table_rows)]):
+    for outer_values, part in table_rows.groupby([rows[k] for k in outer], sort=False) if outer else [((), table_rows)]:
         fixed = dict(zip(outer, outer_values if isinstance(outer_values, tuple) else (outer_values,)))
         constraints = {rows[k]: v for k, v in fixed.items()}
         if not inner:

@@ -4,6 +4,7 @@ No network: figures are embedded as PNG data, tables as HTML. Sections: what was
 values, versions), every collected table (the paper tables first), every collected figure, the audit and the
 warnings of every run, failed runs. Built on `robust collect`, whose files it writes too.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,10 @@ def _table(frame: pd.DataFrame, caption: str) -> str:
             cells.append(f"<td{cls}>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p>{len(frame) - MAX_ROWS} more rows in the CSV.</p>" if len(frame) > MAX_ROWS else ""
-    return (f"<h3>{html.escape(caption)} <small>({len(frame)} rows)</small></h3><div class='scroll'><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>{more}")
+    return (
+        f"<h3>{html.escape(caption)} <small>({len(frame)} rows)</small></h3><div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>{more}"
+    )
 
 
 def _figure(path: Path) -> str:
@@ -102,8 +105,11 @@ def _checks(records) -> str:
             rows.append((run_dir.name, str(check.get("check", "check")), str(check.get("status", "")), str(check.get("detail", ""))))
     if not rows:
         return "<p class='ok'>No warnings, and every audit check passed.</p>"
-    body = "".join(f"<tr><td class='text'>{html.escape(a)}</td><td class='text'>{html.escape(b)}</td><td class='text {html.escape(c)}'>{html.escape(c)}</td>"
-                   f"<td class='text'>{html.escape(d)}</td></tr>" for a, b, c, d in rows)
+    body = "".join(
+        f"<tr><td class='text'>{html.escape(a)}</td><td class='text'>{html.escape(b)}</td><td class='text {html.escape(c)}'>{html.escape(c)}</td>"
+        f"<td class='text'>{html.escape(d)}</td></tr>"
+        for a, b, c, d in rows
+    )
     return f"<table><thead><tr><th>run</th><th>check</th><th>status</th><th>detail</th></tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -112,7 +118,10 @@ def build_report(paths, out=None) -> Path:
     c = collect(paths, out=out, figures=True)
     records = _records(c.runs)
     title = f"robust report: {', '.join(str(p) for p in paths)}"
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{len(c.runs)} runs, {len(c.failed)} not completed; generated {time.strftime('%Y-%m-%d %H:%M:%S')}; files in <code>{html.escape(str(c.out))}</code>.</p>"]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{len(c.runs)} runs, {len(c.failed)} not completed; generated {time.strftime('%Y-%m-%d %H:%M:%S')}; files in <code>{html.escape(str(c.out))}</code>.</p>",
+    ]
     parts += ["<h2>What was run</h2>", _what_was_run(c.runs, records)]
     parts.append("<h2>Tables</h2>")
     for name, frame in c.tables.items():
@@ -126,11 +135,15 @@ def build_report(paths, out=None) -> Path:
     parts.append("<h2>Failed runs</h2>")
     parts.append(_table(c.failed, "failed_runs") if len(c.failed) else "<p class='ok'>None: every run completed.</p>")
     # what a headless browser check reads back: how many embedded images decoded
-    script = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
-              "document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
-              "document.body.dataset.images = imgs.length; });</script>")
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-            f"<body>{''.join(parts)}{script}</body></html>\n")
+    script = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+        "document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
+        "document.body.dataset.images = imgs.length; });</script>"
+    )
+    page = (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body>{''.join(parts)}{script}</body></html>\n"
+    )
     return store.write_text(c.out / "report.html", page)
 
 

@@ -3,6 +3,7 @@
 Per epoch the loop writes `train_log.csv` and a checkpoint (atomically) holding weights, optimizer, scheduler,
 RNG states and the log so far, so `resume=true` continues exactly where an interrupted run stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,11 +106,14 @@ def validation_settings(t: TrainSettings, val_fraction: float, defense: Defended
         raise UserError(f"train.select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     fraction = val_fraction or 0.0
     if (validate or select != "last") and not fraction > 0:
-        raise UserError(f"train.validate=true and train.select={select} need a held-out validation split: set data.val_fraction "
-                        "(e.g. 0.1; stratified and seeded)")
+        raise UserError(
+            f"train.validate=true and train.select={select} need a held-out validation split: set data.val_fraction (e.g. 0.1; stratified and seeded)"
+        )
     if select == "best_robust" and not validate:
-        raise UserError("train.select=best_robust needs the robust validation accuracy: set train.validate=true "
-                        "(PGD-10 on the data.val_fraction split every train.validate_every epochs)")
+        raise UserError(
+            "train.select=best_robust needs the robust validation accuracy: set train.validate=true "
+            "(PGD-10 on the data.val_fraction split every train.validate_every epochs)"
+        )
     eps = t.val_eps
     if validate:
         defense_settings = defense.settings if defense is not None else {}
@@ -117,22 +121,28 @@ def validation_settings(t: TrainSettings, val_fraction: float, defense: Defended
             eps = defense_settings.get("eps")
             if eps is None:
                 name = defense.name if defense is not None else "custom"
-                raise UserError(f"train.validate=true: the defense '{name}' has no eps to validate at; "
-                                "set train.val_eps=<budget in the validation attack's norm>")
+                raise UserError(
+                    f"train.validate=true: the defense '{name}' has no eps to validate at; set train.val_eps=<budget in the validation attack's norm>"
+                )
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
             raise UserError(f"train.val_eps must be a number >= 0 or null (the defense's eps), got {eps!r}")
         if t.val_attack is None or "_target_" not in t.val_attack:
-            raise UserError("train.validate=true needs a validation attack: train.val_attack is set by the defaults "
-                            "(attack@train.val_attack=pgd); choose another with attack@train.val_attack=<attack>")
+            raise UserError(
+                "train.validate=true needs a validation attack: train.val_attack is set by the defaults "
+                "(attack@train.val_attack=pgd); choose another with attack@train.val_attack=<attack>"
+            )
         attack = validation_attack(t)
         if getattr(attack, "kind", "budgeted") != "budgeted":
-            raise UserError(f"train.val_attack must be a budgeted attack (pgd, apgd, fgsm, ...): {type(attack).__name__} finds "
-                            "minimal perturbations and has no eps")
+            raise UserError(
+                f"train.val_attack must be a budgeted attack (pgd, apgd, fgsm, ...): {type(attack).__name__} finds minimal perturbations and has no eps"
+            )
         trained_norm = defense_settings.get("norm") or (defense_settings.get("attack") or {}).get("norm")
         val_norm = t.val_attack.get("norm", "linf")
         if t.val_eps is None and trained_norm and val_norm != trained_norm:
-            raise UserError(f"train.validate=true: the defense trains in {trained_norm} but the validation attack is {val_norm}; "
-                            f"set train.val_attack.norm={trained_norm} (or give train.val_eps in {val_norm})")
+            raise UserError(
+                f"train.validate=true: the defense trains in {trained_norm} but the validation attack is {val_norm}; "
+                f"set train.val_attack.norm={trained_norm} (or give train.val_eps in {val_norm})"
+            )
     return {"validate": validate, "every": every, "select": select, "eps": eps}
 
 
@@ -173,8 +183,10 @@ def piecewise_milestones(milestones, epochs: int) -> list[int]:
         return [math.ceil(epochs * 0.5) + 1, math.ceil(epochs * 0.75) + 1]
     values = list(milestones)
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in values) or values != sorted(values):
-        raise UserError(f"train.milestones must be increasing epoch numbers (the first epoch at each lower lr), or null "
-                        f"(/10 at 50 % and /100 at 75 % of the epochs), got {milestones!r}")
+        raise UserError(
+            f"train.milestones must be increasing epoch numbers (the first epoch at each lower lr), or null "
+            f"(/10 at 50 % and /100 at 75 % of the epochs), got {milestones!r}"
+        )
     return values
 
 
@@ -286,8 +298,11 @@ def train(plan: TrainingPlan, data: DataBundle, device: torch.device, run_dir: P
         store.console.print(f"[cyan]resuming {entry.name} after epoch {state['epoch']}[/]")
     elif last_path.is_file() and ranks.main:  # an interrupted run of this key: say that it is being replaced, and how to keep it
         epoch = _epoch_of(last_path)
-        message = f"resume=true but the interrupted training of {entry.name} cannot be read; training from scratch" if plan.resume else (
-            f"an interrupted training of {entry.name} stopped after epoch {epoch}; training from scratch (resume=true continues it)")
+        message = (
+            f"resume=true but the interrupted training of {entry.name} cannot be read; training from scratch"
+            if plan.resume
+            else (f"an interrupted training of {entry.name} stopped after epoch {epoch}; training from scratch (resume=true continues it)")
+        )
         _say(ctx, message)
     elif plan.resume and ranks.main:
         _say(ctx, f"resume=true but there is nothing to resume for {entry.name}: training from scratch")
@@ -298,11 +313,20 @@ def train(plan: TrainingPlan, data: DataBundle, device: torch.device, run_dir: P
     counts = torch.bincount(data.train_y.cpu(), minlength=data.meta.num_classes)
     if int(counts.min()) < 5 and ranks.main:  # a subset or a validation split this large leaves a class almost untrained
         cls = int(counts.argmin())
-        _say(ctx, f"class {cls} has {int(counts[cls])} training examples (data.n_train={plan.n_train}, data.val_fraction={plan.val_fraction}); "
-                  "fewer than 5 per class trains a model that cannot learn it: raise data.n_train or lower data.val_fraction")
+        _say(
+            ctx,
+            f"class {cls} has {int(counts[cls])} training examples (data.n_train={plan.n_train}, data.val_fraction={plan.val_fraction}); "
+            "fewer than 5 per class trains a model that cannot learn it: raise data.n_train or lower data.val_fraction",
+        )
     config = plan.config
-    environment = {**registry.environment(), "device": str(device), **engine.describe(model), "augment": augment, "data_on_device": on_device,
-                   "processes": ranks.world}
+    environment = {
+        **registry.environment(),
+        "device": str(device),
+        **engine.describe(model),
+        "augment": augment,
+        "data_on_device": on_device,
+        "processes": ranks.world,
+    }
 
     def checkpoint(epoch, complete):
         if not ranks.main:
@@ -439,8 +463,13 @@ def selection_record(state: dict, which: str) -> dict:
     """What run.json and the published checkpoint say about the chosen epoch, and why."""
     if which == "best":
         best = state["best"]
-        return {"checkpoint": "best", "epoch": best["epoch"], "criterion": best["column"], "value": best["value"],
-                "why": f"highest {best['column']} of the validated epochs (ties: the earlier)"}
+        return {
+            "checkpoint": "best",
+            "epoch": best["epoch"],
+            "criterion": best["column"],
+            "value": best["value"],
+            "why": f"highest {best['column']} of the validated epochs (ties: the earlier)",
+        }
     why = "the final epoch's weight average (train.ema)" if state.get("average") is not None else "train.select=last: the final epoch"
     return {"checkpoint": "last", "epoch": state.get("epoch"), "criterion": None, "value": None, "why": why}
 
@@ -522,8 +551,11 @@ def train_or_reuse(plan: TrainingPlan, data: DataBundle, device: torch.device, r
             state = registry.load_checkpoint(published)
             summary = summary_of(state, published)
             if ranks.main:
-                _say(ctx, f"{entry.name} is already trained (test accuracy {summary['test_accuracy']:.4f}): reusing {published}; "
-                          "retrain=true trains it again and keeps this one as a numbered version")
+                _say(
+                    ctx,
+                    f"{entry.name} is already trained (test accuracy {summary['test_accuracy']:.4f}): reusing {published}; "
+                    "retrain=true trains it again and keeps this one as a numbered version",
+                )
             if run_dir is not None and ranks.main:
                 import shutil
 

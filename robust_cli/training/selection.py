@@ -5,6 +5,7 @@
 - Weight averaging: an exponential moving average of the weights and BatchNorm buffers, evaluated and published
   instead of the raw weights.
 """
+
 from __future__ import annotations
 
 import copy
