@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create/use .venv, install robust with its test extra, run the fast test suite (pass --slow for the long one).
+# Create/use .venv, install robust with its test extra, check lint and format (ruff), run the fast test suite (pass --slow for the long one).
 # Tests run in one worker process per core (pytest-xdist; ROBUST_TEST_WORKERS overrides, 0 = in this process):
 # most of them are CLI subprocesses, and on 2 cores two workers cut the wall time from about 10 to 7.5 minutes.
 set -euo pipefail
@@ -16,6 +16,9 @@ if ! command -v slurmctld >/dev/null 2>&1 && ! [ -x /usr/sbin/slurmctld ] && com
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge) >/dev/null 2>&1 \
     || echo "test.sh: could not install slurm-wlm and munge; the SLURM cluster test will be skipped"
 fi
+# lint and format first: a finding fails the run in seconds, before the 10-minute suite (pyproject.toml [tool.ruff])
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 if [ "${1:-}" = "--slow" ]; then
   shift
   exec .venv/bin/python -m pytest -m slow -n "${ROBUST_TEST_WORKERS:-auto}" --dist worksteal "$@"
