@@ -4,14 +4,16 @@ The package is built in layers; a module imports only from its own layer or the 
 (tests/test_structure.py checks this, and that no import circle exists):
 
 1. `core/`        running things and keeping files: errors, interrupts, engine (device, precision), store (run
-                  directories, atomic writes), registry (checkpoints), models, data
+                  directories, atomic writes), registry (checkpoints), models, data (datasets), batches
 2. `attacks/`     one attack per class, one call signature: attack(model, x, y) -> adversarial examples
 3. `defenses/`    training objectives: loss, stats = defense(model, x, y)
 4. `training/`    the one training loop, validation and checkpoint selection
-5. `analysis/`    the sources' measurements: persistence, boundary geometry, kernels, certificates, analytic models
+5. `analysis/`    the sources' measurements: persistence, boundary geometry, the path kernel and its training path,
+                  certificates, analytic models
 6. `evaluation/`  evaluating attacks on a model, and auditing the result
 7. `results/`     collecting runs into tables, reports, paper tables, tracking callbacks
-8. `commands/`    one module per `robust <command>`: the composed config becomes plain objects here, once
+8. `commands/`    one module per `robust <command>`; `build` turns the composed config into plain objects, once;
+                  `checks` validates a job before any work; `usage` writes the help
 9. `cli.py`       composes the config, runs the command in its run directory, writes run.json
 
 Below `commands/`, functions take the values they use, never the composed config.

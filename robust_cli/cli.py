@@ -22,86 +22,21 @@ from pathlib import Path
 import torch
 
 import robust_cli
-from robust_cli.commands import build
+from robust_cli.commands import COMMANDS, CONF_DIR, build
+from robust_cli.commands.checks import chosen_options, validate_job
+from robust_cli.commands.usage import command_help, usage
 from robust_cli.core import interrupts
-from robust_cli.core.engine import parse_shard, shard_device
 from robust_cli.core.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 # torch scripts its forward-AD decompositions on first use and warns about its own deprecated API: not the user's concern
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 # conf/hydra/launcher/{joblib,submitit_*}.yaml give the plugins' launchers our defaults under the plugins' own names;
 # Hydra validates them against the plugins' schemas but warns that this matching is deprecated. Set at import, so
 # that joblib/submitit workers (which import this module to run a job, and compose its config again) are quiet too.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
-COMMANDS = {
-    "train": "train a model under a defense and save a checkpoint",
-    "attack": "attack the trained model: accuracy-vs-eps curve or minimal distances",
-    "persistence": "gamma-persistence of natural vs adversarial points (Bell)",
-    "kernel": "exact discrete-path-kernel representation of a gradient-trained net",
-    "boundary": "decision-boundary points, projections and local dimension",
-    "certify": "randomized-smoothing certificates (Cohen) beside persistence and attacks",
-    "collect": "merge the CSVs of many runs into one table per kind",
-    "report": "one self-contained report.html of collected runs: tables, figures, audits, failures",
-    "info": "print the composed config and the checkpoint it would use",
-    "export": "write a checkpoint as safetensors (or a bare .pt) plus a JSON of its config",
-}
-GROUPS = ("model", "dataset", "defense", "attack", "search", "experiment")
-USAGE_GROUPS = GROUPS + ("hydra/launcher", "hydra/callbacks")  # also listed by --help (Hydra's own launcher group is `basic`)
 # Hydra flags that take a value; moved in front of the overrides (hydra#3053: `a=1 -m b=2` fails otherwise).
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--package", "-p", "--info", "-i"}
 HYDRA_FLAGS = {"--multirun", "-m", "--resolve", "--hydra-help", "--help", "-h", "--run", "-r"}
-
-
-def usage() -> str:
-    lines = ["usage: robust <command> [key=value ...] [--multirun] [--cfg job]", "", "commands:"]
-    lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "config groups (pick with group=option):"]
-    for group in USAGE_GROUPS:
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        if group == "hydra/launcher":  # Hydra's own default has no YAML here
-            options = ["basic (default: one job after another)"] + options
-        lines.append(f"  {group:<15} {', '.join(options) if options else '(none)'}")
-    lines += [
-        "",
-        "examples: robust train model=c_32 dataset=mnist    robust attack attack=pgd 'eps=[0,0.1,0.2]'",
-        "help for one command: robust <command> --help",
-    ]
-    return "\n".join(lines)
-
-
-def command_groups(config_name: str) -> list[tuple[str, str]]:
-    """(group, package) of the config groups a command composes, read from its defaults lists (common.yaml included)."""
-    import yaml
-
-    out = []
-    for entry in yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text()).get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_":
-            out += command_groups(entry)
-        elif isinstance(entry, dict):
-            key = next(iter(entry))
-            if key.startswith("override"):
-                continue
-            group, _, package = key.replace("optional ", "").partition("@")
-            out.append((group, package))
-    return out
-
-
-def command_help(command: str) -> str:
-    """`robust <command> --help`: what it does and the config groups it uses (Hydra's own help lists every group)."""
-    lines = [
-        f"robust {command}: {COMMANDS[command]}",
-        "",
-        "usage: robust " + command + " [group=option ...] [key=value ...] [--multirun] [--cfg job]",
-        "",
-        "config groups it uses (pick with group=option):",
-    ]
-    for group, package in command_groups(command):
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        name = f"{group}@{package}" if package else group
-        lines.append(f"  {name:<24} {', '.join(options)}")
-    lines += ["", f"the composed config: robust {command} --cfg job [overrides]; every key: docs/reference.md; Hydra's flags: --hydra-help"]
-    return "\n".join(lines)
 
 
 def _reorder(args: list[str]) -> list[str]:
@@ -387,62 +322,6 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def validate_common(cfg) -> None:
-
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"seed must be an integer, got {cfg.seed!r}")
-    for key in ("n_train", "n_test"):
-        value = cfg.data[key]
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise UserError(f"data.{key} must be a positive integer or null, got {value!r}")
-    if cfg.data.get("shard") is not None:
-        parse_shard(cfg.data.shard)
-    if not isinstance(cfg.data.val_fraction, (int, float)) or not 0 <= cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
-    if "train" in cfg:  # every command may train its model first (train_if_missing): its settings, before any work
-        build.check_training(cfg)
-    if "dataset" in cfg:
-        dataset = build.make_dataset(cfg)
-        if "model" in cfg:  # the model must fit the dataset: build it once on the metadata (cheap)
-            build.make_model(cfg, dataset.meta)
-        dataset.check_available(str(cfg.data.root), bool(cfg.data.download))
-
-
-def chosen_options(hydra_choices) -> dict:
-    """{group: option} of the config groups that were chosen, as recorded in cfg.choices and run.json."""
-    return {g: hydra_choices.get(g) for g in GROUPS if hydra_choices.get(g)}
-
-
-def validate_job(module, cfg) -> torch.device:
-    """Every check of a job's values that needs no data: device, threads, common keys, the command's own."""
-    device = shard_device(cfg.get("device", "auto"), cfg.data.get("shard") if "data" in cfg else None)
-    threads = cfg.get("threads")
-    if threads is not None:
-        if not isinstance(threads, int) or threads < 1:
-            raise UserError(f"threads must be a positive integer or null, got {threads!r}")
-        torch.set_num_threads(threads)
-    if "precision" in cfg:  # precision, compile, channels_last: one line now, not after training
-        build.make_engine(cfg, device)
-    if getattr(module, "NEEDS_COMMON_VALIDATION", True):
-        validate_common(cfg)
-    from robust_cli.core.engine import ranks_from_environment
-
-    if ranks_from_environment().distributed and not getattr(module, "DISTRIBUTED", False):
-        raise UserError(
-            "only robust train runs as several processes (torchrun, SLURM tasks); split an evaluation by examples "
-            "instead: one job per GPU with data.shard=I/N, merged by robust collect"
-        )
-    if "data" in cfg and cfg.data.get("shard") is not None and not getattr(module, "SHARDABLE", False):
-        raise UserError(f"data.shard splits the evaluation of robust attack only; drop it here (got data.shard={cfg.data.shard})")
-    if cfg.get("table") is not None:  # an experiment preset's paper tables: a mistake in one shows now, not at collect
-        from robust_cli.results.paper_tables import validate_block
-
-        validate_block(cfg.table, f"experiment={build.choice(cfg, 'experiment')}")
-    if hasattr(module, "validate"):
-        module.validate(cfg)
-    return device
 
 
 def _exit_interrupted(how, command, record, run_json, run_dir, ctx, beat):

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from robust_cli.analysis.kernel import DiscretePathKernel, reference_predict, train_path
+from robust_cli.analysis.kernel import DiscretePathKernel, reference_predict
+from robust_cli.analysis.training_path import train_path
 
 
 def rss_mib() -> float:

@@ -71,7 +71,7 @@ def test_readme_is_short_and_its_setup_commands_are_what_ci_runs():
 
 
 def test_command_help_lists_only_the_groups_the_command_uses(robust):
-    from robust_cli.cli import command_help, usage
+    from robust_cli.commands.usage import command_help, usage
 
     train = robust("train", "--help")  # once as a user types it; the other commands' texts in process
     assert train.returncode == 0 and train.stdout.strip() == command_help("train").strip()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from robust_cli.attacks import FGSM
 from robust_cli.commands import build
-from robust_cli.core.data import crop_flip
+from robust_cli.core.batches import crop_flip
 from robust_cli.core.engine import BatchSize, Engine, FastModel, chunked, exact, fit_batch, ranks_from_environment
 from robust_cli.core.errors import UserError
 from robust_cli.evaluation import evaluate as ev
@@ -146,7 +146,7 @@ def test_crop_flip_training_resumes_to_identical_weights(robust, tmp_path):
 
 
 def test_crop_flip_needs_images():
-    from robust_cli.core.data import check_augment
+    from robust_cli.core.batches import check_augment
 
     check_augment("crop_flip", (1, 8, 8))  # 8x8 images are images: allowed, the user's choice
     check_augment("none", (2,))
@@ -414,11 +414,11 @@ def test_bench_gpu_runs_its_quick_mode_on_the_cpu(tmp_path):
 
 
 def test_shards_spread_over_the_gpus_of_a_node(monkeypatch):
-    from robust_cli import cli
+    from robust_cli.core import engine
 
-    assert cli.shard_device("auto", "1/4") == torch.device("cpu") if not torch.cuda.is_available() else True
+    assert engine.shard_device("auto", "1/4") == torch.device("cpu") if not torch.cuda.is_available() else True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    assert [cli.shard_device("auto", f"{i}/5") for i in range(5)] == [torch.device(f"cuda:{i % 3}") for i in range(5)]
-    assert cli.shard_device("auto", None) == torch.device("cuda:0")
-    assert cli.shard_device("cuda:2", "0/5") == torch.device("cuda:2")  # an explicit device is kept
+    assert [engine.shard_device("auto", f"{i}/5") for i in range(5)] == [torch.device(f"cuda:{i % 3}") for i in range(5)]
+    assert engine.shard_device("auto", None) == torch.device("cuda:0")
+    assert engine.shard_device("cuda:2", "0/5") == torch.device("cuda:2")  # an explicit device is kept

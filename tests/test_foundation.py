@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from robust_cli.cli import CONF_DIR
 from robust_cli.commands import build
 from robust_cli.core import store
-from robust_cli.core.data import stratified_subset
+from robust_cli.core.batches import stratified_subset
 from robust_cli.core.errors import UserError
 from tests.conftest import latest_run
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_cli.analysis.kernel import DiscretePathKernel, FlatModel, gauss_legendre, nll_of_probabilities, reference_predict, train_path, zero_last_layer
+from robust_cli.analysis.kernel import DiscretePathKernel, reference_predict
+from robust_cli.analysis.training_path import FlatModel, gauss_legendre, nll_of_probabilities, train_path, zero_last_layer
 from robust_cli.core.errors import UserError
 
 DT = torch.float64

@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from robust_cli.core import registry, store
-from robust_cli.core.data import DataBundle, Dataset, load_data, resolve_augment
+from robust_cli.core.batches import load_data, resolve_augment
+from robust_cli.core.data import DataBundle, Dataset
 from robust_cli.core.engine import Engine
 from robust_cli.core.errors import UserError
 from robust_cli.core.models import Classifier, build_model, weights_file, weights_preprocessing

@@ -12,7 +12,7 @@ BATCH_SETTINGS = "train.batch_size"
 
 
 def validate(cfg):
-    # the training settings themselves are checked for every command by cli.validate_common (any command may train)
+    # the training settings themselves are checked for every command by commands/checks.validate_common (any command may train)
     if cfg.get("checkpoint"):
         raise UserError(
             f"robust train does not read checkpoint= (got '{cfg.checkpoint}'): it trains this config's registry entry, "

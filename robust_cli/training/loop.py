@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 
 import robust_cli
 from robust_cli.core import registry, store
-from robust_cli.core.data import DataBundle, check_augment, crop_flip, iterate_batches, place_on_device
+from robust_cli.core.batches import check_augment, crop_flip, iterate_batches, place_on_device
+from robust_cli.core.data import DataBundle
 from robust_cli.core.engine import Engine, Ranks, average_gradients, broadcast_object, broadcast_parameters
 from robust_cli.core.errors import UserError
 from robust_cli.core.models import build_model

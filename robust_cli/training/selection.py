@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from robust_cli.core.data import iterate_batches
+from robust_cli.core.batches import iterate_batches
 
 
 class Validation:
