@@ -24,8 +24,8 @@ import time
 import pandas as pd
 import torch
 
-from robust_cli.analysis.kernel import OUTPUTS, VARIANTS, DiscretePathKernel
-from robust_cli.analysis.training_path import train_path
+from robust_cli.analysis.kernel import VARIANTS, DiscretePathKernel
+from robust_cli.analysis.training_path import OUTPUTS, train_path
 from robust_cli.core.errors import UserError
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
