@@ -269,8 +269,15 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt() from None
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        _exit_if_disk_full(exc)
+        raise
     sys.argv = [argv[0], *rest]
-    _hydra_app(command)()
+    try:
+        _hydra_app(command)()
+    except OSError as exc:  # Hydra's own writes (the run directory, .hydra/*.yaml) on a full disk
+        _exit_if_disk_full(exc)
+        raise
     if sweeping:
         from robust_cli.results.callbacks import SweepStatus
 
@@ -282,6 +289,14 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
             sys.exit(1)
+
+
+def _exit_if_disk_full(exc: OSError) -> None:
+    from robust_cli.core import store
+
+    if exc.errno in store.DISK_FULL_ERRNOS:
+        print(f"error: {store.disk_full_line(exc.filename or '.')}", file=sys.stderr)
+        sys.exit(1)
 
 
 # launcher option -> (plugin module, install command): a missing plugin is one line, not Hydra's "Unknown plugin class"
@@ -383,6 +398,12 @@ def run_command(command: str, cfg):
             beat.start()
         module.run(cfg, ctx)
         record["status"] = "completed"
+    except store.DiskFull as exc:  # failed, not the user's input: one line, and run.json says so where it still fits
+        record.update(status="failed", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if not multirun:
+            _finish(record, run_json, ctx, beat)
+            sys.exit(1)
     except UserError as exc:
         if interrupts.received:  # a signal that a library reported as another error
             _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
@@ -409,6 +430,14 @@ def run_command(command: str, cfg):
     except Exception as exc:
         if interrupts.received:  # a signal inside a library whose clean-up raised another error
             _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
+        if isinstance(exc, OSError) and exc.errno in store.DISK_FULL_ERRNOS:  # a library's own write (tracking, figures)
+            message = store.disk_full_line(exc.filename or run_dir)
+            record.update(status="failed", error=message)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            if not multirun:
+                _finish(record, run_json, ctx, beat)
+                sys.exit(1)
+            return record["status"]
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         if not multirun:
             _finish(record, run_json, ctx, beat)
@@ -426,7 +455,10 @@ def _finish(record, run_json, ctx, beat) -> None:
 
     record["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if run_json is not None:
-        store.write_json(run_json, record)
+        try:
+            store.write_json(run_json, record)
+        except store.DiskFull:  # the run's own error (if any) was already said; this one is the same disk
+            store.console.print(f"[yellow]{run_json} could not be updated to {record.get('status')!r} (no space left on the device)[/]")
     if ctx is not None and record["status"] == "completed" and run_json is not None:
         table = Table(title=f"robust {record['command']}", show_header=True)
         table.add_column("result", no_wrap=True)

@@ -9,8 +9,8 @@ from robust_cli.core.errors import UserError
 
 def validate_common(cfg) -> None:
 
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed must be an integer in [0, 2^32) (numpy and torch seed generators take no other), got {cfg.seed!r}")
     for key in ("n_train", "n_test"):
         value = cfg.data[key]
         if value is not None and (not isinstance(value, int) or value < 1):

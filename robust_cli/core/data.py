@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +110,15 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             data = f.read()
-    except (EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise UserError(f"'{path}' cannot be read ({exc}); it is truncated or not gzip: {fix}") from None
+    except zlib.error as exc:  # the full length, but bytes changed inside the compressed stream
+        raise UserError(f"'{path}' is corrupt (its compressed data does not decode: {exc}): {fix}") from None
+    except (EOFError, OSError, gzip.BadGzipFile) as exc:  # BadGzipFile: also a failed CRC check
+        raise UserError(f"'{path}' cannot be read ({exc}); it is truncated, corrupt or not gzip: {fix}") from None
     if len(data) < 4:
         raise UserError(f"'{path}' has {len(data)} bytes, not an IDX file: {fix}")
-    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0:  # the IDX magic number starts with two zero bytes
+        raise UserError(f"'{path}' does not start with an IDX magic number (0x0000{dtype_code:02x}{ndim:02x} expected, got 0x{data[:4].hex()}): {fix}")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else None
     if dtype_code != 0x08 or dims is None or len(data) - 4 - 4 * ndim != int(np.prod(dims)):
         raise UserError(f"'{path}' is not a complete IDX file of bytes (header says {dims}, {len(data)} bytes found): {fix}")

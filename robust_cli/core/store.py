@@ -6,6 +6,7 @@ The checkpoint registry is `registry.py`; the training loop is `train.py`. This 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from robust_cli.core.errors import UserError
 
 # progress, warnings and logs go to stderr; the results a script captures (final table, run directory) to stdout.
 # Piped, rich lays both out at 80 columns (COLUMNS overrides).
@@ -34,6 +37,57 @@ FILE_MODE = 0o666 & ~_current_umask()
 
 
 # ----------------------------------------------------------------------------------------------- atomic files
+class DiskFull(UserError):
+    """No space left (or the quota reached) while writing a file: what was written before stays as it was."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_line(path, nbytes: int | None = None) -> str:
+    """The one line for a write that found no space: which file, how much, that nothing was lost, what to do."""
+    path = Path(path)
+    size = f" ({_human_bytes(nbytes)})" if nbytes else ""
+    return (
+        f"no space left on the device writing '{path}'{size}; nothing already written was changed and the partial file "
+        f"was removed: free space there (df -h '{path.parent}') or set outputs_root= to a disk with room, then run again "
+        "(resume=true continues a training from its last epoch)"
+    )
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+_written_by_this_process = 0
+
+
+class _Counted:
+    """The file object a writer sees: counts what it is asked to write (for the disk-full line).
+
+    Test hook: with ROBUST_FAULT_DISK_FULL_AFTER_BYTES=N the process's writes fail with ENOSPC once they pass N bytes
+    in all, as on a full disk, wherever they happen (tests/test_faults.py; a real full tmpfs is tested too)."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def write(self, data):
+        global _written_by_this_process
+        self.n += len(data)
+        _written_by_this_process += len(data)
+        limit = os.environ.get("ROBUST_FAULT_DISK_FULL_AFTER_BYTES")
+        if limit is not None and _written_by_this_process > int(limit):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write(path, write, replace: bool = True) -> Path:
     """Write through `write(file_object)` into a temporary file beside `path`, then rename over it.
 
@@ -43,21 +97,30 @@ def atomic_write(path, write, replace: bool = True) -> Path:
     gets FileExistsError; nothing is overwritten.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    counted = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(disk_full_line(path)) from None
+        raise
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            counted = _Counted(f)
+            write(counted)
             f.flush()
             os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
         else:
             _publish_new(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(disk_full_line(path, counted.n if counted is not None else None)) from None
         raise
     return path
 
@@ -134,7 +197,7 @@ class Heartbeat:
     def _write(self) -> None:
         import time
 
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, DiskFull):  # a full disk is said once, by the write that matters
             write_json(self.path, {**self.beat, "updated": time.time()})
 
     def _run(self) -> None:
