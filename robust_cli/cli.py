@@ -59,10 +59,28 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _precheck(command: str, overrides: list[str]):
+def _config_dirs(args: list[str]) -> list[str]:
+    """The folders given with --config-dir / -cd (Hydra's way to add one's own YAMLs), as absolute paths."""
+    dirs = []
+    for i, a in enumerate(args):
+        if a in ("--config-dir", "-cd") and i + 1 < len(args):
+            dirs.append(args[i + 1])
+        elif a.startswith("--config-dir="):
+            dirs.append(a.partition("=")[2])
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise UserError(f"--config-dir {d}: no such folder; give the folder that holds your group folders (e.g. model/mine.yaml)")
+    return [str(Path(d).resolve()) for d in dirs]
+
+
+def _precheck(command: str, overrides: list[str], config_dirs: list[str] = ()):
     """Compose once before Hydra runs, to turn a bad override into one line and exit code 2; returns the run
-    directory Hydra would use and the composed config."""
+    directory Hydra would use and the composed config. `config_dirs` (--config-dir) are searched as Hydra's run
+    searches them."""
     from hydra import compose, initialize_config_dir
+
+    if config_dirs:
+        overrides = [*overrides, "hydra.searchpath=[" + ",".join(f"file://{d}" for d in config_dirs) + "]"]
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _check_launcher(plain)
         if not sweeping and not helping:
-            run_dir, cfg = _precheck(command, plain)
+            run_dir, cfg = _precheck(command, plain, _config_dirs(rest))
             module = importlib.import_module(f"robust_cli.commands.{command}")
             if not inspecting:  # bad values are refused before a run directory exists: nothing is written
                 from omegaconf import open_dict
