@@ -278,7 +278,21 @@ def test_robustbench_export_has_the_model_info_fields(tmp_path):
     assert entry["clean_acc"] == "83.34" and entry["autoattack_acc"] == "43.21" and entry["eps"] == "8/255" and entry["threat_model"] == "Linf"
     assert entry["dataset"] == "cifar10" and entry["architecture"] == "resnet18" and entry["number_forward_passes"] == 1 and entry["n_examples"] == 1000
     assert entry["run_dirs"] == [str(run)] and entry["additional_data"] is False and "robust_version" in entry
+    assert entry["to_fill"] == ["name", "link", "authors", "venue", "reported"] and all(entry[k] is None for k in ("link", "authors", "venue", "reported"))
+    assert entry["warnings"] == ["evaluated on 1000 of the 10,000 test images a leaderboard entry uses: run the evaluation with data.n_test=null"]
     plain = tmp_path / "plain"
     make_run(plain, "r0", csvs={"curve": curve_rows({0: 0.9, 0.1: 0.5}, attack="pgd")})
     code = collect_command.main([str(plain), "--format", "robustbench", "--no-figures"])
     assert code == 2
+
+
+def test_robustbench_export_is_silent_on_the_full_test_set(tmp_path):
+    sweep = tmp_path / "sweep"
+    rows = [
+        {"attack": "autoattack_standard", "norm": "linf", "eps": e, "n": 10_000, "clean_accuracy": 0.9, "robust_accuracy": a}
+        for e, a in ((0.0, 0.9), (8 / 255, 0.5))
+    ]
+    make_run(sweep, "r0", choices={"model": "wrn_34_10", "dataset": "cifar10", "defense": "trades"}, csvs={"curve": rows})
+    collect([sweep], out=tmp_path / "rb", fmt="robustbench", figures=False)
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "rb" / "robustbench").glob("*.json")]
+    assert entry["warnings"] == [] and entry["n_examples"] == 10_000

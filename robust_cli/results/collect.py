@@ -282,6 +282,12 @@ def _eps_text(eps: float) -> str:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-4 and round(k) > 0 else f"{eps:g}"
 
 
+# the number of test images a RobustBench leaderboard entry is evaluated on (its datasets; ImageNet: its 5,000-image subset)
+ROBUSTBENCH_N = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
+# model_info fields RobustBench needs that no run knows: written as null, listed under "to_fill"
+ROBUSTBENCH_TO_FILL = ("name", "link", "authors", "venue", "reported")
+
+
 def robustbench_entries(c: Collection) -> list[Path]:
     """One JSON per (run, eps > 0) of an autoattack evaluation, in RobustBench's model_info fields (accuracies as
     percent strings, eps as k/255), plus robust's own: threat model, number of examples, version, run directory."""
@@ -315,7 +321,23 @@ def robustbench_entries(c: Collection) -> list[Path]:
             "autoattack_version": str(r.attack).removeprefix("autoattack_"),
             "robust_version": (record.get("versions") or {}).get("robust", robust_cli.__version__),
             "run_dirs": [str(r.run)],
+            "link": None,
+            "authors": None,
+            "venue": None,
+            "reported": None,
+            "to_fill": list(ROBUSTBENCH_TO_FILL),  # name is a placeholder; the others are the paper's to give
+            "warnings": [],
         }
+        needed = ROBUSTBENCH_N.get(str(choices.get("dataset")))
+        if needed is None:
+            entry["warnings"].append(f"RobustBench has no leaderboard for dataset {choices.get('dataset')} (it has {', '.join(ROBUSTBENCH_N)})")
+        elif int(r.n) < needed:
+            entry["warnings"].append(
+                f"evaluated on {int(r.n)} of the {needed:,} test images a leaderboard entry uses: run the evaluation with data.n_test=null"
+                + (" (ImageNet: RobustBench's 5,000-image subset)" if needed == 5_000 else "")
+            )
+        for warning in entry["warnings"]:
+            store.console.print(f"[yellow]warning:[/] robustbench export of {Path(str(r.run)).name}, eps {entry['eps']}: {warning}")
         name = f"{choices.get('model')}-{choices.get('dataset')}-{choices.get('defense')}-s{config.get('seed', 0)}-eps{float(r.eps):g}-{Path(str(r.run)).name}.json"
         written.append(store.write_json(folder / name, entry))
     return written
