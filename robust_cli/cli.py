@@ -7,6 +7,7 @@ paths and uses argparse.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -402,68 +403,70 @@ def run_command(command: str, cfg):
     run_json = run_dir / "run.json" if getattr(module, "WRITES_RUN_DIR", True) and main_rank else None
     ctx = None
     beat = store.Heartbeat(run_dir) if run_json is not None else None
-    try:
-        record["config"] = OmegaConf.to_container(cfg, resolve=True)
-        device = validate_job(module, cfg)  # again: sweep jobs were not prechecked
-        record["device"] = str(device)
-        record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
-        ctx = store.RunContext(run_dir, device, record, build.described(cfg))
-        if "dataset" in cfg:
-            for message in build.weights_sizes(cfg)[1]:  # once per run, kept in run.json
-                ctx.warn(message)
-        if run_json is not None:
-            store.write_json(run_json, record)
-            beat.start()
-        module.run(cfg, ctx)
-        record["status"] = "completed"
-    except store.DiskFull as exc:  # failed, not the user's input: one line, and run.json says so where it still fits
-        record.update(status="failed", error=str(exc))
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        if not multirun:
-            _finish(record, run_json, ctx, beat)
-            sys.exit(1)
-    except UserError as exc:
-        if interrupts.received:  # a signal that a library reported as another error
-            _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
-        record.update(status="user_error", error=str(exc))
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        if not multirun:
-            _finish(record, run_json, ctx, beat)
-            sys.exit(2)
-    except torch.OutOfMemoryError:  # a fixed batch size that does not fit: say which setting, never a traceback
-        from robust_cli.core.engine import out_of_memory_line
-
-        message = out_of_memory_line(getattr(module, "BATCH_SETTINGS", "batch_size"), record.get("device"))
-        record.update(status="user_error", error=message)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if not multirun:
-            _finish(record, run_json, ctx, beat)
-            sys.exit(2)
-    except KeyboardInterrupt as exc:
-        _exit_interrupted("SIGTERM" if isinstance(exc, interrupts.Terminated) else "Ctrl-C", command, record, run_json, run_dir, ctx, beat)
-    except SystemExit:
-        record.update(status="interrupted", error="SystemExit")
-        _finish(record, run_json, ctx, beat)
-        raise
-    except Exception as exc:
-        if interrupts.received:  # a signal inside a library whose clean-up raised another error
-            _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
-        if isinstance(exc, OSError) and exc.errno in store.DISK_FULL_ERRNOS:  # a library's own write (tracking, figures)
-            message = store.disk_full_line(exc.filename or run_dir)
-            record.update(status="failed", error=message)
-            print(f"error: {message}", file=sys.stderr, flush=True)
+    log = store.tee_output(run_dir / "run.log") if run_json is not None else contextlib.nullcontext()
+    with log:  # what the console shows is kept in the run directory too
+        try:
+            record["config"] = OmegaConf.to_container(cfg, resolve=True)
+            device = validate_job(module, cfg)  # again: sweep jobs were not prechecked
+            record["device"] = str(device)
+            record["environment"] = {**registry.environment(), "device": str(device)}  # what bitwise reproducibility depends on
+            ctx = store.RunContext(run_dir, device, record, build.described(cfg))
+            if "dataset" in cfg:
+                for message in build.weights_sizes(cfg)[1]:  # once per run, kept in run.json
+                    ctx.warn(message)
+            if run_json is not None:
+                store.write_json(run_json, record)
+                beat.start()
+            module.run(cfg, ctx)
+            record["status"] = "completed"
+        except store.DiskFull as exc:  # failed, not the user's input: one line, and run.json says so where it still fits
+            record.update(status="failed", error=str(exc))
+            print(f"error: {exc}", file=sys.stderr, flush=True)
             if not multirun:
                 _finish(record, run_json, ctx, beat)
                 sys.exit(1)
-            return record["status"]
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        if not multirun:
+        except UserError as exc:
+            if interrupts.received:  # a signal that a library reported as another error
+                _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
+            record.update(status="user_error", error=str(exc))
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            if not multirun:
+                _finish(record, run_json, ctx, beat)
+                sys.exit(2)
+        except torch.OutOfMemoryError:  # a fixed batch size that does not fit: say which setting, never a traceback
+            from robust_cli.core.engine import out_of_memory_line
+
+            message = out_of_memory_line(getattr(module, "BATCH_SETTINGS", "batch_size"), record.get("device"))
+            record.update(status="user_error", error=message)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            if not multirun:
+                _finish(record, run_json, ctx, beat)
+                sys.exit(2)
+        except KeyboardInterrupt as exc:
+            _exit_interrupted("SIGTERM" if isinstance(exc, interrupts.Terminated) else "Ctrl-C", command, record, run_json, run_dir, ctx, beat)
+        except SystemExit:
+            record.update(status="interrupted", error="SystemExit")
             _finish(record, run_json, ctx, beat)
             raise
-        # one failing job must not kill the sweep (hydra#1927): record it and return normally
-        store.console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/] {type(exc).__name__}: {exc} (see {run_json})")
-    _finish(record, run_json, ctx, beat)
-    return record["status"]
+        except Exception as exc:
+            if interrupts.received:  # a signal inside a library whose clean-up raised another error
+                _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
+            if isinstance(exc, OSError) and exc.errno in store.DISK_FULL_ERRNOS:  # a library's own write (tracking, figures)
+                message = store.disk_full_line(exc.filename or run_dir)
+                record.update(status="failed", error=message)
+                print(f"error: {message}", file=sys.stderr, flush=True)
+                if not multirun:
+                    _finish(record, run_json, ctx, beat)
+                    sys.exit(1)
+                return record["status"]
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            if not multirun:
+                _finish(record, run_json, ctx, beat)
+                raise
+            # one failing job must not kill the sweep (hydra#1927): record it and return normally
+            store.console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/] {type(exc).__name__}: {exc} (see {run_json})")
+        _finish(record, run_json, ctx, beat)
+        return record["status"]
 
 
 def _finish(record, run_json, ctx, beat) -> None:

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -173,6 +174,52 @@ def choice(choices, group: str) -> str:
     """The option name chosen for a config group (e.g. 'fc200_200_10') in {group: option} (the CLI records them in
     the config's `choices`); 'custom' when none was chosen."""
     return str((choices or {}).get(group) or "custom")
+
+
+# ----------------------------------------------------------------------------------------------- run.log
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_LIVE = ("\x1b[2K", "\x1b[1A", "\x1b[?25l", "\r")  # a progress bar redrawing itself
+
+
+class _Tee:
+    """A text stream that writes to the terminal as before and, without colours and redraws, to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        n = self.stream.write(text)
+        if not any(code in text for code in _LIVE):
+            with contextlib.suppress(OSError, ValueError):  # a full disk or a closed log never stops the run
+                self.log.write(_ANSI.sub("", text))
+                self.log.flush()
+        return n
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the terminal's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(path):
+    """Keep what the run prints (stdout and stderr: warnings, errors, the results table) in `path` as well; a live
+    progress bar is left out (its final state is in run.json and the CSVs)."""
+    import sys
+
+    try:
+        log = open(path, "a", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        log.close()
 
 
 # ----------------------------------------------------------------------------------------------- heartbeat
