@@ -420,11 +420,7 @@ def run_command(command: str, cfg):
             module.run(cfg, ctx)
             record["status"] = "completed"
         except store.DiskFull as exc:  # failed, not the user's input: one line, and run.json says so where it still fits
-            record.update(status="failed", error=str(exc))
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            if not multirun:
-                _finish(record, run_json, ctx, beat)
-                sys.exit(1)
+            _fail_on_full_disk(str(exc), record, multirun, run_json, ctx, beat)
         except UserError as exc:
             if interrupts.received:  # a signal that a library reported as another error
                 _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
@@ -452,21 +448,25 @@ def run_command(command: str, cfg):
             if interrupts.received:  # a signal inside a library whose clean-up raised another error
                 _exit_interrupted(interrupts.received, command, record, run_json, run_dir, ctx, beat)
             if isinstance(exc, OSError) and exc.errno in store.DISK_FULL_ERRNOS:  # a library's own write (tracking, figures)
-                message = store.disk_full_line(exc.filename or run_dir)
-                record.update(status="failed", error=message)
-                print(f"error: {message}", file=sys.stderr, flush=True)
+                _fail_on_full_disk(store.disk_full_line(exc.filename or run_dir), record, multirun, run_json, ctx, beat)
+            else:
+                record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
                 if not multirun:
                     _finish(record, run_json, ctx, beat)
-                    sys.exit(1)
-                return record["status"]
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-            if not multirun:
-                _finish(record, run_json, ctx, beat)
-                raise
-            # one failing job must not kill the sweep (hydra#1927): record it and return normally
-            store.console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/] {type(exc).__name__}: {exc} (see {run_json})")
+                    raise
+                # one failing job must not kill the sweep (hydra#1927): record it and return normally
+                store.console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/] {type(exc).__name__}: {exc} (see {run_json})")
         _finish(record, run_json, ctx, beat)
         return record["status"]
+
+
+def _fail_on_full_disk(message, record, multirun, run_json, ctx, beat) -> None:
+    """A full disk is a failure of the machine, not of the input: one line, exit 1 (a sweep goes on to its next job)."""
+    record.update(status="failed", error=message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if not multirun:
+        _finish(record, run_json, ctx, beat)
+        sys.exit(1)
 
 
 def _finish(record, run_json, ctx, beat) -> None:

@@ -1,6 +1,6 @@
 """Atomic files and the run context (directory, device, warnings, headline, progress) every command gets.
 
-The checkpoint registry is `registry.py`; the training loop is `train.py`. This module imports neither.
+The checkpoint registry is `core/registry.py`; the training loop is `training/loop.py`. This module imports neither.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ def disk_full_line(path, nbytes: int | None = None) -> str:
 
 
 def _human_bytes(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n} bytes"
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
 
 
 _written_by_this_process = 0
