@@ -28,6 +28,7 @@ from robust_cli.commands.checks import chosen_options, validate_job
 from robust_cli.commands.usage import command_help, usage
 from robust_cli.core import interrupts
 from robust_cli.core.errors import UserError
+from robust_cli.core.store import claim_run_dir
 
 # torch scripts its forward-AD decompositions on first use and warns about its own deprecated API: not the user's concern
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -158,24 +159,6 @@ def _check_known_key(reference, key: str, added: bool) -> None:
     raise UserError(f"unknown key {key}: {hint}{node} has {', '.join(candidates)}" if candidates else f"unknown key {key}: {node} takes no settings here")
 
 
-def claim_run_dir(run_dir: str) -> Path:
-    """Create the run directory exclusively; on a collision (two runs started in the same second) add -1, -2, ...
-
-    mkdir is atomic, so two processes can never get the same directory (their files would overwrite each other)."""
-    base = Path(run_dir)
-    candidate, i = base, 0
-    while True:
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            i += 1
-            candidate = base.with_name(f"{base.name}-{i}")
-        except OSError as exc:
-            raise UserError(f"cannot create the run directory '{candidate}' ({exc.strerror}); set outputs_root= to a writable folder") from None
-
-
 BASH_COMPLETION = r"""# robust: tab completion of commands, then of each command's Hydra overrides
 _robust_completion() {
     local choices
@@ -212,7 +195,7 @@ def shell_completion(args: list[str]) -> int:
         print(" ".join(COMMANDS))
         return 0
     command = words[1]
-    if command not in COMMANDS or command in ("collect", "report"):  # they take paths: the shell's file completion
+    if command not in COMMANDS or command in ("collect", "report", "ledger"):  # they take paths: the shell's file completion
         return 0
     os.environ["COMP_LINE"] = line.replace(f" {command}", "", 1)
     sys.argv = ["robust", "-sc", "query=bash"]
@@ -247,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         from robust_cli.commands import collect
 
         sys.exit(collect.main(rest))
+    if command == "ledger":
+        from robust_cli.commands import ledger
+
+        sys.exit(ledger.main(rest))
     if command == "report":
         from robust_cli.results import report
 

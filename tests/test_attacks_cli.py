@@ -74,7 +74,7 @@ def test_budgeted_curve_files(attack_cli):
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed"
     audit = pd.read_csv(run / "audit.csv")
-    assert list(audit.columns) == ["check", "eps", "status", "detail"]
+    assert list(audit.columns) == ["check", "eps", "status", "detail", "seconds"]
     # every eps > 0 has its single-step, noise, margin-twin, gradient and more-effort rows (not only the largest eps)
     for check in ("single_step", "noise", "stronger_than_ce", "gradients", "more_effort"):
         assert sorted(audit.loc[audit["check"] == check, "eps"].astype(float)) == [0.1, 0.3], check

@@ -11,6 +11,7 @@ COMMANDS = {
     "kernel": "exact discrete-path-kernel representation of a gradient-trained net",
     "boundary": "decision-boundary points, projections and local dimension",
     "certify": "randomized-smoothing certificates (Cohen) beside persistence and attacks",
+    "ledger": "the per-example worst case over every attack run on each model; import and export adversarial examples",
     "collect": "merge the CSVs of many runs into one table per kind",
     "report": "one self-contained report.html of collected runs: tables, figures, audits, failures",
     "info": "print the composed config and the checkpoint it would use",

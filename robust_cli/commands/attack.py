@@ -17,6 +17,7 @@ from robust_cli.core.engine import BatchSize, fit_batch
 from robust_cli.core.errors import UserError
 from robust_cli.evaluation import audit
 from robust_cli.evaluation import evaluate as ev
+from robust_cli.evaluation import ledger as ledgers
 
 SHARDABLE = True  # data.shard=I/N: this command evaluates one part of the test set; robust collect merges the parts
 BATCH_SETTINGS = "batch_size"  # named by the out-of-memory error
@@ -56,8 +57,33 @@ def build_attack(cfg, bounds=(0.0, 1.0)):
         raise UserError(f"attack: {cause}") from None
 
 
+def _switches(node, keys: tuple[str, ...]) -> dict[str, bool]:
+    """A node of on/off settings that may also be given as one value (audit=false turns every key off)."""
+
+    def on(value) -> bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise UserError(f"expected true or false, got {value!r}")
+            return value.lower() == "true"
+        return bool(value)
+
+    if node is None or isinstance(node, (bool, str, int)):
+        return dict.fromkeys(keys, on(True if node is None else node))
+    return {k: on(node.get(k, True)) for k in keys}
+
+
+def audit_settings(cfg) -> dict[str, bool]:
+    return _switches(cfg.get("audit"), ("checks", "reference"))
+
+
+def ledger_settings(cfg) -> dict[str, bool]:
+    return _switches(cfg.get("ledger"), ("record", "keep_adversarial"))
+
+
 def validate(cfg):
     eps_list(cfg)
+    audit_settings(cfg)
+    ledger_settings(cfg)
     batch = BatchSize(cfg.batch_size, "batch_size", torch.device("cpu"))
     attack = build_attack(cfg)
     if cfg.data.get("shard") is not None and batch.auto:
@@ -99,6 +125,9 @@ def run(cfg, ctx):
         target = target[start:stop] if target is not None else None
         ctx.record["shard"] = {"spec": str(cfg.data.shard), "start": start, "stop": stop, "of": len(data.test_y)}
     plan = _batch_plan(cfg, ctx, checkpoint, first_batch, batch)
+    dataset_index = data.test_index[start:stop]  # the examples' indices in the dataset's test split: the ledger's identity
+    if ledger_settings(cfg)["record"]:
+        plan.recorder = _ledger_recorder(cfg, ctx, model, data, attack, epsilons, plan, checkpoint, dataset_index, y, clean_pred)
     rows, examples, distances_rows, tensors = [], [], None, {}
     summary = {}
     runs = len(epsilons) if attack.kind == "budgeted" else 1
@@ -141,8 +170,13 @@ def run(cfg, ctx):
             distances_rows = _distance_rows(y, found, sizes, clean_pred)
             summary = ev.distance_summary(found, y, clean_pred)
             tensors["search_eps"] = found
-        if cfg.audit and attack.name != "noise":
-            audit_rows = plan.stage("audit", lambda: audit.run_audit(fast, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded))
+        checks = audit_settings(cfg)
+        if checks["checks"] and attack.name != "noise":
+            audit_rows = plan.stage(
+                "audit", lambda: audit.run_audit(fast, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded, checks["reference"])
+            )
+            if plan.recorder is not None:  # read now, not kept with the stage: the ledger grows between runs
+                audit_rows += audit.ledger_check(outcomes, y, clean_pred, dataset_index, _known_breaks(plan.recorder))
             ctx.write_csv("audit.csv", audit_rows)
             for r in audit_rows:
                 if r["status"] != "ok":
@@ -161,6 +195,8 @@ def run(cfg, ctx):
         summary = ev.distance_summary(dist[key], y, clean_pred)
         shown = o
 
+    if plan.recorder is not None and attack.kind == "budgeted":
+        _ledger_line(ctx, plan.recorder, outcomes, y, clean_pred, dataset_index)
     for message in getattr(attack, "notes", []):  # what the attack changed on its own (few classes, ...)
         ctx.warn(message)
     ctx.write_csv("curve.csv", rows)
@@ -253,6 +289,53 @@ def _batch_plan(cfg, ctx, checkpoint, first_batch: int, batch: BatchSize) -> ev.
         ctx.warn(f"an interrupted evaluation of this config left {done} finished batches in {directory}; starting again (resume=true continues it)")
     ctx.record["evaluation_state"] = str(directory)
     return plan
+
+
+def attack_label(attack) -> str:
+    """The attack as the ledger names it: its name, plus a loss or targeting its name does not already say."""
+    label = attack.name
+    loss = getattr(attack, "loss", None)
+    if loss and loss != "ce" and loss not in label:
+        label += f"_{loss}"
+    if attack.targeted and "_t" not in label:
+        label += "_targeted"
+    return label
+
+
+def _ledger_recorder(cfg, ctx, model, data, attack, epsilons, plan, checkpoint, examples, y, clean_pred) -> ledgers.RunRecorder:
+    """Register this evaluation in <outputs_root>/ledger.sqlite and return what writes its batches there."""
+    ledger = ledgers.Ledger(cfg.outputs_root)
+    model_id = ledgers.weights_digest(model)
+    evaluation = Path(plan.directory).name
+    label, norm = attack_label(attack), attack.norm
+    description = {k: build.choice(cfg, k) for k in ("model", "dataset", "defense")} | {"seed": int(cfg.seed), "checkpoint": str(checkpoint)}
+    settings = OmegaConf.to_container(cfg.attack, resolve=True)
+    ledger.register(evaluation, model_id, description, data.meta.name, "test", norm, label, settings, epsilons, ctx.dir)
+    ctx.record["ledger"] = {"file": str(ledger.path), "model": model_id, "evaluation": evaluation}
+    keep = ledger_settings(cfg)["keep_adversarial"]
+    return ledgers.RunRecorder(ledger, evaluation, model_id, data.meta.name, "test", norm, label, ctx.dir, examples, y, clean_pred, keep)
+
+
+def _known_breaks(recorder: ledgers.RunRecorder) -> dict:
+    return recorder.ledger.smallest_radius(recorder.model, recorder.dataset, recorder.split, recorder.norm, exclude=recorder.evaluation)
+
+
+def _ledger_line(ctx, recorder, outcomes, y, clean_pred, examples) -> None:
+    """The worst case over every run of this model on this run's examples, printed beside the run's own number."""
+    known = _known_breaks(recorder)
+    index = examples.tolist()
+    worst = {}
+    for o in outcomes:
+        robust = ((clean_pred == y) & (o.pred == y)).tolist()
+        still = sum(1 for i, r in enumerate(robust) if r and not (index[i] in known and ledgers.broken_at(known[index[i]][0], o.eps)))
+        worst[o.eps] = (sum(robust) / len(y), still / len(y))
+    ctx.record["ledger"]["worst_case_robust_accuracy"] = {f"{e:g}": w for e, (_, w) in worst.items()}
+    differ = {e: v for e, v in worst.items() if v[1] < v[0]}
+    if differ:
+        shown = ", ".join(f"eps={e:g}: {w:.4f} (this run {own:.4f})" for e, (own, w) in differ.items())
+        store.results.print(
+            f"[bold]ledger[/]: the worst case over every run of this model on these examples is lower: {shown}  (robust ledger --root {recorder.ledger.root})"
+        )
 
 
 def _distance_rows(y, primary, sizes, clean_pred, dist=None):

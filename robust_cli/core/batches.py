@@ -39,9 +39,10 @@ def load_data(
     if n_train is not None and len(bundle.train_y):
         idx = stratified_subset(bundle.train_y, int(n_train), seed)
         bundle.train_x, bundle.train_y = _take(bundle.train_x, idx), bundle.train_y[idx]
+    bundle.test_index = torch.arange(len(bundle.test_y))
     if n_test is not None:
         idx = stratified_subset(bundle.test_y, int(n_test), seed + 1)
-        bundle.test_x, bundle.test_y = _take(bundle.test_x, idx), bundle.test_y[idx]
+        bundle.test_x, bundle.test_y, bundle.test_index = _take(bundle.test_x, idx), bundle.test_y[idx], idx
     fraction = float(val_fraction or 0.0)
     if fraction > 0:
         n_val = max(1, int(round(fraction * len(bundle.train_y))))

@@ -37,6 +37,7 @@ class DataBundle:
     meta: DatasetMeta
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
+    test_index: torch.Tensor | None = None  # each test example's index in the dataset's test split (data.n_test subsets)
 
 
 class Dataset:

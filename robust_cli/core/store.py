@@ -171,6 +171,24 @@ def save_torch(path, obj, replace: bool = True) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getvalue()), replace)
 
 
+def claim_run_dir(run_dir: str) -> Path:
+    """Create the run directory exclusively; on a collision (two runs started in the same second) add -1, -2, ...
+
+    mkdir is atomic, so two processes can never get the same directory (their files would overwrite each other)."""
+    base = Path(run_dir)
+    candidate, i = base, 0
+    while True:
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            i += 1
+            candidate = base.with_name(f"{base.name}-{i}")
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory '{candidate}' ({exc.strerror}); set outputs_root= to a writable folder") from None
+
+
 def choice(choices, group: str) -> str:
     """The option name chosen for a config group (e.g. 'fc200_200_10') in {group: option} (the CLI records them in
     the config's `choices`); 'custom' when none was chosen."""

@@ -14,12 +14,17 @@ they did not test (Athalye et al. 2018; Carlini et al. 2019's checklist; Croce &
   train_mode      the model was handed over in train mode
   more_effort     the strongest member with 2x steps/queries breaks > 0.5 pp more of the survivors
   box_eps         at the box-sized eps (linf 0.5; l2 0.5 sqrt(n)) robust accuracy must be ~0
+  reference       a single attack against a cheap reference (APGD-T with 3 targets, then untargeted APGD-DLR, on
+                  its survivors among up to 200 seeded examples): > 1 pp more broken -> use attack=autoattack
+  ledger          examples this run calls robust that an earlier run of the same model broke at the same or a
+                  smaller eps (robust_cli/evaluation/ledger.py)
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 
@@ -32,10 +37,14 @@ EFFORT_GAP = 0.005  # > 0.5 pp: more steps still help
 GRAD_FRACTION = 0.01  # > 1 % of examples with a zero / non-finite gradient
 BOX_ACCURACY = 0.02  # robust accuracy at the box-sized eps above this is not "~0"
 TOL = 0.005  # monotonicity / reference comparisons
+REFERENCE_GAP = 0.01  # > 1 pp more broken by the reference attacks than by the run's attack
+REFERENCE_N = 200  # examples of the reference check (its cost: at most this x 400 gradient steps per eps)
+REFERENCE_ITER = 100  # APGD iterations of each reference run (AutoAttack's)
+REFERENCE_TARGETS = 3  # APGD-T target classes (AutoAttack's fast setting; the standard one takes 9)
 
 
-def row(check, eps, bad, detail, status_bad="warn"):
-    return {"check": check, "eps": eps, "status": status_bad if bad else "ok", "detail": detail}
+def row(check, eps, bad, detail, status_bad="warn", seconds=""):
+    return {"check": check, "eps": eps, "status": status_bad if bad else "ok", "detail": detail, "seconds": seconds}
 
 
 def _curve(model, attack, x, y, clean_pred, epsilons, bs, device):
@@ -111,8 +120,9 @@ def gradient_check(model, attack, x, y, clean_pred, eps, device, bs) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- the audit
-def run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded) -> list[dict]:
-    """All checks for a budgeted attack's curve (`rows`, `outcomes` per eps); returns the audit.csv rows."""
+def run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded, reference=True) -> list[dict]:
+    """All checks for a budgeted attack's curve (`rows`, `outcomes` per eps); returns the audit.csv rows.
+    `reference`: also the reference check of a single attack (see `reference_check`)."""
     out = model_checks(model, x, device, bs)
     by_eps = {r["eps"]: r for r in rows if r["attack"] == attack.name}
     ordered = sorted(by_eps.values(), key=lambda r: r["eps"])
@@ -141,6 +151,103 @@ def run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, dev
     out += _effort_check(model, attack, x, y, clean_pred, positive, outcomes, n, bs, device)
     if bounded and attack.norm in ("linf", "l2"):
         out.append(_box_check(model, attack, x, y, clean_pred, bs, device))
+    if reference:
+        out += reference_check(model, attack, x, y, clean_pred, outcomes, bs, device)
+    return out
+
+
+def reference_check(model, attack, x, y, clean_pred, outcomes, bs, device, n_max=REFERENCE_N) -> list[dict]:
+    """A single budgeted attack (not an ensemble) against a cheap, strong reference on a fixed subset: up to n_max
+    correctly classified examples (drawn from torch's generator, which the caller seeds), at every eps.
+
+    On the examples the run left robust, APGD-T (3 targets, targeted DLR) runs first and untargeted APGD-DLR then on
+    what it left: the DLR count is what AutoAttack's standard version would miss too (its plus version adds untargeted
+    APGD-DLR). Warns when the references break > 1 pp of the subset that the run called robust. The cost is at most
+    n_max x 400 gradient steps per eps; its seconds are in the row and in audit.csv."""
+    from robust_cli.attacks import APGDT
+
+    if getattr(attack, "members", None) or attack.name == "noise" or attack.norm not in ("linf", "l2"):
+        return []
+    correct = (clean_pred == y).nonzero().squeeze(1)
+    subset = correct[torch.randperm(len(correct))[:n_max]].sort().values
+    n = len(subset)
+    common = {"norm": attack.norm, "n_iter": REFERENCE_ITER, "bounds": attack.bounds}
+    targeted = APGDT(n_target_classes=REFERENCE_TARGETS, **common)
+    untargeted = APGD(loss="dlr", **common)
+    run_seconds = sum(o.seconds for o in outcomes)
+    out = []
+    for o in outcomes:
+        if o.eps == 0:
+            continue
+        if n == 0:
+            out.append(row("reference", o.eps, False, "no correctly classified examples"))
+            continue
+        started = time.perf_counter()
+        survivors = subset[o.pred[subset] == y[subset]]
+        broke = []  # APGD-T, then APGD-DLR
+        for ref in (targeted, untargeted):
+            if len(survivors) == 0:
+                broke.append(0)
+                continue
+            adv = ev.run_attack(model, ref, x[survivors], y[survivors], o.eps, None, bs, device)
+            fooled = ev.judge(model, ref, adv, y[survivors], device) != y[survivors]
+            broke.append(int(fooled.sum()))
+            survivors = survivors[~fooled]
+        seconds = time.perf_counter() - started
+        mine = float((o.pred[subset] == y[subset]).double().mean())
+        worst = len(survivors) / n
+        gap = mine - worst
+        dlr_only = broke[1]
+        advice = ""
+        if gap > REFERENCE_GAP:
+            advice = "; run attack=autoattack" + (
+                f" attack.version=plus (untargeted APGD-DLR alone broke {dlr_only}, which the standard version does not run)" if dlr_only else ""
+            )
+        cost = f"; cost {seconds:.1f} s" + (f" = {100 * seconds / run_seconds:.0f} % of the attack's {run_seconds:.1f} s" if run_seconds > 0 else "")
+        notes = sorted({m for ref in (targeted, untargeted) for m in getattr(ref, "notes", [])})
+        out.append(
+            row(
+                "reference",
+                o.eps,
+                gap > REFERENCE_GAP,
+                f"on {n} seeded correctly classified examples: {attack.name} leaves {mine:.3f} robust, APGD-T ({REFERENCE_TARGETS} targets) then "
+                f"APGD-DLR on its survivors {worst:.3f} ({-100 * gap:+.1f} pp; APGD-T broke {broke[0]}, APGD-DLR {dlr_only})"
+                + advice
+                + cost
+                + (f" ({'; '.join(notes)})" if notes else ""),
+                seconds=round(seconds, 3),
+            )
+        )
+    return out
+
+
+def ledger_check(outcomes, y, clean_pred, examples, known: dict) -> list[dict]:
+    """Examples this run calls robust that the ledger has as broken (by another evaluation of the same model and
+    norm) at the same or a smaller eps. `examples`: dataset indices of the run's rows; `known`: ledger.smallest_radius."""
+    from robust_cli.evaluation.ledger import broken_at
+
+    out = []
+    index = examples.tolist()
+    for o in outcomes:
+        if o.eps == 0 or not math.isfinite(o.eps):
+            continue
+        robust = ((clean_pred == y) & (o.pred == y)).nonzero().squeeze(1).tolist()
+        hits = [known[index[i]] for i in robust if index[i] in known and broken_at(known[index[i]][0], o.eps)]
+        attacks = {}
+        for _, name, _ in hits:
+            attacks[name] = attacks.get(name, 0) + 1
+        named = ", ".join(f"{a} {k}" for a, k in sorted(attacks.items(), key=lambda t: -t[1]))
+        out.append(
+            row(
+                "ledger",
+                o.eps,
+                bool(hits),
+                f"{len(hits)} examples this run calls robust were broken at eps <= {o.eps:g} by earlier runs of this model ({named}); "
+                f"the worst case over all runs counts them (robust ledger)"
+                if hits
+                else f"no example this run calls robust was broken at eps <= {o.eps:g} by an earlier run of this model in the ledger",
+            )
+        )
     return out
 
 

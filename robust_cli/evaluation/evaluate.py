@@ -93,6 +93,7 @@ class BatchPlan:
     saved: int = 0  # batches written by this run (for the test hook below)
     batch_size: int | None = None  # recorded beside the batches, so that a resume with batch_size=auto reuses it
     resumed_stages: list = field(default_factory=list)  # the steps after the curve that a resume read back
+    recorder: object | None = None  # ledger.RunRecorder: each finished batch goes to the ledger (read-back ones too)
 
     def batch_seed(self, eps, batch: int, what: str = "attack") -> int:
         digest = hashlib.sha256(f"{self.seed}|{float(eps)!r}|{self.first_batch + batch}|{what}".encode()).digest()
@@ -180,6 +181,8 @@ def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, devic
             broken.append(done["broken_by"])
             preds.append(done["pred"])
             cached_seconds += float(done["seconds"])
+            if plan.recorder is not None:  # the interrupted run wrote it already: the ledger skips it
+                plan.recorder.batch(eps, plan.first_batch + b, s, x[s], out[-1], preds[-1])
             if advance is not None:
                 advance(1)
             continue
@@ -201,6 +204,8 @@ def run_attack(model, attack, x, y, eps=None, target=None, batch_size=256, devic
             if out[-1].is_cuda:
                 torch.cuda.synchronize()
             plan.save(eps, b, {"x_adv": out[-1], "broken_by": broken[-1], "pred": preds[-1], "seconds": time.perf_counter() - started})
+            if plan.recorder is not None:
+                plan.recorder.batch(eps, plan.first_batch + b, s, x[s], out[-1], preds[-1])
         if advance is not None:
             advance(1)
     if info is not None:
