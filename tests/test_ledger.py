@@ -280,3 +280,16 @@ def test_the_ledger_check_names_the_examples_an_earlier_run_broke():
     known = {10: (0.05, "apgd_dlr", "r1"), 11: (0.2, "apgd_dlr", "r1"), 13: (0.01, "pgd", "r2")}
     (row,) = audit.ledger_check([outcome], y, y, torch.tensor([10, 11, 12, 13]), known)
     assert row["status"] == "warn" and row["detail"].startswith("1 examples") and "apgd_dlr 1" in row["detail"]
+
+
+def test_untargeted_dlr_breaks_alone_recommend_the_plus_version():
+    rows = [{"model": "abcdef123", "eps": 0.1, "attack": "apgd_dlr", "broke_alone": 2}, {"model": "abcdef123", "eps": 0.1, "attack": "pgd", "broke_alone": 5}]
+    (line,) = ledgers.advice(rows)
+    assert "APGD-DLR alone broke 2" in line and "attack.version=plus" in line
+
+
+def test_a_full_disk_under_the_ledger_is_the_one_line_of_a_full_disk(tmp_path):
+    from robust_cli.core import store
+
+    error = ledgers.Ledger(tmp_path)._error(sqlite3.OperationalError("database or disk is full"))
+    assert isinstance(error, store.DiskFull) and "ledger.sqlite" in str(error)

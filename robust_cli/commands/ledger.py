@@ -109,6 +109,8 @@ def show(ledger: ledgers.Ledger, args) -> int:
     store.write_csv(out / "ledger.csv", summary)
     store.write_csv(out / "ledger_attacks.csv", by_attack)
     _print(summary, by_attack)
+    for line in ledgers.advice(by_attack):
+        store.results.print(f"[yellow]{line}[/]", soft_wrap=True)
     store.results.print(f"written: {out / 'ledger.csv'}, {out / 'ledger_attacks.csv'}", soft_wrap=True, highlight=False)
     return 0
 

@@ -303,7 +303,7 @@ def worst_case(outcomes, evaluations, models=None) -> tuple[list[dict], list[dic
             broken = np.unique(breaking["example"].to_numpy())
             n = len(examples)
             hit = asked.assign(hit=(asked["broken"] == 1) & broken_at(asked["radius"], eps))
-            own = {a: 1.0 - float(g.groupby("example")["hit"].max().mean()) for a, g in hit.groupby("attack")}
+            own = {a: round(1.0 - float(g.groupby("example")["hit"].max().mean()), 12) for a, g in hit.groupby("attack")}
             first = breaking.sort_values(["recorded", "radius"]).drop_duplicates("example")
             only = breaking.drop_duplicates(["example", "attack"]).groupby("example")["attack"].agg(lambda s: s.iloc[0] if len(s) == 1 else None).dropna()
             runs = sorted(set(asked["run"]) | set(breaking["run"]))
@@ -341,6 +341,18 @@ def worst_case(outcomes, evaluations, models=None) -> tuple[list[dict], list[dic
                     }
                 )
     return summary, by_attack
+
+
+def advice(by_attack: list[dict]) -> list[str]:
+    """What to run next, from what the attacks broke alone: untargeted APGD-DLR breaks -> AutoAttack's plus version."""
+    lines = []
+    for r in by_attack:
+        if r["attack"] in ("apgd_dlr", "apgd_ce_dlr") and r["broke_alone"] > 0 and r["eps"] > 0:
+            lines.append(
+                f"eps={r['eps']:g}: untargeted APGD-DLR alone broke {r['broke_alone']} examples of model {r['model'][:8]}; "
+                "attack=autoattack attack.version=plus runs it (the standard version does not)"
+            )
+    return lines
 
 
 def per_example(outcomes, model: str, eps: float, norm: str | None = None) -> list[dict]:
