@@ -16,6 +16,11 @@ if ! command -v slurmctld >/dev/null 2>&1 && ! [ -x /usr/sbin/slurmctld ] && com
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge) >/dev/null 2>&1 \
     || echo "test.sh: could not install slurm-wlm and munge; the SLURM cluster test will be skipped"
 fi
+# tests/test_summary.py compiles `robust collect --format latex` in a minimal document: Debian's pdflatex with booktabs
+if ! command -v pdflatex >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends texlive-latex-base texlive-latex-recommended) >/dev/null 2>&1 \
+    || echo "test.sh: could not install pdflatex; the LaTeX compile check will be skipped (its structure is still checked)"
+fi
 # lint and format first: a finding fails the run in seconds, before the 10-minute suite (pyproject.toml [tool.ruff])
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

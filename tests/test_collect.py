@@ -137,7 +137,7 @@ def test_formats_agree(tmp_path):
         )
     csv = collect([sweep], out=tmp_path / "csv", fmt="csv", figures=False)
     collect([sweep], out=tmp_path / "pq", fmt="parquet", figures=False)
-    collect([sweep], out=tmp_path / "md", fmt="markdown", figures=False)
+    collect([sweep], out=tmp_path / "md", fmt="markdown-raw", figures=False)
     pq = pd.read_parquet(tmp_path / "pq" / "train_log.parquet")
     pd.testing.assert_frame_equal(pq, pd.read_csv(tmp_path / "csv" / "train_log.csv"), check_dtype=False)
     md = (tmp_path / "md" / "train_log.md").read_text().strip().splitlines()
@@ -242,7 +242,7 @@ def test_collect_command_exit_codes(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
     make_run(tmp_path / "sweep", "r0", command="train", choices={"defense": "none"}, csvs={"train_log": [{"epoch": 1, "test_accuracy": 0.5}]})
     assert collect_command.main([str(tmp_path / "sweep"), "--table", "oberman_table"]) == 2  # no data for that table
-    assert collect_command.main([str(tmp_path / "sweep"), "--format", "markdown", "--out", str(tmp_path / "o")]) == 0
+    assert collect_command.main([str(tmp_path / "sweep"), "--format", "markdown-raw", "--out", str(tmp_path / "o")]) == 0
     assert "train_log.md" in capsys.readouterr().out
     assert (tmp_path / "o" / "train_log.md").is_file()
 
@@ -252,7 +252,7 @@ def test_latex_export_is_booktabs_with_console_numbers_and_escapes(tmp_path):
 
     sweep = tmp_path / "sweep"
     make_run(sweep, "r0", choices={"defense": "fgsm_at"}, csvs={"curve": curve_rows({0: 0.9, 0.1: 0.523456789}, norm="linf", attack="pgd")})
-    collect([sweep], out=tmp_path / "tex", fmt="latex", figures=False)
+    collect([sweep], out=tmp_path / "tex", fmt="latex-raw", figures=False)
     tex = (tmp_path / "tex" / "curve.tex").read_text().splitlines()
     assert tex[1].startswith("\\begin{tabular}{") and tex[2] == "\\toprule" and tex[4] == "\\midrule" and tex[-2:] == ["\\bottomrule", "\\end{tabular}"]
     assert "clean\\_accuracy" in tex[3] and "fgsm\\_at" in tex[-3] and "0.5235" in tex[-3]  # escaped; 4 significant digits, as the console

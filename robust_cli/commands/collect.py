@@ -24,7 +24,13 @@ def parser() -> argparse.ArgumentParser:
         "-f",
         default="csv",
         choices=FORMATS,
-        help="file format of the tables (default csv); latex: booktabs .tex per table; robustbench: one model_info JSON per autoattack run and eps",
+        help="file format (default csv: every table); summary.csv and summary.md are always written. latex / markdown: the summary "
+        "as a paper's table (booktabs, caption, label; mean ± sd, best in bold) and the paper tables; latex-raw / markdown-raw: "
+        "every collected table; robustbench: one model_info JSON per autoattack run and eps",
+    )
+    p.add_argument("--rows", default=None, help="the summary's row keys, comma-separated (default: the config keys that vary); the others are pooled")
+    p.add_argument(
+        "--columns", default=None, help="the summary's metrics, comma-separated (default: every headline metric), e.g. clean_accuracy,robust_accuracy@0.1"
     )
     p.add_argument(
         "--table", default="auto", help="paper table: auto (from the runs' experiment=), none, szegedy_table, oberman_table, ibp_comparison, bell_table2"
@@ -38,7 +44,10 @@ def main(argv: list[str]) -> int:
     from robust_cli.results.collect import collect, print_summary
 
     try:
-        result = collect(args.dirs, out=args.out, fmt=args.format, table=args.table, figures=not args.no_figures)
+        split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text is not None else None
+        result = collect(
+            args.dirs, out=args.out, fmt=args.format, table=args.table, figures=not args.no_figures, rows=split(args.rows), columns=split(args.columns)
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

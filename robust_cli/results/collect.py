@@ -26,10 +26,13 @@ import torch
 from robust_cli.core import store
 from robust_cli.core.errors import UserError
 from robust_cli.results import paper_tables
+from robust_cli.results import summary as summaries
 
 KINDS = ("train_log", "curve", "distances", "persistence", "summary", "certified_accuracy")
-FORMATS = ("csv", "parquet", "markdown", "latex", "robustbench")
-SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md", "latex": ".tex"}
+FORMATS = ("csv", "parquet", "markdown", "markdown-raw", "latex", "latex-raw", "robustbench")
+SUFFIX = {"csv": ".csv", "parquet": ".parquet", "markdown": ".md", "markdown-raw": ".md", "latex": ".tex", "latex-raw": ".tex"}
+# collected file names that differ from the runs' CSV names: summary.csv is the collection's own results summary
+FILE_NAMES = {"summary": "persistence_summary"}
 CHOICE_COLUMNS = ("model", "dataset", "defense", "attack", "experiment")
 # columns that identify a run but are never a series of their own in figures
 NOT_SERIES = {"run", "status", "command", "seed", "checkpoint", "job", "scale"}
@@ -46,6 +49,9 @@ class Collection:
     swept: list[str] = field(default_factory=list)  # the config columns (choices, seed, overrides) of the runs
     table_specs: dict[str, dict] = field(default_factory=dict)  # the paper tables' specs (experiment presets' table: blocks)
     blocks: dict[str, dict] = field(default_factory=dict)  # {experiment: its table block, as recorded in the runs' config}
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # results.summary: one row per configuration
+    summary_keys: list[str] = field(default_factory=list)
+    summary_metrics: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- finding runs
@@ -99,8 +105,9 @@ def _with_columns(frame: pd.DataFrame, cols: dict) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------- collect
-def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: bool = True, write: bool = True) -> Collection:
-    """Walk `paths` for run directories, write the collected tables (and figures) into `out`, return them."""
+def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: bool = True, write: bool = True, rows=None, columns=None) -> Collection:
+    """Walk `paths` for run directories, write the collected tables (and figures) into `out`, return them.
+    `rows` / `columns`: the summary's row keys and metrics (default: the keys that vary, every headline metric)."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     paths = [Path(p) for p in paths]
@@ -164,6 +171,8 @@ def collect(paths, out=None, fmt: str = "csv", table: str = "auto", figures: boo
         blocks=blocks,
     )
     collection.tables = build_paper_tables(collection, table)
+    if len(collection.runs):
+        collection.summary, collection.summary_keys, collection.summary_metrics = summaries.summarize(collection.runs, collection.swept, rows, columns)
     if write:
         _write(collection, fmt)
         if figures:
@@ -222,17 +231,29 @@ def merge_shards(group) -> dict | None:
 
 
 def _write(c: Collection, fmt: str) -> None:
+    if len(c.summary):  # what a reader came for, whatever the format
+        c.files.append(store.write_csv(c.out / "summary.csv", c.summary))
+        c.files.append(store.write_text(c.out / "summary.md", summaries.to_markdown(c.summary, c.summary_keys, c.summary_metrics) + "\n"))
     if fmt == "robustbench":
         c.files += robustbench_entries(c)
         return
-    outputs = {**c.frames, "runs": c.runs, "failed_runs": c.failed, **{f"table_{n}": t for n, t in c.tables.items()}}
+    papers = {f"table_{n}": t for n, t in c.tables.items()}
+    if fmt == "latex":  # the summary as a paper's table, and the paper tables; the raw dump is latex-raw
+        if len(c.summary):
+            caption = summaries.caption(c.summary, c.summary_keys, c.summary_metrics, c.runs)
+            c.files.append(store.write_text(c.out / "summary.tex", summaries.to_latex(c.summary, c.summary_keys, c.summary_metrics, caption) + "\n"))
+        outputs = papers
+    elif fmt == "markdown":  # summary.md is written above
+        outputs = papers
+    else:
+        outputs = {**{FILE_NAMES.get(k, k): v for k, v in c.frames.items()}, "runs": c.runs, "failed_runs": c.failed, **papers}
     for name, frame in outputs.items():
         path = c.out / f"{name}{SUFFIX[fmt]}"
-        if fmt == "latex":
+        if fmt in ("latex", "latex-raw"):
             c.files.append(store.write_text(path, to_latex(frame, name) + "\n"))
         elif fmt == "csv":
             c.files.append(store.write_csv(path, frame))
-        elif fmt == "markdown":
+        elif fmt in ("markdown", "markdown-raw"):
             c.files.append(store.write_text(path, to_markdown(frame) + "\n"))
         else:
             import io
@@ -418,10 +439,13 @@ def _save(fig, path: Path) -> Path:
     return store.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def _band_plot(ax, frame, x, y, series, c: Collection):
-    """Mean over seeds (runs) per series as a line, the min-max over seeds as a band. Colour = the first swept
-    column that varies within this panel (e.g. defense), line style = the others (e.g. data.n_train)."""
+def _band_plot(ax, frame, x, y, series, c: Collection, pooled: bool = False):
+    """Mean over seeds (runs) per series as a line, and a band: with `pooled` (robust accuracy, `n` examples per row)
+    the 95 % Clopper-Pearson interval of the examples pooled over seeds, else the min-max over seeds. Colour = the
+    first swept column that varies within this panel (e.g. defense), line style = the others (e.g. data.n_train)."""
     import matplotlib.pyplot as plt
+
+    from robust_cli.evaluation.evaluate import clopper_pearson
 
     keys = [k for k in series_columns(frame, c) if k not in ("attack", "eps") and frame[k].astype(str).nunique() > 1]
     groups = list(frame.groupby(keys, sort=False)) if keys else [((), frame)]
@@ -439,15 +463,19 @@ def _band_plot(ax, frame, x, y, series, c: Collection):
         key = key if isinstance(key, tuple) else (key,)
         per = part.groupby(x)[y]
         mean, lo, hi = per.mean(), per.min(), per.max()
+        if pooled and "n" in part:
+            k = (part[y] * part["n"]).round().groupby(part[x]).sum()
+            total = part["n"].groupby(part[x]).sum()
+            bounds = [clopper_pearson(int(k[e]), int(total[e])) for e in mean.index]
+            lo, hi = pd.Series([b[0] for b in bounds], index=mean.index), pd.Series([b[1] for b in bounds], index=mean.index)
         label = ", ".join(f"{k}={v}" if k not in ("defense", "model") else str(v) for k, v in zip(keys, key)) or series
         n = part["run"].nunique()
         color = palette[first.index(str(key[0])) % len(palette)] if keys else None
         style = styles[rest.index(str(key[1:])) % len(styles)]
         ax.plot(mean.index, mean.values, style, marker="o", ms=3, color=color, label=label + (f" ({n} runs)" if n > 1 else ""))
-        if n > 1:
-            ax.fill_between(mean.index, lo.values, hi.values, color=color, alpha=0.2)
-    ax.figure.tight_layout()
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        if n > 1 or pooled:
+            ax.fill_between(mean.index, lo.values, hi.values, color=ax.lines[-1].get_color(), alpha=0.2, lw=0)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _sortable(v):
@@ -462,10 +490,19 @@ def _curves_figure(c: Collection) -> Path | None:
     if curve.empty:
         return None
     panels = list(curve.groupby(["attack", "norm"], sort=False))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 4 * len(panels)), squeeze=False)
-    for ax, ((attack, norm), part) in zip(axes[:, 0], panels):
-        _band_plot(ax, part, "eps", "robust_accuracy", attack, c)
-        ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy", ylim=(-0.02, 1.02), title=f"{attack}: mean over seeds, band = min-max")
+    # one panel per attack side by side (two per row), each with its legend at its right; constrained layout keeps
+    # every label, title and legend clear of its neighbours
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.0 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+    for ax, ((attack, norm), part) in zip(axes.flat, panels):
+        _band_plot(ax, part, "eps", "robust_accuracy", attack, c, pooled=True)
+        about = " / ".join(f"{part[k].iloc[0]}" for k in ("model", "dataset") if k in part and part[k].astype(str).nunique() == 1)
+        ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy", ylim=(-0.02, 1.02))
+        ax.set_title(f"{attack}" + (f" on {about}" if about else "") + "\nmean over seeds; band: pooled 95 % Clopper-Pearson interval", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     return _save(fig, c.out / "curves.png")
 
 
@@ -505,7 +542,7 @@ def _train_figure(c: Collection) -> Path | None:
     log = c.frames["train_log"]
     if "test_accuracy" not in log:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), layout="constrained")
     _band_plot(ax, log, "epoch", "test_accuracy", "test accuracy", c)
     ax.set(xlabel="epoch", ylabel="test accuracy", title="training: mean over seeds, band = min-max")
     return _save(fig, c.out / "train_log.png")
@@ -546,17 +583,25 @@ def print_summary(c: Collection, console=None, max_rows: int = 40) -> None:
     overview = Table(title=f"robust collect: {c.runs['run'].nunique() if len(c.runs) else 0} runs -> {c.out}")
     for col in ("file", "rows", "runs"):
         overview.add_column(col)
-    suffix = next((p.suffix for p in c.files if p.suffix != ".png"), ".csv")
-    for name, frame in {**c.frames, "runs": c.runs, "failed_runs": c.failed, **{f"table_{n}": t for n, t in c.tables.items()}}.items():
-        n_runs = frame["run"].nunique() if "run" in frame and len(frame) else ""
-        overview.add_row(f"{name}{suffix}", str(len(frame)), str(n_runs))
+    suffix = next((p.suffix for p in c.files if p.suffix not in (".png", ".json") and p.stem != "summary"), ".csv")
+    frames = {FILE_NAMES.get(k, k): v for k, v in c.frames.items()}
+    frames.update({"summary": c.summary, "runs": c.runs, "failed_runs": c.failed, **{f"table_{n}": t for n, t in c.tables.items()}})
     for p in c.files:
-        if p.suffix == ".png":
-            overview.add_row(p.name, "", "")
+        frame = frames.get(p.stem) if p.suffix not in (".png", ".json") else None
+        n_runs = frame["run"].nunique() if frame is not None and "run" in frame and len(frame) else ""
+        overview.add_row(p.name, "" if frame is None else str(len(frame)), str(n_runs))
     console.print(overview)
+    if len(c.summary):
+        table = Table(title="summary: mean ± sd over seeds (n) [pooled 95 % interval]")
+        text = summaries.readable(c.summary, c.summary_keys, c.summary_metrics)
+        for col in text.columns:
+            table.add_column(str(col), overflow="fold")
+        for row in text.head(max_rows).itertuples(index=False):
+            table.add_row(*map(str, row))
+        console.print(table)
     specs = c.table_specs
     shown = [(f"table_{n}", display_table(t, (specs.get(n, {}).get("source") or {}).get("prefix"))) for n, t in c.tables.items()]
-    if not shown and 0 < len(c.runs) <= max_rows:
+    if not shown and not len(c.summary) and 0 < len(c.runs) <= max_rows:
         shown = [("runs", _compact(c.runs))]
     for name, frame in shown:
         table = Table(title=name)
