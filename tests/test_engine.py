@@ -375,7 +375,16 @@ def test_cifar_presets_compose_to_their_recipes(robust, preset, defense, schedul
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["dataset"]["name"] == "cifar10" and cfg["model"]["_target_"] == "robust_cli.core.models.ResNet" and cfg["model"]["blocks"] == [2, 2, 2, 2]
     t = cfg["train"]
-    assert (t["scheduler"], t["epochs"], t["lr"], t["batch_size"], t["momentum"], t["weight_decay"]) == (scheduler, epochs, lr, 128, 0.9, 5e-4)
+    targets = {"cosine": "torch.optim.lr_scheduler.CosineAnnealingLR", "cyclic": "robust_cli.training.schedules.Cyclic"}
+    assert (t["scheduler"]["_target_"], t["epochs"], t["lr"], t["batch_size"], t["momentum"], t["weight_decay"]) == (
+        targets[scheduler],
+        epochs,
+        lr,
+        128,
+        0.9,
+        5e-4,
+    )
+    assert t["optimizer"]["_target_"] == "torch.optim.SGD" and t["optimizer"]["lr"] == "${train.lr}"  # the optimizer group, with train's values
     assert cfg["data"]["augment"] == "crop_flip" and cfg["precision"] == "auto"
     if defense == "fgsm_rs":  # Wong et al.: one step of 1.25 eps from a uniform random start, eps = 8/255
         a = cfg["defense"]["attack"]

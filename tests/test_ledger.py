@@ -293,3 +293,14 @@ def test_a_full_disk_under_the_ledger_is_the_one_line_of_a_full_disk(tmp_path):
 
     error = ledgers.Ledger(tmp_path)._error(sqlite3.OperationalError("database or disk is full"))
     assert isinstance(error, store.DiskFull) and "ledger.sqlite" in str(error)
+
+
+def test_the_model_identity_is_the_weights_whatever_holds_them():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())  # a 0-dim buffer too
+    twin = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())
+    twin.load_state_dict(net.state_dict())
+    assert ledgers.weights_digest(net) == ledgers.weights_digest(twin)
+    with torch.no_grad():
+        twin[0].weight[0, 0, 0, 0] += 1e-6
+    assert ledgers.weights_digest(net) != ledgers.weights_digest(twin)

@@ -365,7 +365,7 @@ def test_every_recipe_composes_with_its_published_settings(robust):
     with initialize_config_module("robust_cli.conf", version_base="1.3"):
         configs = {p: compose("train", overrides=[f"experiment={p}"]) for p in PRESETS}
     for cfg in configs.values():
-        assert cfg.dataset.name == "cifar10" and cfg.train.scheduler == "piecewise" and cfg.data.augment == "crop_flip"
+        assert cfg.dataset.name == "cifar10" and cfg.train.scheduler._target_.endswith("schedules.Piecewise") and cfg.data.augment == "crop_flip"
         assert math.isclose(cfg.defense.eps, 8 / 255, rel_tol=0.02)  # 8/255, or the official scripts' 0.031
     assert configs["cifar10_pgd_at"].train.select == "best_robust" and configs["cifar10_pgd_at"].model._target_.endswith("PreActResNet")
     assert configs["cifar10_trades"].defense.beta == 6.0 and configs["cifar10_trades"].defense.attack_bn == "eval"
@@ -390,3 +390,57 @@ def test_mnist_defenses_smoke_writes_its_table(robust, tmp_path):
     assert table["objective"].tolist() == ["none", "trades_beta6"]
     assert (table["clean_low"] <= table["clean"]).all() and (table["clean"] <= table["clean_high"]).all()
     assert (table["seconds_per_epoch"] > 0).all() and table["time_vs_none"].iloc[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_shipped_optimizer_yamls_are_the_builtins_and_keep_checkpoint_keys(name):
+    """conf/optimizer/<name>.yaml resolves to exactly loop.builtin_optimizer, so the checkpoint identity names it as
+    it did when train.optimizer was a name (models trained before are found again)."""
+    from hydra import compose, initialize_config_module
+
+    from robust_cli.training.loop import builtin_optimizer, shipped_names
+
+    with initialize_config_module("robust_cli.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"optimizer={name}", "train.lr=0.01", "train.weight_decay=0.001"])
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    assert train["optimizer"] == builtin_optimizer(name, TrainSettings.from_dict(train))
+    assert shipped_names(train)["optimizer"] == name and shipped_names(train)["scheduler"] == "cosine"
+    custom = {**train, "optimizer": {**train["optimizer"], "lr": 0.5}}  # a changed value is no longer the shipped one
+    assert shipped_names(custom)["optimizer"] == custom["optimizer"]
+
+
+@pytest.mark.parametrize("name", ["none", "step", "cosine", "cyclic", "piecewise", "onecycle"])
+def test_every_scheduler_yaml_builds_and_steps(name):
+    from hydra import compose, initialize_config_module
+
+    from robust_cli.training.loop import builtin_scheduler
+
+    with initialize_config_module("robust_cli.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"scheduler={name}", "train.epochs=4", "train.lr=0.1"])
+    settings = TrainSettings.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
+    assert OmegaConf.to_container(cfg.train.scheduler, resolve=True) == builtin_scheduler(name, settings)
+    optimizer, scheduler, per_step = make_optimizer(settings, nn.Linear(2, 2), steps_per_epoch=5)
+    assert per_step == (name in ("cyclic", "onecycle")) and (scheduler is None) == (name == "none")
+    lrs = []
+    for _ in range(4 * (5 if per_step else 1)):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    if name == "onecycle":  # torch's OneCycleLR: warm-up to max_lr over 30 % of the 20 steps, then down
+        assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[0] < 0.01 and lrs[-1] < lrs[len(lrs) // 2]
+    if name == "step":  # train.lr_step defaults to 10 > 4 epochs: constant
+        assert lrs == [0.1] * 4
+
+
+def test_any_torch_optimizer_trains_from_a_yaml_of_ones_own(robust, tmp_path):
+    conf = tmp_path / "myconf" / "optimizer"
+    conf.mkdir(parents=True)
+    (conf / "rmsprop.yaml").write_text("# @package train.optimizer\n_target_: torch.optim.RMSprop\n_partial_: true\nlr: 0.001\nalpha: 0.9\n")
+    proc = robust("train", "--config-dir", str(tmp_path / "myconf"), "optimizer=rmsprop", "train.epochs=1", "data.n_train=200", check=True)
+    assert "test_accuracy" in proc.stdout
+    bad = robust("train", "train.optimizer._target_=torch.optim.Nope", "train.epochs=1")
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "error: train.optimizer: _target_ 'torch.optim.Nope' cannot be imported; give a class such as torch.optim.AdamW"
+    )

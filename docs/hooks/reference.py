@@ -156,8 +156,8 @@ def _constants(module: Path) -> dict[str, tuple]:
 
 
 CHOICES = [  # (setting, module, constant)
-    ("train.optimizer", "training/loop.py", "OPTIMIZERS"),
-    ("train.scheduler", "training/loop.py", "SCHEDULERS"),
+    ("optimizer= (the shipped YAMLs; any torch optimizer through one of one's own)", "training/loop.py", "OPTIMIZERS"),
+    ("scheduler= (the shipped YAMLs; any torch scheduler through one of one's own)", "training/loop.py", "SCHEDULERS"),
     ("train.select", "training/loop.py", "SELECTIONS"),
     ("defense.attack_bn", "defenses/adversarial.py", "ATTACK_BN"),
     ("attack.norm (budgeted attacks)", "attacks/norms.py", "NORMS"),

@@ -17,5 +17,5 @@ COMMANDS = {
     "info": "print the composed config and the checkpoint it would use",
     "export": "write a checkpoint as safetensors (or a bare .pt) plus a JSON of its config",
 }
-GROUPS = ("model", "dataset", "defense", "attack", "search", "experiment")
+GROUPS = ("model", "dataset", "defense", "attack", "optimizer", "scheduler", "search", "experiment")
 USAGE_GROUPS = GROUPS + ("hydra/launcher", "hydra/callbacks")  # also listed by --help (Hydra's own launcher group is `basic`)

@@ -17,7 +17,7 @@ from robust_cli.core.data import DataBundle, Dataset
 from robust_cli.core.engine import Engine
 from robust_cli.core.errors import UserError
 from robust_cli.core.models import Classifier, build_model, weights_file, weights_preprocessing
-from robust_cli.training.loop import Defended, TrainingPlan, TrainSettings, train, validate_training
+from robust_cli.training.loop import Defended, TrainingPlan, TrainSettings, shipped_names, train, validate_training
 
 
 def resolved(node):
@@ -116,7 +116,7 @@ def identity(cfg) -> dict:
         resolved(cfg.model),
         resolved(cfg.dataset),
         resolved(cfg.defense),
-        resolved(cfg.train),
+        shipped_names(resolved(cfg.train)),
         cfg.seed,
         cfg.data.n_train,
         cfg.data.val_fraction,

@@ -83,9 +83,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     The same weights give the same identity whatever the checkpoint file, path or config that loaded them."""
     h = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
-        t = value.detach().cpu().contiguous()
+        t = value.detach().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim buffers too
     return h.hexdigest()[:16]
 
 

@@ -27,10 +27,11 @@ from robust_cli.core.data import DataBundle
 from robust_cli.core.engine import Engine, Ranks, average_gradients, broadcast_object, broadcast_parameters
 from robust_cli.core.errors import UserError
 from robust_cli.core.models import build_model
+from robust_cli.training.schedules import piecewise_milestones
 from robust_cli.training.selection import BestCheckpoint, Validation, WeightAverage
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULERS = ("none", "step", "cosine", "cyclic", "piecewise")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the shipped optimizer/ YAMLs; any torch optimizer through one of the user's own
+SCHEDULERS = ("none", "step", "cosine", "cyclic", "piecewise", "onecycle")
 SELECTIONS = ("last", "best_clean", "best_robust")
 CYCLIC_PEAK = 0.4  # Wong et al. 2020: linear from 0 up to train.lr at 2/5 of the epochs, then down to 0, per step
 
@@ -42,11 +43,11 @@ class TrainSettings:
     epochs: int
     batch_size: int
     lr: float
-    optimizer: str
+    optimizer: dict | str  # a `_target_` spec (the optimizer group's YAML) or a shipped one's name
     momentum: float
     nesterov: bool
     weight_decay: float
-    scheduler: str
+    scheduler: dict | str | None  # likewise (the scheduler group); `_target_: null` or None: a constant lr
     lr_step: int
     lr_gamma: float
     # the later features, off unless set
@@ -79,8 +80,6 @@ def validate_training(t: TrainSettings, val_fraction: float, defense: Defended |
         (isinstance(t.epochs, int) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}"),
         (isinstance(t.batch_size, int) and t.batch_size >= 1, f"train.batch_size must be an integer >= 1, got {t.batch_size!r}"),
         (isinstance(t.lr, (int, float)) and t.lr > 0, f"train.lr must be a number > 0, got {t.lr!r}"),
-        (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}"),
-        (t.scheduler in SCHEDULERS, f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}"),
         (isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay!r}"),
         (isinstance(t.momentum, (int, float)) and 0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum!r}"),
         (isinstance(t.lr_step, int) and t.lr_step >= 1, f"train.lr_step must be an integer >= 1, got {t.lr_step!r}"),
@@ -88,6 +87,9 @@ def validate_training(t: TrainSettings, val_fraction: float, defense: Defended |
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    _check_spec("train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.scheduler is not None:
+        _check_spec("train.scheduler", t.scheduler, SCHEDULERS)
     piecewise_milestones(t.milestones, t.epochs)
     settings = validation_settings(t, val_fraction, defense)
     ema = t.ema
@@ -177,44 +179,114 @@ class TrainingPlan:
     val_fraction: float = 0.0
 
 
-def piecewise_milestones(milestones, epochs: int) -> list[int]:
-    """Epochs (1-based) from which the piecewise schedule lowers the lr by train.lr_gamma each; null: Rice et al.'s
-    /10 after 50 % and /100 after 75 % of the epochs (their t / epochs < 0.5, < 0.75 rule)."""
-    if milestones is None:
-        return [math.ceil(epochs * 0.5) + 1, math.ceil(epochs * 0.75) + 1]
-    values = list(milestones)
-    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in values) or values != sorted(values):
-        raise UserError(
-            f"train.milestones must be increasing epoch numbers (the first epoch at each lower lr), or null "
-            f"(/10 at 50 % and /100 at 75 % of the epochs), got {milestones!r}"
-        )
-    return values
+def builtin_optimizer(name: str, t: TrainSettings) -> dict:
+    """The shipped optimizer `name` as conf/optimizer/<name>.yaml writes it, resolved with `t`'s values."""
+    common = {"_partial_": True, "lr": t.lr, "weight_decay": t.weight_decay}
+    if name == "sgd":
+        return {"_target_": "torch.optim.SGD", "_partial_": True, "lr": t.lr, "momentum": t.momentum, "nesterov": t.nesterov, "weight_decay": t.weight_decay}
+    return {"_target_": {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}[name], **common}
+
+
+def builtin_scheduler(name: str, t: TrainSettings) -> dict:
+    """The shipped scheduler `name` as conf/scheduler/<name>.yaml writes it, resolved with `t`'s values."""
+    specs = {
+        "none": {"_target_": None},
+        "cosine": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": t.epochs, "interval": "epoch"},
+        "step": {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": t.lr_step, "gamma": t.lr_gamma, "interval": "epoch"},
+        "piecewise": {
+            "_target_": "robust_cli.training.schedules.Piecewise",
+            "_partial_": True,
+            "epochs": t.epochs,
+            "milestones": t.milestones,
+            "gamma": t.lr_gamma,
+            "interval": "epoch",
+        },
+        "cyclic": {"_target_": "robust_cli.training.schedules.Cyclic", "_partial_": True, "epochs": t.epochs, "peak": CYCLIC_PEAK, "interval": "step"},
+        "onecycle": {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": t.lr, "epochs": t.epochs, "interval": "step"},
+    }
+    return specs[name]
+
+
+def optimizer_spec(t: TrainSettings) -> dict:
+    """train.optimizer as a `_target_` spec: the optimizer group's node, or a shipped one's name (the Python API)."""
+    return builtin_optimizer(t.optimizer, t) if isinstance(t.optimizer, str) else dict(t.optimizer)
+
+
+def scheduler_spec(t: TrainSettings) -> dict:
+    if t.scheduler is None:
+        return {"_target_": None}
+    return builtin_scheduler(t.scheduler, t) if isinstance(t.scheduler, str) else dict(t.scheduler)
+
+
+def shipped_names(train: dict) -> dict:
+    """`train` with an optimizer or scheduler spec that is exactly a shipped one (as its group YAML resolves it) replaced
+    by that one's name: the checkpoint identity then reads as it did when these were names, and keys stay."""
+    from types import SimpleNamespace
+
+    t = SimpleNamespace(**{f.name: train.get(f.name) for f in fields(TrainSettings)})  # a partial node reads as None
+    out = dict(train)
+    for key, names, builtin in (("optimizer", OPTIMIZERS, builtin_optimizer), ("scheduler", SCHEDULERS, builtin_scheduler)):
+        if isinstance(out.get(key), dict):
+            out[key] = next((name for name in names if builtin(name, t) == out[key]), out[key])
+    return out
+
+
+def _importable(path: str) -> bool:
+    """Whether a dotted path names something: its longest importable module, then attributes."""
+    import importlib
+
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def _check_spec(key: str, spec, names) -> None:
+    group = key.split(".")[-1]
+    if isinstance(spec, str):
+        if spec not in names:
+            raise UserError(f"{key} must be one of {', '.join(names)}, or a YAML of one's own with a _target_ (choose either with {group}=NAME), got {spec!r}")
+        return
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise UserError(f"{key} must be a YAML with a _target_ (choose one with {group}=NAME: {', '.join(names)}), got {spec!r}")
+    target = spec["_target_"]
+    if target is None:
+        if group == "optimizer":
+            raise UserError(f"{key}: an optimizer needs a _target_ (e.g. torch.optim.SGD)")
+        return
+    if not _importable(str(target)):
+        raise UserError(f"{key}: _target_ {target!r} cannot be imported; give a class such as torch.optim.AdamW")
+    if group == "scheduler" and spec.get("interval", "epoch") not in ("epoch", "step"):
+        raise UserError(f"{key}.interval must be epoch or step, got {spec.get('interval')!r}")
 
 
 def make_optimizer(t: TrainSettings, model, steps_per_epoch: int = 1):
-    """(optimizer, scheduler, per_step): per_step schedulers (cyclic) step after every batch, the others per epoch."""
-    if t.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=bool(t.nesterov) and t.momentum > 0, weight_decay=t.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    if t.scheduler == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.lr_step, gamma=t.lr_gamma)
-    elif t.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    elif t.scheduler == "cyclic":
-        total, peak = t.epochs * steps_per_epoch, CYCLIC_PEAK * t.epochs * steps_per_epoch
-
-        def triangle(k):  # step k (0-based) trains at the lr of its end, as Wong et al.'s interpolation does
-            s = k + 1
-            return s / peak if s <= peak else max(0.0, (total - s) / (total - peak))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, triangle)
-    elif t.scheduler == "piecewise":  # stepped once per epoch: after k steps, epoch k + 1 trains
-        milestones, gamma = piecewise_milestones(t.milestones, t.epochs), float(t.lr_gamma)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: gamma ** sum(k + 1 >= m for m in milestones))
-    else:
-        sched = None
-    return opt, sched, t.scheduler == "cyclic"
+    """(optimizer, scheduler, per_step) from the `_target_` specs of train.optimizer and train.scheduler: per_step
+    schedulers (interval: step) step after every batch and receive steps_per_epoch, the others step per epoch."""
+    spec = optimizer_spec(t)
+    if spec.get("_target_") == "torch.optim.SGD" and not spec.get("momentum"):
+        spec.pop("nesterov", None)  # torch refuses Nesterov without momentum; it means plain SGD then
+    try:
+        opt = instantiate(spec)(model.parameters())
+        sched_spec = scheduler_spec(t)
+        if sched_spec.get("_target_") is None:
+            return opt, None, False
+        per_step = sched_spec.pop("interval", "epoch") == "step"
+        sched = instantiate(sched_spec)(opt, **({"steps_per_epoch": steps_per_epoch} if per_step else {}))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a constructor's complaint about its arguments is the user's to fix
+        cause = exc.__cause__ or exc
+        raise UserError(f"train.optimizer / train.scheduler: {type(cause).__name__}: {cause}") from None
+    return opt, sched, per_step
 
 
 @torch.no_grad()
