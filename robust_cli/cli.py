@@ -203,8 +203,21 @@ def shell_completion(args: list[str]) -> int:
     return 0
 
 
+def _search_user_configs(args: list[str]) -> None:
+    """./conf (when the current folder has one) and every --config-dir go ahead of the package's configs on Hydra's
+    search path: hydra_plugins/robust_searchpath reads ROBUST_CONFIG_DIRS, which joblib and SLURM workers inherit."""
+    folders = [str(Path("conf").resolve())] if Path("conf").is_dir() else []
+    folders += [d for d in _config_dirs(args) if d not in folders]
+    os.environ["ROBUST_CONFIG_DIRS"] = os.pathsep.join(folders)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    try:
+        _search_user_configs(argv[1:])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if any(a in ("-sc", "--shell-completion") for a in argv[1:]):
         try:
             sys.exit(shell_completion(argv[1:]))

@@ -111,6 +111,20 @@ def test_fab_in_l1_keeps_its_budget_and_writes_l1_distances(attack_cli):
     assert curve.loc[curve.eps == 1.0, "robust_accuracy"].item() == pytest.approx(expected)
 
 
+def test_autoattack_in_l1_runs_its_cascade_and_audit(attack_cli):
+    proc, run = attack_cli("attack=autoattack", "attack.norm=l1", "eps=[0,1,32]", "data.n_test=40", "attack.n_iter=20", "attack.n_queries=100")
+    assert proc.returncode == 0, proc.stderr
+    curve, examples = pd.read_csv(run / "curve.csv"), pd.read_csv(run / "examples.csv")
+    assert (curve["norm"] == "l1").all() and curve["robust_accuracy"].is_monotonic_decreasing
+    assert curve.loc[1, "robust_accuracy"] < curve.loc[0, "robust_accuracy"] and curve.loc[2, "robust_accuracy"] <= 0.05
+    broken = examples[examples.success & (examples.eps > 0) & (examples.clean_pred == examples.label)]
+    assert len(broken) and (broken["l1"] <= broken["eps"] * (1 + 1e-5)).all()
+    assert set(broken["broken_by"]) <= {"apgd_ce", "apgd_t", "fab_t", "square"}
+    audit = pd.read_csv(run / "audit.csv")
+    box = audit[audit["check"] == "box_eps"]  # 32 = half the 64 pixels: the l1 box-sized budget
+    assert len(box) == 1 and box["status"].item() == "ok"
+
+
 def test_binary_search_distances(attack_cli):
     proc, run = attack_cli("attack=fgsm", "search=binary", "search.tol=0.01", "eps=0.1", "data.n_test=30")
     assert proc.returncode == 0, proc.stderr
@@ -128,8 +142,8 @@ def test_binary_search_distances(attack_cli):
         (["attack=deepfool", "search=binary"], "budgeted"),
         (["attack=lbfgs", "attack.targeted=false"], "targeted"),
         (["attack=pgd", "attack.stepz=3"], "attack"),
-        (["attack=autoattack", "attack.norm=l1"], "l1"),
-        (["attack=apgd", "attack.norm=l1"], "norm"),
+        (["attack=apgd", "attack.norm=l0"], "norm"),
+        (["attack=apgd", "attack.large_eps=true"], "large_eps"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(attack_cli, args, needle):

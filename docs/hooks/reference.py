@@ -161,7 +161,7 @@ CHOICES = [  # (setting, module, constant)
     ("train.select", "training/loop.py", "SELECTIONS"),
     ("defense.attack_bn", "defenses/adversarial.py", "ATTACK_BN"),
     ("attack.norm (budgeted attacks)", "attacks/norms.py", "NORMS"),
-    ("attack.norm (minimal-norm attacks: FAB)", "attacks/norms.py", "MINIMAL_NORM_NORMS"),
+    ("attack.norm (attacks with an l1 version: APGD, APGD-T, FAB, FAB-T, Square, AutoAttack)", "attacks/norms.py", "L1_NORMS"),
     ("attack.targeted", "attacks/base.py", "TARGET_MODES"),
     ("attack.loss", "attacks/base.py", "LOSSES"),
     ("attack.vote", "attacks/base.py", "VOTES"),

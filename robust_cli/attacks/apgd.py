@@ -8,6 +8,15 @@ p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), when since the last checkpoint
 after a halving the iterate restarts from the best point. Steps carry momentum alpha = 0.75:
   z = P(x_k + eta * a(grad)),  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})).
 Every example keeps its own step size, checkpoints decisions, best loss and first adversarial iterate.
+
+l1 (Croce & Hein 2021, "Mind the box: l1-APGD for sparse adversarial attacks on image classifiers", as in their
+AutoAttack code): the step moves only the top-k coordinates of |grad| (k a fraction of the input, 20 % at the start,
+then the current best perturbation's sparsity / 1.5), each by step / k in the gradient's sign, then projects exactly
+onto the l1-ball intersected with the box; no momentum. Every 4 % of the iterations: if the best point became
+sparser by more than 5 %, the step returns to eps and the iterate to the best point, else the step shrinks by 1.5
+(within [eps / 10, eps]). With `large_eps` (AutoAttack's l1 setting) a run spends 30 % + 30 % + 40 % of its
+iterations at 3 eps, 2 eps and eps, each stage starting from the previous one's best point projected onto its
+ball; only the last stage's points are within budget, so only they can count as adversarial.
 """
 
 from __future__ import annotations
@@ -39,9 +48,22 @@ class APGD(Attack):
 
     iterative = True
 
-    def __init__(self, norm: str = "linf", n_iter: int = 100, restarts: int = 1, loss: str = "ce", rho: float = 0.75, momentum: float = 0.75, **kwargs):
+    def __init__(
+        self,
+        norm: str = "linf",
+        n_iter: int = 100,
+        restarts: int = 1,
+        loss: str = "ce",
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        large_eps: bool | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.norm = norms.check_norm(norm)
+        self.norm = norms.check_norm(norm, norms.L1_NORMS)
+        self.large_eps = self.norm == "l1" if large_eps is None else bool(large_eps)
+        if self.large_eps and self.norm != "l1":
+            raise UserError(f"apgd large_eps is the l1 schedule (3 eps, 2 eps, eps); with norm={self.norm} leave it null or false")
         self.loss = check_loss(loss)
         self.n_iter = _positive_int("n_iter", n_iter)
         self.restarts = _positive_int("restarts", restarts)
@@ -94,6 +116,8 @@ class APGD(Attack):
         An example leaves the batch at its first success (its answer is that point, as in the paper); the others
         go on unchanged, since every step-size decision is per example. Most of a weak model's examples fall in
         the first steps, so the rest of the run costs only the survivors' passes."""
+        if self.norm == "l1":
+            return self.single_run_l1(model, x, y, eps, target)
         x_adv = norms.random_start(x, eps, self.norm, self.bounds)
         logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
         fooled = self.is_success(logits, y, target)
@@ -156,6 +180,89 @@ class APGD(Attack):
                     last_mark = k + 1
         x_found[run], best_loss_all[run] = x_best, best_loss
         return x_found, fooled, torch.where(fooled, torch.full_like(best_loss_all, math.inf), best_loss_all)
+
+    def single_run_l1(self, model, x, y, eps, target):
+        """One l1-APGD run (see the module doc): (result, fooled mask, best loss) per example."""
+        n = len(x)
+        eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1).expand(n).clone()
+        if self.large_eps:
+            first = math.ceil(0.3 * self.n_iter)
+            stages = [(3.0, first), (2.0, first), (1.0, max(self.n_iter - 2 * first, 1))]
+        else:
+            stages = [(1.0, self.n_iter)]
+        # the authors' start: a standard gaussian step from x, projected onto the first ball (and the box)
+        x_adv = norms.project_l1_box(x, x + torch.randn_like(x), eps * stages[0][0], self.bounds)
+        sparsity = None if self.large_eps else torch.full((n,), 0.2, dtype=x.dtype, device=x.device)
+        for j, (factor, n_iter) in enumerate(stages):
+            last = j == len(stages) - 1
+            x_adv = norms.project_l1_box(x, x_adv, eps * factor, self.bounds)
+            result = self._l1_stage(model, x, y, target, eps * factor, x_adv, n_iter, sparsity, judge=last)
+            if not last:
+                x_adv, sparsity = result, None  # the next stage starts at this one's best point, its sparsity from it
+        return result
+
+    def _l1_stage(self, model, x, y, target, eps, x_adv, n_iter, sparsity, judge):
+        """n_iter l1 steps at budget eps (B,) from x_adv. judge=False: return the best point; judge=True: the
+        run's (result, fooled, best loss), an example leaving the batch at its first success."""
+        n_fts = x[0].numel()
+        view = (-1,) + (1,) * (x.dim() - 1)
+        l0 = lambda d: (d.flatten(1) != 0).sum(dim=1).to(x.dtype)
+        if sparsity is None:  # started from a given point: its sparsity
+            sp_old = l0(x_adv - x)
+            sparsity = sp_old / n_fts / 1.5
+        else:
+            sp_old = torch.full_like(sparsity, float(n_fts))
+        logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
+        fooled = self.is_success(logits, y, target) if judge else torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        x_found, loss_found = x_adv.clone(), loss.clone()
+        step = eps.clone()
+        best_loss, x_best, grad_best = loss.clone(), x_adv.clone(), grad.clone()
+        run = (~fooled).nonzero().squeeze(1)
+
+        def rows(index, *tensors):
+            return [None if t is None else t[index] for t in tensors]
+
+        state = (x, y, target, eps, x_adv, grad, step, sparsity, sp_old, best_loss, x_best, grad_best)
+        x, y, target, eps, x_adv, grad, step, sparsity, sp_old, best_loss, x_best, grad_best = rows(run, *state)
+        every = max(int(0.04 * n_iter), 1)
+        for i in range(n_iter):
+            if len(run) == 0:
+                break
+            with torch.no_grad():
+                flat = grad.flatten(1)
+                keep_from = ((1 - sparsity) * n_fts).clamp(0, n_fts - 1).long()
+                threshold = flat.abs().sort(dim=1).values.gather(1, keep_from.unsqueeze(1))
+                direction = flat.sign() * (flat.abs() >= threshold)
+                direction = direction / (direction.abs().sum(dim=1, keepdim=True) + 1e-10)
+                x_adv = norms.project_l1_box(x, x_adv + step.reshape(view) * direction.reshape(x.shape), eps, self.bounds)
+            logits, loss, grad = self.loss_and_gradient(model, x_adv, y, target)
+            with torch.no_grad():
+                if judge:
+                    success = self.is_success(logits, y, target)
+                    if bool(success.any()):
+                        x_found[run[success]] = x_adv[success]
+                        fooled[run[success]] = True
+                        keep = (~success).nonzero().squeeze(1)
+                        run = run[keep]
+                        (x, y, target, eps, x_adv, loss, grad, step, sparsity, sp_old, best_loss, x_best, grad_best) = rows(
+                            keep, x, y, target, eps, x_adv, loss, grad, step, sparsity, sp_old, best_loss, x_best, grad_best
+                        )
+                improved = loss > best_loss
+                x_best[improved], grad_best[improved], best_loss[improved] = x_adv[improved], grad[improved], loss[improved]
+                if (i + 1) % every == 0:  # the sparsity check
+                    sp_curr = l0(x_best - x)
+                    sparser = sp_curr / sp_old.clamp_min(1) < 0.95
+                    sparsity = sp_curr / n_fts / 1.5
+                    step = torch.where(sparser, eps, step / 1.5)
+                    step = torch.minimum(torch.maximum(step, eps / 10), eps)
+                    sp_old = sp_curr
+                    x_adv[sparser], grad[sparser] = x_best[sparser], grad_best[sparser]
+        if not judge:
+            out = x_found
+            out[run] = x_best
+            return out
+        x_found[run], loss_found[run] = x_best, best_loss
+        return x_found, fooled, torch.where(fooled, torch.full_like(loss_found, math.inf), loss_found)
 
 
 class APGDT(APGD):

@@ -49,6 +49,13 @@ def standard_members(version, norm, n_iter, n_queries, n_target_classes, eot_ite
     # (torchattacks' choice) is stronger here: MNIST fc200, 300 digits, linf 0.1, 2 seeds: 0.287 / 0.287 robust
     # accuracy vs 0.350 / 0.333 fixed (0.290 / 0.313 with the standalone p_init 0.05)
     square = {"norm": norm, "n_queries": n_queries, "p_init": 0.8, **common}
+    if version == "standard" and norm == "l1":  # AutoAttack's l1 standard: APGD-CE x5 restarts, APGD-T over 5 targets
+        return [
+            APGD(norm=norm, n_iter=n_iter, loss="ce", restarts=5, **common),
+            APGDT(norm=norm, n_iter=n_iter, n_target_classes=min(n_target_classes, 5), **common),
+            FABT(norm=norm, n_iter=n_iter, n_target_classes=n_target_classes, **common),
+            Square(**square),
+        ]
     if version == "standard":
         return [
             APGD(norm=norm, n_iter=n_iter, loss="ce", **common),
@@ -113,12 +120,7 @@ class AutoAttack(Attack):
         **kwargs,
     ):
         super().__init__(**{k: v for k, v in kwargs.items() if k != "eot_iter"})
-        if norm == "l1" and version != "custom":
-            raise UserError(
-                f"autoattack version={version} has no l1 members here (l1-APGD and l1-Square are not implemented): "
-                "attack=fab_t attack.norm=l1 (budgeted or attack.minimal=true) is the l1 attack"
-            )
-        self.norm = norms.check_norm(norm, norms.MINIMAL_NORM_NORMS if version == "custom" else norms.NORMS)
+        self.norm = norms.check_norm(norm, norms.L1_NORMS)
         self.version = version
         self.report_each = bool(report_each)
         common = {"bounds": self.bounds, "model_mode": self.model_mode, "eval_draws": self.eval_draws, "vote": self.vote}

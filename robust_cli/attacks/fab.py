@@ -150,7 +150,7 @@ class FABT(Attack):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.norm = norms.check_norm(norm, norms.MINIMAL_NORM_NORMS)
+        self.norm = norms.check_norm(norm, norms.L1_NORMS)
         self.n_iter = _positive_int("n_iter", n_iter)
         self.n_target_classes = _positive_int("n_target_classes", n_target_classes)
         self.restarts = _positive_int("restarts", restarts)

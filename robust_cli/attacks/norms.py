@@ -14,8 +14,8 @@ import torch
 
 from robust_cli.core.errors import UserError
 
-NORMS = ("linf", "l2")  # norms an attack can take as its budget
-MINIMAL_NORM_NORMS = ("linf", "l2", "l1")  # FAB's: its step is an exact projection, which l1 also has in closed form
+NORMS = ("linf", "l2")  # norms every budgeted gradient attack takes
+L1_NORMS = ("linf", "l2", "l1")  # attacks with an l1 version: APGD, APGD-T, FAB, FAB-T, Square, AutoAttack
 MEASURES = ("linf", "l2", "l1", "l0")  # norms we can measure a perturbation in
 
 _TINY = 1e-12  # keeps 0/0 at 0: a zero gradient gives a zero direction, not NaN
@@ -91,7 +91,10 @@ def projector(x: torch.Tensor, eps, norm: str, bounds, inplace: bool = False):
     For linf the intersection of ball and box is itself a box, so one clamp with precomputed per-coordinate
     limits is the exact projection (and the cheapest: no per-step arithmetic beyond it). For l2 we project on
     the ball, then clamp to the box; clamping moves every coordinate towards x, so the result stays in the ball.
+    For l1 the two do not commute (clamping frees budget another coordinate could use): project_l1_box is exact.
     """
+    if norm == "l1":
+        return lambda z: project_l1_box(x, z, eps, bounds)
     eps = per_example(eps, x)
     if norm == "linf":
         lower, upper = x - eps, x + eps
@@ -100,6 +103,50 @@ def projector(x: torch.Tensor, eps, norm: str, bounds, inplace: bool = False):
         return (lambda z: z.clamp_(lower, upper)) if inplace else (lambda z: torch.clamp(z, lower, upper))
     check_norm(norm)
     return lambda z: clip_box(x + project(z - x, eps, norm), bounds)
+
+
+def project_l1_box(x: torch.Tensor, z: torch.Tensor, eps, bounds) -> torch.Tensor:
+    """The point of {w : ||w - x||_1 <= eps, w in the box} nearest to z in l2 (per example): exact.
+
+    With d = z - x, the answer is x + sign(d) * clamp(|d| - lam, 0, room), room the box's room in the direction of
+    d, and lam >= 0 the smallest value with sum clamp(|d| - lam, 0, room) <= eps (KKT: soft thresholding, capped
+    by the box). That sum is piecewise linear and non-increasing in lam, with kinks at |d| - room (a coordinate
+    starts to shrink) and |d| (it reaches 0): sorting the kinks gives it at every kink, and lam is read off by
+    linear interpolation on the segment where it crosses eps. Sums in float64 (784 terms of mixed size).
+    """
+    shape = z.shape
+    d = (z - x).flatten(1)
+    a = d.abs()
+    if bounds is None:
+        room = torch.full_like(a, math.inf)
+    else:
+        xf = x.flatten(1)
+        room = torch.where(d > 0, bounds[1] - xf, xf - bounds[0]).clamp_min(0)
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=z.device).reshape(-1).expand(len(d))
+    capped = torch.minimum(a, room)
+    over = (capped.sum(dim=1, dtype=torch.float64) > eps_t).nonzero().squeeze(1)
+    if len(over):
+        ao, ro = a[over].double(), room[over].double()
+        kinks = torch.cat([(ao - ro).clamp_min(0), ao], dim=1)  # enter the shrinking phase, leave it at 0
+        step = torch.cat([torch.full_like(ao, -1.0), torch.ones_like(ao)], dim=1)
+        kinks, order = kinks.sort(dim=1)
+        slope = step.gather(1, order).cumsum(dim=1)  # slope of the sum just after each kink
+        start = capped[over].double().sum(dim=1, keepdim=True)  # the sum at lam = 0
+        gaps = kinks.diff(dim=1, prepend=torch.zeros_like(kinks[:, :1]))
+        before = torch.cat([torch.zeros_like(slope[:, :1]), slope[:, :-1]], dim=1)  # slope on the segment ending at the kink
+        total = start + (before * gaps).cumsum(dim=1)  # the sum at each kink, non-increasing, last one 0
+        e = eps_t[over].unsqueeze(1)
+        k = (total > e).sum(dim=1, keepdim=True)  # the first kink at or below eps ends the crossing segment
+        lam_k = kinks.gather(1, k.clamp(max=kinks.shape[1] - 1))
+        lam = lam_k + (e - total.gather(1, k)) / before.gather(1, k).clamp(max=-1.0)  # back from that kink along the segment
+        shrunk = (ao - lam).clamp_min(0).minimum(ro)
+        capped = capped.clone()
+        capped[over] = shrunk.to(capped.dtype)
+    w = x.flatten(1) + d.sign() * capped
+    # rounding can leave the l1 norm a hair above eps: pull towards x (stays in the box)
+    size = capped.sum(dim=1, dtype=torch.float64)
+    scale = torch.where(size > eps_t, eps_t / size.clamp_min(1e-300), torch.ones_like(size)).to(d.dtype)
+    return (x.flatten(1) + (w - x.flatten(1)) * scale.unsqueeze(1)).reshape(shape)
 
 
 def random_start(x: torch.Tensor, eps, norm: str, bounds=(0.0, 1.0)) -> torch.Tensor:

@@ -7,6 +7,8 @@ Z_y - max_{i != y} Z_i (targeted: max_{i != t} Z_i - Z_t). An example stops as s
   linf (Algorithm 2): start from vertical stripes of +-eps; the window gets one random +-eps per channel.
   l2   (Algorithm 3): start from a grid of "meta pseudo-Gaussian" squares of total norm eps; the window gets a new
                       pattern, a second window gives its share of the budget, the whole stays on the eps-sphere.
+  l1   (Croce & Hein's l1 version in AutoAttack): as l2 with the sharper l1 pattern, the start and every candidate
+                      projected exactly onto the l1-ball and the box instead of rescaled.
 Inputs that are not images (C, H, W) are treated as one channel of height 1.
 """
 
@@ -32,11 +34,12 @@ def p_at(iteration: int, n_queries: int, p_init: float, rescale: bool = True) ->
     return p_init / 2 ** sum(i > h for h in _HALVINGS)
 
 
-def _window(n, h, w, sh, sw, device, mask=True):
+def _window(n, h, w, sh, sw, device, mask=True, last=True):
     """A random sh x sw window per example: its rows (n, sh), columns (n, sw) and, unless mask=False, its mask
-    (n, 1, h, w)."""
-    vh = torch.randint(0, h - sh + 1, (n,), device=device)
-    vw = torch.randint(0, w - sw + 1, (n,), device=device)
+    (n, 1, h, w). The corner is drawn from 0..h - sh (the paper); last=False leaves the last position out (the
+    authors' l1 code: the image's last row and column are never in a window)."""
+    vh = torch.randint(0, max(h - sh + int(last), 1), (n,), device=device)
+    vw = torch.randint(0, max(w - sw + int(last), 1), (n,), device=device)
     rows = vh[:, None] + torch.arange(sh, device=device)
     cols = vw[:, None] + torch.arange(sw, device=device)
     if not mask:
@@ -46,21 +49,29 @@ def _window(n, h, w, sh, sw, device, mask=True):
     return rows, cols, inside
 
 
-def _rectangles(rows: int, cols: int, device) -> torch.Tensor:
-    """Concentric rectangles of weight 1/(r+1)^2 around the centre (the paper's pseudo-Gaussian)."""
+def _rectangles(rows: int, cols: int, device, power: int = 2) -> torch.Tensor:
+    """Concentric rectangles of weight 1/(r+1)^power around the centre (rows // 2, cols // 2), out to the window's
+    edges: the paper's pseudo-Gaussian (power 2, unit l2 norm); the l1 version is sharper (power 4, unit l1 norm)."""
     delta = torch.zeros(rows, cols, device=device)
-    cx, cy = rows // 2 - 1, cols // 2 - 1
+    cx, cy = rows // 2, cols // 2
     for r in range(max(cx, cy) + 1):
-        delta[max(cx - r, 0) : min(cx + r + 1, rows), max(0, cy - r) : min(cy + r + 1, cols)] += 1.0 / (r + 1) ** 2
-    return delta / delta.square().sum().sqrt().clamp_min(1e-12)
+        delta[max(cx - r, 0) : min(cx + r + 1, rows), max(0, cy - r) : min(cy + r + 1, cols)] += 1.0 / (r + 1) ** power
+    return _unit(delta, power)
 
 
-def meta_pattern(s: int, device, generator=None) -> torch.Tensor:
-    """An s x s window: + pseudo-Gaussian on one half, - on the other, unit L2 norm, transposed half the time."""
+def _unit(delta: torch.Tensor, power: int) -> torch.Tensor:
+    size = delta.abs().sum() if power == 4 else delta.square().sum().sqrt()
+    return delta / size.clamp_min(1e-12)
+
+
+def meta_pattern(s: int, device, generator=None, norm: str = "l2") -> torch.Tensor:
+    """An s x s window: + pseudo-Gaussian on one half, - on the other, unit norm (l2, or l1 with the sharper
+    rings), transposed half the time."""
+    power = 4 if norm == "l1" else 2
     delta = torch.zeros(s, s, device=device)
-    delta[: s // 2] = _rectangles(s // 2, s, device)
-    delta[s // 2 :] = -_rectangles(s - s // 2, s, device)
-    delta = delta / delta.square().sum().sqrt().clamp_min(1e-12)
+    delta[: s // 2] = _rectangles(s // 2, s, device, power)
+    delta[s // 2 :] = -_rectangles(s - s // 2, s, device, power)
+    delta = _unit(delta, power)
     if torch.rand(1, generator=generator).item() > 0.5:
         delta = delta.t()
     return delta
@@ -71,9 +82,10 @@ class Square(Attack):
 
     def __init__(self, norm: str = "linf", n_queries: int = 5000, p_init: float | None = None, restarts: int = 1, rescale_schedule: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.norm = norms.check_norm(norm)
+        self.norm = norms.check_norm(norm, norms.L1_NORMS)
         self.n_queries = _positive_int("n_queries", n_queries)
-        p_init = (0.05 if self.norm == "linf" else 0.1) if p_init is None else float(p_init)  # the paper's ImageNet values
+        # the paper's ImageNet values; l1 has no paper value: AutoAttack's 0.8
+        p_init = {"linf": 0.05, "l2": 0.1, "l1": 0.8}[self.norm] if p_init is None else float(p_init)
         if not 0 < p_init <= 1:
             raise UserError(f"square p_init must be in (0, 1], got {p_init!r}")
         self.p_init = p_init
@@ -108,8 +120,10 @@ class Square(Attack):
         if self.norm == "linf":
             stripes = torch.randint(0, 2, (n, c, 1, w), device=x.device).to(x.dtype) * 2 - 1
             x_best = norms.clip_box(x + eps_b * stripes, self.bounds)
-        else:
+        elif self.norm == "l2":
             x_best = norms.clip_box(x + self._l2_init(x) * eps_b, self.bounds)
+        else:
+            x_best = norms.project_l1_box(x, x + self._l1_init(x), eps_b.reshape(n) * (1 - 1e-6), self.bounds)
         margin = self.margin(model(x_best), y, target)
         # the examples still running, gathered once and again only when some finish (not every iteration)
         active = (margin > 0).nonzero().squeeze(1)
@@ -119,7 +133,8 @@ class Square(Attack):
             if len(active) == 0:
                 break
             p = p_at(i, self.n_queries, self.p_init, self.rescale_schedule)
-            candidate = self._linf_step(xa, xb, ea_b, p) if self.norm == "linf" else self._l2_step(xa, xb, ea_b, p)
+            step = {"linf": self._linf_step, "l2": self._l2_step, "l1": self._l1_step}[self.norm]
+            candidate = step(xa, xb, ea_b, p)
             m_new = self.margin(model(candidate), ya, ta)
             better = (m_new < ma).nonzero().squeeze(1)
             if len(better) == 0:
@@ -204,3 +219,49 @@ class Square(Attack):
         candidate = norms.clip_box(x + delta, self.bounds)
         # rounding may push the norm a hair over eps: project back
         return norms.projector(x, eps_b.reshape(n), "l2", self.bounds)(candidate)
+
+    # ----------------------------------------------------------------------------------- l1
+    def _l1_init(self, x):
+        """A grid of l1 meta patterns of side h // 5, centred, random sign per channel (each of unit l1 norm: the
+        projection onto the ball then spends eps on the largest entries)."""
+        n, c, h, w = x.shape
+        s = max(h // 5, 1)
+        delta = torch.zeros_like(x)
+        top, left = (h - s * (h // s)) // 2, (w - s * (w // s)) // 2
+        for i in range(top, h - s + 1, s):
+            for j in range(left, w - s + 1, s):
+                sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
+                delta[:, :, i : i + s, j : j + s] = meta_pattern(s, x.device, norm="l1").to(x.dtype) * sign
+        if not delta.abs().sum():
+            delta = torch.randn_like(x)
+        return delta
+
+    def _l1_step(self, x, x_best, eps_b, p):
+        """Window 1 gets a fresh l1 pattern plus its old direction, with the l1 mass of both windows and the budget
+        still unspent; window 2 is cleared; the candidate is projected onto the ball and the box."""
+        n, c, h, w = x.shape
+        s = max(int(round(math.sqrt(p * h * w))), 3 if min(h, w) >= 3 else 1)
+        if s % 2 == 0:
+            s += 1
+        sh, sw = min(s, h), min(s, w)
+        delta = x_best - x
+        ar = torch.arange(n, device=x.device)[:, None, None]
+        # the authors' corners (0..h - s - 1): on MNIST the border pixels only waste l1 budget (l1 eps 10, 1000
+        # queries, fc200: robust accuracy 0.68-0.69 as theirs, 0.71 with the paper's 0..h - s)
+        r1, c1, mask1 = _window(n, h, w, sh, sw, x.device, last=False)
+        _, _, mask2 = _window(n, h, w, sh, sw, x.device, last=False)
+        both = torch.maximum(mask1, mask2).to(x.dtype)
+        norm_total = delta.flatten(1).abs().sum(dim=1).reshape(n, 1, 1, 1)
+        norm_windows = (delta * both).abs().sum(dim=(2, 3), keepdim=True)  # per channel
+        in_window1 = (ar[:, :, :, None].expand(n, c, 1, 1), torch.arange(c, device=x.device)[None, :, None, None], r1[:, None, :, None], c1[:, None, None, :])
+        old = delta[in_window1]
+        old_norm = old.abs().sum(dim=(2, 3), keepdim=True)
+        pattern = meta_pattern(s, x.device, norm="l1").to(x.dtype)[:sh, :sw]
+        sign = torch.randint(0, 2, (n, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
+        new = pattern * sign + old / (old_norm + 1e-12)
+        # the authors' budget: the unspent eps shared over the channels plus the windows' mass, times the channels
+        budget = ((eps_b - norm_total).clamp_min(0) / c + norm_windows) * c
+        new = new / new.abs().sum(dim=(2, 3), keepdim=True).clamp_min(1e-12) * budget
+        delta = delta * (1 - mask2.to(x.dtype))
+        delta[in_window1] = new
+        return norms.project_l1_box(x, x + delta, eps_b.reshape(n) * (1 - 1e-6), self.bounds)

@@ -98,7 +98,7 @@ def model_checks(model, x, device, bs=256) -> list[dict]:
 def gradient_check(model, attack, x, y, clean_pred, eps, device, bs) -> dict:
     """Fraction of correctly classified examples whose CE input gradient at a random start in the eps-ball is 0 or not finite."""
     probe = APGD(norm="linf", n_iter=1, bounds=attack.bounds)  # only its CE gradient is used
-    ball = attack.norm if attack.norm in norms.MINIMAL_NORM_NORMS else "linf"  # l0 (JSMA): the linf ball
+    ball = attack.norm if attack.norm in norms.L1_NORMS else "linf"  # l0 (JSMA): the linf ball
     ok = (clean_pred == y).nonzero().squeeze(1)
     bad = total = 0
     with model_mode(model, "eval"):
@@ -149,7 +149,7 @@ def run_audit(model, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, dev
         out.append(gradient_check(model, attack, x, y, clean_pred, e, device, bs))
     out += _ce_comparison(model, attack, x, y, clean_pred, positive, by_eps, outcomes, n, bs, device)
     out += _effort_check(model, attack, x, y, clean_pred, positive, outcomes, n, bs, device)
-    if bounded and attack.norm in ("linf", "l2"):
+    if bounded and attack.norm in norms.L1_NORMS:
         out.append(_box_check(model, attack, x, y, clean_pred, bs, device))
     if reference:
         out += reference_check(model, attack, x, y, clean_pred, outcomes, bs, device)
@@ -166,7 +166,7 @@ def reference_check(model, attack, x, y, clean_pred, outcomes, bs, device, n_max
     n_max x 400 gradient steps per eps; its seconds are in the row and in audit.csv."""
     from robust_cli.attacks import APGDT
 
-    if getattr(attack, "members", None) or attack.name == "noise" or attack.norm not in ("linf", "l2"):
+    if getattr(attack, "members", None) or attack.name == "noise" or attack.norm not in norms.L1_NORMS:
         return []
     correct = (clean_pred == y).nonzero().squeeze(1)
     subset = correct[torch.randperm(len(correct))[:n_max]].sort().values
@@ -313,9 +313,9 @@ def _effort_check(model, attack, x, y, clean_pred, positive, outcomes, n, bs, de
 
 
 def _box_check(model, attack, x, y, clean_pred, bs, device, n_max=200):
-    """APGD-CE at half the box (linf 0.5, or l2 0.5 sqrt(n), enough to turn any input grey) must break ~everything."""
+    """APGD-CE at half the box (linf 0.5, l2 0.5 sqrt(n), l1 0.5 n: enough to turn any input grey) must break ~everything."""
     dim = math.prod(x.shape[1:])
-    eps = 0.5 if attack.norm == "linf" else 0.5 * math.sqrt(dim)
+    eps = {"linf": 0.5, "l2": 0.5 * math.sqrt(dim), "l1": 0.5 * dim}[attack.norm]
     ok = (clean_pred == y).nonzero().squeeze(1)[:n_max]
     if len(ok) == 0:
         return row("box_eps", eps, False, "no correctly classified examples")
