@@ -63,3 +63,53 @@ def test_tensorboard_scalars_per_epoch(robust, tmp_path):
     attack = EventAccumulator(str(latest_run(tmp_path, "attack") / "tensorboard"))
     attack.Reload()
     assert "headline/clean_accuracy" in attack.Tags()["scalars"] and "curve" in attack.Tags()["images"]
+
+
+def test_mlflow_logs_live_from_inside_the_run_with_artifacts_beside_the_store(robust, tmp_path):
+    """Each epoch is logged as it ends (its own timestamp, in order) and each eps's robust accuracy as it is
+    measured; the artifacts go to <outputs_root>/mlruns, never to ./mlruns of the folder the command ran in."""
+    from mlflow.tracking import MlflowClient
+
+    robust("attack", "train.epochs=3", "data.n_train=600", "attack=fgsm", "eps=[0,0.1,0.2]", "audit=false", "hydra/callbacks=mlflow", check=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("robust").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "attack.robust_accuracy")
+    assert [m.step for m in history] == [0, 1, 2] and len({m.timestamp for m in history}) == 3  # logged as each eps ended
+    assert sorted(m.timestamp for m in history) == [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+    curve = json.loads((latest_run(tmp_path, "attack") / "run.json").read_text())["headline"]
+    assert history[-1].value == pytest.approx(curve["robust_accuracy@0.2"])
+    assert history[-1].timestamp < run.info.end_time  # before the job ended: not written after the fact
+    assert not (tmp_path / "mlruns").exists() and (tmp_path / "outputs" / "mlruns").is_dir()
+    assert "robust_accuracy_vs_eps.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_mlflow_training_epochs_have_their_own_timestamps(robust, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    robust("train", "train.epochs=3", "data.n_train=600", "hydra/callbacks=mlflow", check=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("robust").experiment_id])
+    history = sorted(client.get_metric_history(run.info.run_id, "test_accuracy"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[0].timestamp < history[1].timestamp < history[2].timestamp  # each epoch when it ended
+
+
+def test_tensorboard_has_hparams_config_text_and_the_curve_figure(robust, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    robust("attack", "train.epochs=1", "attack=fgsm", "eps=[0,0.1,0.2]", "audit=false", "defense=none", "hydra/callbacks=tensorboard", check=True)
+    folder = latest_run(tmp_path, "attack") / "tensorboard"
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [e.step for e in events.Scalars("attack/robust_accuracy")] == [0, 1, 2]
+    assert "config/text_summary" in events.Tags()["tensors"] and "robust_accuracy_vs_eps" in events.Tags()["images"]
+    assert "robust_cli.attacks.FGSM" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()  # the resolved config
+    hparams = [p for p in folder.rglob("events.out.tfevents*") if p.parent.name == "hparams"]
+    assert hparams, "no HParams run"
+    session = EventAccumulator(str(hparams[0].parent))
+    session.Reload()
+    content = session.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["defense"].string_value == "none" and start.hparams["eps"].string_value == "[0,0.1,0.2]"

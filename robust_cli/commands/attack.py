@@ -136,7 +136,20 @@ def run(cfg, ctx):
         with ctx.progress(
             math.ceil(len(y) / bs) * runs, f"{attack.name} over {len(epsilons)} eps" if attack.kind == "budgeted" else f"{attack.name} (minimal)"
         ) as advance:
-            return ev.accuracy_curve(fast, attack, x, y, epsilons if attack.kind == "budgeted" else [math.inf], clean_pred, target, bs, device, advance, plan)
+            return ev.accuracy_curve(
+                fast,
+                attack,
+                x,
+                y,
+                epsilons if attack.kind == "budgeted" else [math.inf],
+                clean_pred,
+                target,
+                bs,
+                device,
+                advance,
+                plan,
+                _live_outcome(attack, y, clean_pred),
+            )
 
     def halved(size):
         store.console.print(f"[yellow]out of memory: batch_size=auto continues at {size}[/]")
@@ -235,6 +248,19 @@ def run(cfg, ctx):
         ctx.record["resumed_stages"] = list(plan.resumed_stages)
         store.console.print(f"[cyan]read back from the interrupted run: {', '.join(plan.resumed_stages)}[/]")
     plan.discard()  # the results are in the run directory now
+
+
+def _live_outcome(attack, y, clean_pred):
+    """Each eps's robust accuracy to the tracking sinks as it finishes (step: its place in the eps list)."""
+    done = []
+
+    def send(o):
+        if attack.kind == "budgeted":
+            robust = float(((clean_pred == y) & (o.pred == y)).double().mean())
+            store.live("attack", {"eps": o.eps, "robust_accuracy": robust, "seconds": o.seconds}, len(done))
+        done.append(o.eps)
+
+    return send
 
 
 def shard_range(cfg, n: int, batch_size: int) -> tuple[int, int, int]:

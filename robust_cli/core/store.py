@@ -303,6 +303,21 @@ def run_status(record: dict, run_dir: Path) -> str:
     return "died" if age > 4 * float(beat.get("interval_s") or HEARTBEAT_SECONDS) + 10 else status
 
 
+# ----------------------------------------------------------------------------------------------- live tracking
+LIVE_SINKS: list = []  # objects with .log(kind, metrics, step): tracking callbacks register them for their job
+
+
+def live(kind: str, metrics: dict, step: int) -> None:
+    """Send numbers as they are made (kind 'train': a train_log row per epoch; 'attack': one eps's robust accuracy)
+    to the tracking sinks of this job. A sink that fails is dropped with one warning: tracking never stops a run."""
+    for sink in list(LIVE_SINKS):
+        try:
+            sink.log(kind, metrics, step)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure: the run's own files are what counts
+            LIVE_SINKS.remove(sink)
+            console.print(f"[bold yellow]warning:[/] live tracking stopped ({type(exc).__name__}: {exc}); the run goes on", soft_wrap=True)
+
+
 # ----------------------------------------------------------------------------------------------- run context
 class RunContext:
     """What a command gets besides its config: its directory, device, atomic writers, warnings and headline."""

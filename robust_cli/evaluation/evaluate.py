@@ -297,8 +297,9 @@ def example_rows(eps, y, clean_pred, pred, target, success, sizes, broken_by=Non
     return rows
 
 
-def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, batch_size=256, device=None, advance=None, plan=None):
-    """One Outcome per eps for a budgeted attack (targets shared by all eps); `plan`: see BatchPlan."""
+def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, batch_size=256, device=None, advance=None, plan=None, on_outcome=None):
+    """One Outcome per eps for a budgeted attack (targets shared by all eps); `plan`: see BatchPlan; `on_outcome` is
+    called with each Outcome as it finishes (live tracking)."""
     clean_pred = predict(model, x, device=device) if clean_pred is None else clean_pred
     outcomes = []
     for eps in eps_list:
@@ -315,6 +316,8 @@ def accuracy_curve(model, attack, x, y, eps_list, clean_pred=None, target=None, 
             fast_pred = predict(model, x_adv, device=device, precise=False)
             rejected = int((success_mask(fast_pred, y, target) & ~success_mask(pred, y, target)).sum())
         outcomes.append(Outcome(float(eps), x_adv, pred, success_mask(pred, y, target), seconds, info.get("broken_by"), precision, rejected))
+        if on_outcome is not None:
+            on_outcome(outcomes[-1])
     return outcomes
 
 

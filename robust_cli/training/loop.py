@@ -493,6 +493,8 @@ def train(plan: TrainingPlan, data: DataBundle, device: torch.device, run_dir: P
             row["seconds"] = time.perf_counter() - started
             log.append(row)
             checkpoint(epoch, complete=epoch == epochs)
+            if ranks.main:
+                store.live("train", row, epoch)  # MLflow / TensorBoard, when a tracking callback is on
             advance(0, description=_epoch_line(epoch, epochs, row, best))
             if os.environ.get("ROBUST_STOP_AFTER_EPOCH") == str(epoch):  # test hook: simulate a kill between epochs
                 raise SystemExit(3)
