@@ -156,8 +156,9 @@ def test_user_errors_exit_2_with_one_line(attack_cli, args, needle):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in ATTACK_DIR.glob("*.yaml")))
 def test_every_attack_yaml_runs_on_digits(attack_cli, name):
-    extra = {"cw": ["attack.steps=50", "attack.binary_search_steps=3"], "lbfgs": ["attack.max_iter=200"]}.get(name, [])
-    proc, run = attack_cli(f"attack={name}", "eps=[0,0.1]", "data.n_test=40", *extra)
+    extra = {"cw": ["attack.steps=50", "attack.binary_search_steps=3"], "lbfgs": ["attack.max_iter=200"], "sparse_rs": ["attack.n_queries=300"]}.get(name, [])
+    eps = "eps=[0,2]" if name == "sparse_rs" else "eps=[0,0.1]"  # l0: a number of pixels
+    proc, run = attack_cli(f"attack={name}", eps, "data.n_test=40", *extra)
     assert proc.returncode == 0, proc.stderr
     curve = pd.read_csv(run / "curve.csv")
     # an attack with a loss or version names it too (apgd_ce, autoattack_standard): the curve row says which ran

@@ -13,6 +13,7 @@ from robust_cli.attacks.gradient import BIM, FGM, FGSM, IGSM, MIFGSM, PGD, RFGSM
 from robust_cli.attacks.jsma import JSMA
 from robust_cli.attacks.lbfgs import LBFGS
 from robust_cli.attacks.noise import Noise
+from robust_cli.attacks.sparse_rs import SparseRS
 from robust_cli.attacks.square import Square
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FAB",
     "FABT",
     "Square",
+    "SparseRS",
     "AutoAttack",
     "MinimalEnsemble",
     "cascade",
