@@ -51,7 +51,7 @@ def test_report_is_self_contained_with_every_section(quickstart_report):
     assert "robust_accuracy" in page and "train_log" in page
     summary = page[page.index("<table class='summary'") : page.index("</table>", page.index("<table class='summary'"))]
     assert "<th class=text>defense</th>" in summary and "fgsm_at" in summary and "none" in summary
-    assert "<th>robust_accuracy@0.1</th>" in summary and re.search(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", summary)  # one seed: value and interval
+    assert "<th>robust_accuracy@0.1</th>" in summary and re.search(r"0\.\d{3}(</b>)?<br><span class=ci>\[0\.\d+, 0\.\d+\]", summary)  # one seed: value, interval
 
 
 def test_report_lists_each_problem_once_and_every_check_behind_a_toggle(quickstart_report):
@@ -78,8 +78,9 @@ def test_report_renders_in_headless_chromium_with_its_images(quickstart_report, 
     assert loaded and total and int(total.group(1)) >= 2 and loaded.group(1) == total.group(1)  # every image decoded
     # at 1400 x 900 the first screen holds the summary table and the top of the first figure, drawn wide
     first = subprocess.run([browser, *flags, "--window-size=1400,900", "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
-    numbers = {k: int(v) for k, v in re.findall(r'data-(summary-bottom|figure-top|figure-width)="(\d+)"', first.stdout)}
+    numbers = {k: int(v) for k, v in re.findall(r'data-(summary-bottom|figure-top|figure-width|page-width)="(\d+)"', first.stdout)}
     assert numbers["summary-bottom"] < 900 and numbers["figure-top"] < 900 and numbers["figure-width"] >= 800, numbers
+    assert numbers["page-width"] <= 1400, numbers  # nothing wider than the window: no sideways scrolling
     shot = tmp_path / "report.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1400,900", path.as_uri()], capture_output=True, timeout=120, check=True)
     from PIL import Image

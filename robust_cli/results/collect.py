@@ -494,7 +494,8 @@ def _curves_figure(c: Collection) -> Path | None:
     # every label, title and legend clear of its neighbours
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7.0 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+    width = 7.0 * cols if cols > 1 else 11.0  # one panel spans the page too
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 4.2 * rows), squeeze=False, layout="constrained")
     for ax, ((attack, norm), part) in zip(axes.flat, panels):
         _band_plot(ax, part, "eps", "robust_accuracy", attack, c, pooled=True)
         about = " / ".join(f"{part[k].iloc[0]}" for k in ("model", "dataset") if k in part and part[k].astype(str).nunique() == 1)

@@ -31,7 +31,7 @@ p.lead { margin: 0 0 .8em; color: #555; }
 table { border-collapse: collapse; margin: .4em 0 1.2em; font-size: .85em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; } th { background: #f3f3f3; }
 td.text, th.text { text-align: left; } .warn { color: #9a6700; } .fail { color: #b00020; } .ok { color: #116329; }
-table.summary { font-size: .95em; } table.summary td { white-space: nowrap; } table.summary b { color: #000; }
+table.summary { font-size: .95em; } table.summary b { color: #000; } table.summary .ci { color: #555; font-size: .9em; }
 figure { margin: .5em 0 1em; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .8em; color: #555; } code { background: #f6f6f6; padding: 0 .2em; }
 .scroll { overflow: auto; max-height: 32em; } .scroll thead th { position: sticky; top: 0; z-index: 1; }
@@ -69,15 +69,15 @@ def _summary_table(c) -> str:
     if not len(c.summary):
         return "<p>No completed run has headline numbers to summarise.</p>"
     keys, metrics = c.summary_keys, c.summary_metrics
-    text = summaries.readable(c.summary, keys, metrics)
     bold = {m: summaries.best_rows(c.summary, m) for m in metrics}
     head = "".join(f"<th class=text>{html.escape(k)}</th>" for k in keys) + "<th>runs</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     body = []
-    for i, row in text.iterrows():
-        cells = [f"<td class=text>{html.escape(str(row[k]))}</td>" for k in keys] + [f"<td>{html.escape(str(row['runs']))}</td>"]
+    for i, row in c.summary.iterrows():
+        cells = [f"<td class=text>{html.escape(str(row[k]))}</td>" for k in keys] + [f"<td>{int(row['runs'])}</td>"]
         for m in metrics:
-            value = html.escape(str(row[m]))
-            cells.append(f"<td>{'<b>' + value + '</b>' if i in bold[m] else value}</td>")
+            value, interval = (html.escape(part) for part in summaries.cell_parts(row.to_dict(), m))
+            value = f"<b>{value}</b>" if i in bold[m] else value
+            cells.append(f"<td>{value}" + (f"<br><span class=ci>{interval}</span>" if interval else "") + "</td>")  # the interval on its own line
         body.append("<tr>" + "".join(cells) + "</tr>")
     note = "mean ± sd over the runs (seeds) of each configuration, (n) runs; [95 % Clopper-Pearson interval of the pooled examples] for robust accuracy; best mean in bold (among the rows of one attack)"
     return f"<table class='summary' id='summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table><p class='lead'>{html.escape(note)}</p>"
@@ -198,7 +198,8 @@ def build_report(paths, out=None) -> Path:
         "<script>window.addEventListener('load', () => { const imgs = [...document.images]; const b = document.body.dataset; "
         "b.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; b.images = imgs.length; "
         "const s = document.getElementById('summary'); if (s) { b.summaryBottom = Math.round(s.getBoundingClientRect().bottom); } "
-        "if (imgs.length) { const r = imgs[0].getBoundingClientRect(); b.figureTop = Math.round(r.top); b.figureWidth = Math.round(r.width); } });</script>"
+        "if (imgs.length) { const r = imgs[0].getBoundingClientRect(); b.figureTop = Math.round(r.top); b.figureWidth = Math.round(r.width); } "
+        "b.pageWidth = document.documentElement.scrollWidth; });</script>"
     )
     page = (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head>"

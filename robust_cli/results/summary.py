@@ -121,20 +121,26 @@ def _sortable(v):
 
 
 # ----------------------------------------------------------------------------------------------- rendering
-def cell(row, metric: str, digits: int = 3) -> str:
-    """'0.393 ± 0.012 (n=2)', and the pooled interval for robust accuracy: ' [0.36, 0.42]'."""
+def cell_parts(row, metric: str, digits: int = 3) -> tuple[str, str]:
+    """('0.393 ± 0.012 (n=2)', '[0.360, 0.420]'): the mean ± sd over runs with n, and the pooled interval (robust
+    accuracy; '' otherwise)."""
     mean, sd, n = row.get(metric), row.get(f"{metric}_sd"), row.get(f"{metric}_n", 0)
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return ""
+        return "", ""
     text = _number(mean, digits)
     if sd is not None and not (isinstance(sd, float) and math.isnan(sd)):
         text += f" ± {_number(sd, digits)}"
     if n and n > 1:
         text += f" (n={int(n)})"
     low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
-    if low is not None and not (isinstance(low, float) and math.isnan(low)):
-        text += f" [{_number(low, digits)}, {_number(high, digits)}]"
-    return text
+    interval = f"[{_number(low, digits)}, {_number(high, digits)}]" if low is not None and not (isinstance(low, float) and math.isnan(low)) else ""
+    return text, interval
+
+
+def cell(row, metric: str, digits: int = 3) -> str:
+    """'0.393 ± 0.012 (n=2) [0.360, 0.420]'."""
+    text, interval = cell_parts(row, metric, digits)
+    return f"{text} {interval}" if interval else text
 
 
 def _number(v: float, digits: int) -> str:
