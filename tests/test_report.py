@@ -51,7 +51,9 @@ def test_report_is_self_contained_with_every_section(quickstart_report):
     assert "robust_accuracy" in page and "train_log" in page
     summary = page[page.index("<table class='summary'") : page.index("</table>", page.index("<table class='summary'"))]
     assert "<th class=text>defense</th>" in summary and "fgsm_at" in summary and "none" in summary
-    assert "<th>robust_accuracy@0.1</th>" in summary and re.search(r"0\.\d{3}(</b>)?<br><span class=ci>\[0\.\d+, 0\.\d+\]", summary)  # one seed: value, interval
+    assert "<th>robust_accuracy@0.1</th>" in summary and re.search(
+        r"0\.\d{3}(</b>)?<br><span class=ci>\[0\.\d+, 0\.\d+\]", summary
+    )  # one seed: value, interval
 
 
 def test_report_lists_each_problem_once_and_every_check_behind_a_toggle(quickstart_report):
