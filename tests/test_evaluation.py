@@ -280,7 +280,7 @@ def test_l1_box_projection_is_the_nearest_point_of_ball_and_box():
         assert ((ours - x).abs().sum(1) <= eps * (1 + 1e-6)).all()
 
 
-@pytest.mark.slow  # about 4 minutes on 2 cores: the authors' code runs every attack too
+@pytest.mark.slow  # minutes on 2 cores (the l1 tests took 6 min 45 s together before it was marked): the authors' code runs every attack too
 def test_apgd_and_square_l1_agree_with_the_authors_implementation(digits_model):
     """l1-APGD (CE, with and without the 3/2/1 eps schedule), l1-APGD-T and l1-Square against Croce & Hein's own
     code (pyautoattack 0.2.0; torchattacks has no l1 APGD or Square) at two l1 budgets; and the l1 AutoAttack
