@@ -34,6 +34,15 @@ def p_at(iteration: int, n_queries: int, p_init: float, rescale: bool = True) ->
     return p_init / 2 ** sum(i > h for h in _HALVINGS)
 
 
+def _window_side(p: float, h: int, w: int) -> tuple[int, int, int]:
+    """(side s, rows, columns) of the l2 / l1 windows covering the fraction p of the image: odd, at least 3 when the
+    image allows it, cut to the image."""
+    s = max(int(round(math.sqrt(p * h * w))), 3 if min(h, w) >= 3 else 1)
+    if s % 2 == 0:
+        s += 1
+    return s, min(s, h), min(s, w)
+
+
 def _window(n, h, w, sh, sw, device, mask=True, last=True):
     """A random sh x sw window per example: its rows (n, sh), columns (n, sw) and, unless mask=False, its mask
     (n, 1, h, w). The corner is drawn from 0..h - sh (the paper); last=False leaves the last position out (the
@@ -187,10 +196,7 @@ class Square(Attack):
 
     def _l2_step(self, x, x_best, eps_b, p):
         n, c, h, w = x.shape
-        s = max(int(round(math.sqrt(p * h * w))), 3 if min(h, w) >= 3 else 1)
-        if s % 2 == 0:
-            s += 1
-        sh, sw = min(s, h), min(s, w)
+        s, sh, sw = _window_side(p, h, w)
         delta = x_best - x
         ar = torch.arange(n, device=x.device)[:, None, None]
         r1, c1, mask1 = _window(n, h, w, sh, sw, x.device)
@@ -240,10 +246,7 @@ class Square(Attack):
         """Window 1 gets a fresh l1 pattern plus its old direction, with the l1 mass of both windows and the budget
         still unspent; window 2 is cleared; the candidate is projected onto the ball and the box."""
         n, c, h, w = x.shape
-        s = max(int(round(math.sqrt(p * h * w))), 3 if min(h, w) >= 3 else 1)
-        if s % 2 == 0:
-            s += 1
-        sh, sw = min(s, h), min(s, w)
+        s, sh, sw = _window_side(p, h, w)
         delta = x_best - x
         ar = torch.arange(n, device=x.device)[:, None, None]
         # the authors' corners (0..h - s - 1): on MNIST the border pixels only waste l1 budget (l1 eps 10, 1000

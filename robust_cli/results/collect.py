@@ -263,36 +263,18 @@ def _write(c: Collection, fmt: str) -> None:
             c.files.append(store.atomic_write(path, lambda f, data=buf.getvalue(): f.write(data)))
 
 
-LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
-def _latex_escape(text: str) -> str:
-    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-
-
 def to_latex(frame: pd.DataFrame, name: str) -> str:
     """A booktabs table (\\usepackage{booktabs}), numbers formatted as in the console table; numeric columns right-aligned."""
     numeric = [pd.api.types.is_numeric_dtype(frame[col]) and not pd.api.types.is_bool_dtype(frame[col]) for col in frame.columns]
     spec = "".join("r" if n else "l" for n in numeric) or "l"
     lines = [
-        f"% robust collect: {_latex_escape(name)} ({len(frame)} rows)",
+        f"% robust collect: {summaries.latex_escape(name)} ({len(frame)} rows)",
         f"\\begin{{tabular}}{{{spec}}}",
         "\\toprule",
-        " & ".join(_latex_escape(col) for col in frame.columns) + r" \\",
+        " & ".join(summaries.latex_escape(col) for col in frame.columns) + r" \\",
         "\\midrule",
     ]
-    lines += [" & ".join(_latex_escape(format_value(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
+    lines += [" & ".join(summaries.latex_escape(format_value(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines)
 
@@ -373,11 +355,8 @@ def format_value(v) -> str:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (pandas' to_markdown needs `tabulate`, which we do not depend on)."""
-    cells = [[str(c) for c in frame.columns]] + [[format_value(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(frame.columns))]
-    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+    """A collected table as markdown, numbers formatted as in the console table."""
+    return summaries.markdown_table(list(frame.columns), [[format_value(v) for v in row] for row in frame.itertuples(index=False)])
 
 
 # ----------------------------------------------------------------------------------------------- paper tables

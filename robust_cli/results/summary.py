@@ -178,8 +178,13 @@ def to_markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> s
     for m in metrics:
         for i in best_rows(summary, m):
             text.loc[i, m] = f"**{text.loc[i, m]}**"
-    cells = [list(text.columns)] + [[str(v).replace("|", "\\|") for v in row] for row in text.itertuples(index=False)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(text.columns))]
+    return markdown_table(list(text.columns), [[str(v) for v in row] for row in text.itertuples(index=False)])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table of text cells, columns padded (pandas' to_markdown needs `tabulate`)."""
+    cells = [[str(c) for c in header]] + [[v.replace("|", "\\|") for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
