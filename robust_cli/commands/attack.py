@@ -183,13 +183,15 @@ def run(cfg, ctx):
             distances_rows = _distance_rows(y, found, sizes, clean_pred)
             summary = ev.distance_summary(found, y, clean_pred)
             tensors["search_eps"] = found
+        # what earlier runs of this model broke, read once now (not kept with the stages: the ledger grows between runs)
+        known = _known_breaks(plan.recorder) if plan.recorder is not None else None
         checks = audit_settings(cfg)
         if checks["checks"] and attack.name != "noise":
             audit_rows = plan.stage(
                 "audit", lambda: audit.run_audit(fast, attack, x, y, clean_pred, epsilons, rows, outcomes, bs, device, bounded, checks["reference"])
             )
-            if plan.recorder is not None:  # read now, not kept with the stage: the ledger grows between runs
-                audit_rows += audit.ledger_check(outcomes, y, clean_pred, dataset_index, _known_breaks(plan.recorder))
+            if known is not None:
+                audit_rows += audit.ledger_check(outcomes, y, clean_pred, dataset_index, known)
             ctx.write_csv("audit.csv", audit_rows)
             for r in audit_rows:
                 if r["status"] != "ok":
@@ -209,7 +211,7 @@ def run(cfg, ctx):
         shown = o
 
     if plan.recorder is not None and attack.kind == "budgeted":
-        _ledger_line(ctx, plan.recorder, outcomes, y, clean_pred, dataset_index)
+        _ledger_line(ctx, plan.recorder, known, outcomes, y, clean_pred, dataset_index)
     for message in getattr(attack, "notes", []):  # what the attack changed on its own (few classes, ...)
         ctx.warn(message)
     ctx.write_csv("curve.csv", rows)
@@ -346,9 +348,8 @@ def _known_breaks(recorder: ledgers.RunRecorder) -> dict:
     return recorder.ledger.smallest_radius(recorder.model, recorder.dataset, recorder.split, recorder.norm, exclude=recorder.evaluation)
 
 
-def _ledger_line(ctx, recorder, outcomes, y, clean_pred, examples) -> None:
+def _ledger_line(ctx, recorder, known, outcomes, y, clean_pred, examples) -> None:
     """The worst case over every run of this model on this run's examples, printed beside the run's own number."""
-    known = _known_breaks(recorder)
     index = examples.tolist()
     worst = {}
     for o in outcomes:
